@@ -1,0 +1,74 @@
+"""The one error tree of cacheme.
+
+Every exception cacheme raises on purpose is a ``CachemeError``::
+
+    CachemeError
+    ├── ConfigurationError (also ValueError)   a node, Meta, Cache, Storage or Memoize is wrong
+    │   ├── StorageNotRegisteredError           a node uses a storage name nobody registered
+    │   ├── UnknownSchemeError                  Storage(url=...) with a scheme we do not know
+    │   └── MissingDriverError (also ImportError)  the backend's driver is not installed
+    ├── StorageError                            a tier failed (connection, protocol, server)
+    │   ├── StorageTimeoutError (also TimeoutError)  a tier did not answer within its timeout
+    │   └── StorageUnavailableError             the tier's circuit breaker is open
+    ├── SerializationError
+    │   ├── EncodeError (also TypeError)        a value the node's serializer cannot encode
+    │   └── DecodeError                         stored bytes that cannot be decoded
+    └── LoadError                               load()/load_all() broke its contract
+        └── LoadTimeoutError (also TimeoutError)  load() ran past Meta.load_timeout
+
+Exceptions raised by a node's own ``load()`` reach the caller unchanged.
+"""
+
+from __future__ import annotations
+
+
+class CachemeError(Exception):
+    """Base of every error cacheme raises."""
+
+
+class ConfigurationError(CachemeError, ValueError):
+    """A node, Meta, Cache, Storage or Memoize is declared or used wrongly."""
+
+
+class StorageNotRegisteredError(ConfigurationError):
+    """A node refers to a storage name that is not registered."""
+
+
+class UnknownSchemeError(ConfigurationError):
+    """A storage URL uses a scheme no backend serves."""
+
+
+class MissingDriverError(ConfigurationError, ImportError):
+    """The driver a backend needs is not installed."""
+
+
+class StorageError(CachemeError):
+    """A storage tier failed to answer."""
+
+
+class StorageTimeoutError(StorageError, TimeoutError):
+    """A storage tier did not answer within its timeout (pool wait included)."""
+
+
+class StorageUnavailableError(StorageError):
+    """A storage tier is skipped because its circuit breaker is open."""
+
+
+class SerializationError(CachemeError):
+    """A value could not be encoded or decoded."""
+
+
+class EncodeError(SerializationError, TypeError):
+    """A value the node's serializer cannot encode."""
+
+
+class DecodeError(SerializationError):
+    """Stored bytes that the node's serializer cannot decode."""
+
+
+class LoadError(CachemeError):
+    """``load()`` or ``load_all()`` broke its contract."""
+
+
+class LoadTimeoutError(LoadError, TimeoutError):
+    """``load()`` ran longer than the node's ``Meta.load_timeout``."""

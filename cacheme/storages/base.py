@@ -1,0 +1,435 @@
+"""The one storage contract.
+
+A tier is either *local* (in-process, holds Python objects, answers synchronously) or
+*remote* (holds bytes, answers asynchronously). Backends implement only raw operations:
+
+- ``LocalStorage``: ``get``, ``set``, ``remove``.
+- ``RemoteStorage``: ``_connect``, ``_close``, ``_get_many``, ``_set_many``, ``_remove_many``.
+
+``RemoteStorage`` does everything else once, for every backend: coalescing the operations
+issued in one event-loop turn into batches of at most ``batch_size``, the timeout (pool
+waits included), the circuit breaker, wrapping driver errors into ``StorageError``, and the
+per-storage counters. Keys arrive fully built (``{prefix}:{key}:{version}``); TTLs arrive as
+whole milliseconds; values are the node serializer's bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import StorageError, StorageTimeoutError, StorageUnavailableError
+from .url import redact
+
+logger = logging.getLogger("cacheme")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Entry(NamedTuple):
+    """One value to write: full key, encoded bytes, TTL in ms (``None`` = no expiry)."""
+
+    key: str
+    value: bytes
+    ttl_ms: int | None
+
+
+def ttl_to_ms(ttl: timedelta | None) -> int | None:
+    """A tier TTL as whole milliseconds, never rounding a positive TTL down to zero."""
+    if ttl is None:
+        return None
+    return max(1, round(ttl.total_seconds() * 1000))
+
+
+class StorageOptions(BaseModel):
+    """Options every storage accepts. Backends extend this; unknown options are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RemoteOptions(StorageOptions):
+    """Options every remote storage accepts."""
+
+    timeout: float = Field(
+        default=3.0, gt=0, description="seconds one operation may take, pool wait included"
+    )
+    fail_open: bool = Field(
+        default=True, description="on error or timeout, treat a read as a miss and go on"
+    )
+    coalesce: bool = Field(
+        default=True, description="batch the operations issued in one event-loop turn"
+    )
+    batch_size: int = Field(default=500, ge=1, le=100_000, description="keys per round trip")
+    breaker_threshold: int = Field(
+        default=5, ge=1, description="consecutive failures that open the circuit breaker"
+    )
+    breaker_cooldown: float = Field(
+        default=2.0, gt=0, description="seconds the tier is skipped once the breaker opens"
+    )
+
+
+@dataclass
+class StorageStats:
+    """Counters of one registered storage."""
+
+    round_trips: int = 0
+    keys_read: int = 0
+    keys_written: int = 0
+    keys_removed: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    rejected: int = 0  # calls refused while the breaker was open
+    breaker_opens: int = 0
+
+
+O = TypeVar("O", bound=StorageOptions)
+
+
+class BaseStorage(ABC, Generic[O]):
+    """What every tier has: a name, a URL, validated options, connect and close."""
+
+    local: ClassVar[bool]
+    options_model: ClassVar[type[StorageOptions]] = StorageOptions
+
+    def __init__(self, name: str, url: str, options: O) -> None:
+        self.name = name
+        self.url = url
+        self.options = options
+        self.stats = StorageStats()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} {redact(self.url)}>"
+
+    async def connect(self) -> None:
+        """Open connections (or files); called once by ``register_storage``."""
+
+    async def close(self) -> None:
+        """Release everything ``connect`` opened; safe to call twice."""
+
+
+class LocalStorage(BaseStorage[O]):
+    """An in-process tier: Python objects, synchronous, no serializer."""
+
+    local = True
+
+    @abstractmethod
+    def get(self, key: str) -> tuple[Any, bool]:
+        """``(value, True)`` on a live hit, ``(None, False)`` otherwise."""
+
+    @abstractmethod
+    def set(self, key: str, value: Any, ttl: timedelta | None) -> None:
+        """Store ``value`` under ``key`` for ``ttl`` (``None``: until evicted)."""
+
+    @abstractmethod
+    def remove(self, key: str) -> None:
+        """Drop ``key`` if present."""
+
+
+@dataclass
+class _Pending(Generic[T, R]):
+    """The calls of one operation kind waiting for the next flush."""
+
+    calls: list[tuple[Sequence[T], asyncio.Future[R]]] = field(default_factory=list)
+
+
+class RemoteStorage(BaseStorage[O]):
+    """A tier behind the network (or a file): bytes in, bytes out, asynchronous."""
+
+    local = False
+    options_model: ClassVar[type[StorageOptions]] = RemoteOptions
+    options: RemoteOptions  # type: ignore[assignment]
+
+    def __init__(self, name: str, url: str, options: O) -> None:
+        super().__init__(name, url, options)
+        self._failures = 0
+        self._open_until = 0.0
+        self._reads: _Pending[str, dict[str, bytes]] = _Pending()
+        self._writes: _Pending[Entry, None] = _Pending()
+        self._removes: _Pending[str, None] = _Pending()
+        self._flush_scheduled = False
+        self._writes_in_progress: set[asyncio.Future[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- what backends implement -------------------------------------------------------
+
+    @abstractmethod
+    async def _connect(self) -> None:
+        """Create the client or pool."""
+
+    @abstractmethod
+    async def _close(self) -> None:
+        """Close the client or pool."""
+
+    @abstractmethod
+    async def _get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """Live (unexpired) values of ``keys``, in one round trip; absent keys left out."""
+
+    @abstractmethod
+    async def _set_many(self, entries: Sequence[Entry]) -> None:
+        """Upsert ``entries`` (distinct keys), each with its own TTL, in one round trip."""
+
+    @abstractmethod
+    async def _remove_many(self, keys: Sequence[str]) -> None:
+        """Delete ``keys`` (distinct) in one round trip; absent keys are fine."""
+
+    # -- what the framework calls ---------------------------------------------------------
+
+    async def connect(self) -> None:
+        try:
+            await asyncio.wait_for(self._connect(), self.options.timeout * 3)
+        except asyncio.TimeoutError as exc:
+            raise StorageTimeoutError(
+                f"storage {self.name!r} ({redact(self.url)}): no connection within "
+                f"{self.options.timeout * 3:g}s"
+            ) from exc
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise StorageError(
+                f"storage {self.name!r} ({redact(self.url)}): cannot connect: "
+                f"{_describe(exc, self.url)}"
+            ) from exc
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._close()
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """Values found for ``keys``; raises ``StorageError`` on failure or timeout."""
+        if not keys:
+            return {}
+        if not self.options.coalesce:
+            return await self._call(self._get_many, _unique(keys), len(keys), "read")
+        return await self._submit(self._reads, keys)
+
+    async def get(self, key: str) -> bytes | None:
+        return (await self.get_many((key,))).get(key)
+
+    async def set_many(self, entries: Sequence[Entry]) -> None:
+        """Write ``entries``; raises ``StorageError`` on failure or timeout."""
+        if not entries:
+            return
+        if not self.options.coalesce:
+            await self._tracked_write(self._call(self._set_many, _last_per_key(entries),
+                                                 len(entries), "write"))
+            return
+        await self._submit(self._writes, entries)
+
+    async def remove_many(self, keys: Sequence[str]) -> None:
+        """Delete ``keys``; ordered after every write already issued to this storage."""
+        if not keys:
+            return
+        if not self.options.coalesce:
+            await self._after_writes()
+            await self._call(self._remove_many, _unique(keys), len(keys), "remove")
+            return
+        await self._submit(self._removes, keys)
+
+    @property
+    def breaker_open(self) -> bool:
+        return self._open_until > time.monotonic()
+
+    # -- machinery --------------------------------------------------------------------------
+
+    def _submit(self, pending: _Pending[T, R], items: Sequence[T]) -> asyncio.Future[R]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[R] = loop.create_future()
+        pending.calls.append((items, fut))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            # call_soon runs after every callback already ready in this loop iteration,
+            # so all the operations issued in this turn land in one flush.
+            loop.call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        reads, self._reads = self._reads, _Pending()
+        writes, self._writes = self._writes, _Pending()
+        removes, self._removes = self._removes, _Pending()
+        if reads.calls:
+            self._spawn(self._run_reads(reads))
+        if writes.calls or removes.calls:
+            self._spawn(self._run_writes(writes, removes))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_reads(self, pending: _Pending[str, dict[str, bytes]]) -> None:
+        keys = _unique([k for items, _ in pending.calls for k in items])
+        results = await self._chunked(self._get_many, keys, "read")
+        found: dict[str, bytes] = {}
+        failed: dict[str, BaseException] = {}
+        for chunk, result in results:
+            if isinstance(result, BaseException):
+                failed.update(dict.fromkeys(chunk, result))
+            else:
+                found.update(result)
+        for items, fut in pending.calls:
+            if fut.done():
+                continue
+            error = next((failed[k] for k in items if k in failed), None)
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result({k: found[k] for k in items if k in found})
+
+    async def _run_writes(
+        self, writes: _Pending[Entry, None], removes: _Pending[str, None]
+    ) -> None:
+        if writes.calls:
+            entries = _last_per_key([e for items, _ in writes.calls for e in items])
+            done = asyncio.ensure_future(self._chunked(self._set_many, entries, "write"))
+            await self._tracked_write(done)
+            failed = {
+                e.key: r
+                for chunk, r in done.result()
+                if isinstance(r, BaseException)
+                for e in chunk
+            }
+            _settle(writes, lambda items: next((failed[e.key] for e in items
+                                                if e.key in failed), None))
+        if removes.calls:
+            await self._after_writes()
+            keys = _unique([k for items, _ in removes.calls for k in items])
+            results = await self._chunked(self._remove_many, keys, "remove")
+            failed_keys = {
+                k: r for chunk, r in results if isinstance(r, BaseException) for k in chunk
+            }
+            _settle(removes, lambda items: next((failed_keys[k] for k in items
+                                                 if k in failed_keys), None))
+
+    async def _tracked_write(self, fut: Awaitable[T]) -> T:
+        task = asyncio.ensure_future(fut)
+        self._writes_in_progress.add(task)
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._writes_in_progress.discard(task)
+            else:
+                task.add_done_callback(self._writes_in_progress.discard)
+
+    async def _after_writes(self) -> None:
+        if self._writes_in_progress:
+            await asyncio.gather(*self._writes_in_progress, return_exceptions=True)
+
+    async def _chunked(
+        self, op: Callable[[Sequence[T]], Awaitable[R]], items: list[T], kind: str
+    ) -> list[tuple[list[T], R | BaseException]]:
+        size = self.options.batch_size
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+        results = await asyncio.gather(
+            *(self._call(op, chunk, len(chunk), kind) for chunk in chunks),
+            return_exceptions=True,
+        )
+        return list(zip(chunks, results, strict=True))
+
+    async def _call(
+        self, op: Callable[[Sequence[T]], Awaitable[R]], items: Sequence[T], n: int, kind: str
+    ) -> R:
+        """One round trip with the timeout, the breaker, error wrapping and counting."""
+        stats = self.stats
+        if self._open_until:
+            if self._open_until > time.monotonic():
+                stats.rejected += 1
+                raise StorageUnavailableError(
+                    f"storage {self.name!r}: skipped for {self.options.breaker_cooldown:g}s "
+                    f"after {self.options.breaker_threshold} consecutive failures"
+                )
+            self._open_until = 0.0  # half-open: this call is the trial
+        stats.round_trips += 1
+        try:
+            result = await _with_timeout(op(items), self.options.timeout)
+        except (asyncio.TimeoutError, TimeoutError) as exc:
+            stats.timeouts += 1
+            self._failed()
+            raise StorageTimeoutError(
+                f"storage {self.name!r}: {kind} of {n} key(s) took longer than "
+                f"{self.options.timeout:g}s"
+            ) from exc
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            stats.errors += 1
+            self._failed()
+            raise StorageError(
+                f"storage {self.name!r}: {kind} of {n} key(s) failed: {_describe(exc, self.url)}"
+            ) from exc
+        self._failures = 0
+        if kind == "read":
+            stats.keys_read += n
+        elif kind == "write":
+            stats.keys_written += n
+        else:
+            stats.keys_removed += n
+        return result
+
+    def _failed(self) -> None:
+        self._failures += 1
+        if self._failures >= self.options.breaker_threshold:
+            if not self._open_until:
+                self.stats.breaker_opens += 1
+                logger.warning(
+                    "cacheme: storage %r failed %d times in a row; skipping it for %gs",
+                    self.name, self._failures, self.options.breaker_cooldown,
+                )
+            self._open_until = time.monotonic() + self.options.breaker_cooldown
+
+
+def _settle(
+    pending: _Pending[T, None], error_of: Callable[[Sequence[T]], BaseException | None]
+) -> None:
+    for items, fut in pending.calls:
+        if fut.done():
+            continue
+        error = error_of(items)
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(None)
+
+
+def _unique(keys: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(keys))
+
+
+def _last_per_key(entries: Sequence[Entry]) -> list[Entry]:
+    return list({e.key: e for e in entries}.values())
+
+
+def _describe(exc: BaseException, url: str) -> str:
+    """``exc`` as text, with the URL's password (if any) scrubbed out."""
+    text = f"{type(exc).__name__}: {exc}"
+    password = urlsplit(url).password
+    if password:
+        text = text.replace(password, "***")
+    return text
+
+
+if sys.version_info >= (3, 11):
+
+    async def _with_timeout(aw: Awaitable[T], seconds: float) -> T:
+        async with asyncio.timeout(seconds):
+            return await aw
+
+else:  # pragma: no cover - Python 3.10
+
+    async def _with_timeout(aw: Awaitable[T], seconds: float) -> T:
+        return await asyncio.wait_for(aw, seconds)

@@ -1,0 +1,110 @@
+"""The storage contract, run against every remote backend on its real server."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from cacheme.storages.base import Entry, RemoteStorage
+
+Remote = RemoteStorage[Any]
+
+
+async def test_get_missing(remote: Remote) -> None:
+    assert await remote.get("cacheme:missing:v1") is None
+    assert await remote.get_many(["cacheme:a:v1", "cacheme:b:v1"]) == {}
+
+
+async def test_set_without_ttl_then_get(remote: Remote) -> None:
+    await remote.set_many([Entry("cacheme:k:v1", b"value", None)])
+    assert await remote.get("cacheme:k:v1") == b"value"
+
+
+async def test_overwrite(remote: Remote) -> None:
+    await remote.set_many([Entry("cacheme:k:v1", b"one", None)])
+    await remote.set_many([Entry("cacheme:k:v1", b"two", 60_000)])
+    assert await remote.get("cacheme:k:v1") == b"two"
+
+
+async def test_ttl_expires(remote: Remote) -> None:
+    await remote.set_many([Entry("cacheme:short:v1", b"x", 150), Entry("cacheme:long:v1", b"y",
+                                                                         60_000)])
+    assert await remote.get("cacheme:short:v1") == b"x"
+    await asyncio.sleep(0.4)
+    assert await remote.get("cacheme:short:v1") is None
+    assert await remote.get_many(["cacheme:short:v1", "cacheme:long:v1"]) == {
+        "cacheme:long:v1": b"y"
+    }
+
+
+async def test_get_many_set_many(remote: Remote) -> None:
+    entries = [Entry(f"cacheme:batch:{i}:v1", f"value-{i}".encode(), None) for i in range(100)]
+    await remote.set_many(entries)
+    keys = [e.key for e in entries] + ["cacheme:absent:v1"]
+    found = await remote.get_many(keys)
+    assert found == {e.key: e.value for e in entries}
+
+
+async def test_remove(remote: Remote) -> None:
+    await remote.set_many([Entry("cacheme:a:v1", b"1", None), Entry("cacheme:b:v1", b"2", None)])
+    await remote.remove_many(["cacheme:a:v1", "cacheme:never:v1"])
+    assert await remote.get_many(["cacheme:a:v1", "cacheme:b:v1"]) == {"cacheme:b:v1": b"2"}
+
+
+async def test_binary_values(remote: Remote) -> None:
+    value = bytes(range(256)) + b"\x00\x00\xff\xff" + b"\x00"
+    await remote.set_many([Entry("cacheme:bin:v1", value, None)])
+    assert await remote.get("cacheme:bin:v1") == value
+
+
+async def test_empty_value(remote: Remote) -> None:
+    await remote.set_many([Entry("cacheme:empty:v1", b"", None)])
+    assert await remote.get_many(["cacheme:empty:v1"]) == {"cacheme:empty:v1": b""}
+
+
+async def test_one_mebibyte_value(remote: Remote) -> None:
+    value = (bytes(range(256)) * 4096)[: 1 << 20]
+    await remote.set_many([Entry("cacheme:big:v1", value, None)])
+    assert await remote.get("cacheme:big:v1") == value
+
+
+async def test_unicode_keys(remote: Remote) -> None:
+    keys = ["cacheme:用户:1:v1", "cacheme:ключ:v1", "cacheme:emoji-🙂:v1", "cacheme:Case:v1",
+            "cacheme:case:v1"]
+    await remote.set_many([Entry(k, k.encode(), None) for k in keys])
+    assert await remote.get_many(keys) == {k: k.encode() for k in keys}
+
+
+async def test_long_keys_stay_distinct(remote: Remote) -> None:
+    base = "cacheme:" + "x" * 2000
+    keys = [f"{base}:{i}:v1" for i in range(3)]
+    await remote.set_many([Entry(k, str(i).encode(), None) for i, k in enumerate(keys)])
+    assert await remote.get_many(keys) == {k: str(i).encode() for i, k in enumerate(keys)}
+    await remote.remove_many([keys[1]])
+    assert await remote.get_many(keys) == {keys[0]: b"0", keys[2]: b"2"}
+
+
+async def test_500_concurrent_tasks(remote: Remote) -> None:
+    async def one(i: int) -> bytes | None:
+        key = f"cacheme:conc:{i % 50}:v1"
+        if i % 3 == 0:
+            await remote.set_many([Entry(key, key.encode(), 60_000)])
+        return await remote.get(key)
+
+    results = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(500))), 60)
+    for i, value in enumerate(results):
+        key = f"cacheme:conc:{i % 50}:v1"
+        assert value in (None, key.encode())
+        if i % 3 == 0:
+            assert value == key.encode()
+
+
+async def test_coalesced_batch_is_one_round_trip(remote: Remote) -> None:
+    entries = [Entry(f"cacheme:co:{i}:v1", b"v", None) for i in range(20)]
+    before = remote.stats.round_trips
+    await asyncio.gather(*(remote.set_many([e]) for e in entries))
+    assert remote.stats.round_trips == before + 1
+    before = remote.stats.round_trips
+    values = await asyncio.gather(*(remote.get(e.key) for e in entries))
+    assert values == [b"v"] * 20
+    assert remote.stats.round_trips == before + 1
