@@ -1,1 +1,64 @@
-"""cacheme: asyncio, node-based caching (public API is filled in by cacheme.api)."""
+"""cacheme: asyncio, node-based caching with local, Redis, SQL and MongoDB tiers.
+
+Declare what is cached as ``Node`` classes, register storages at start-up, then ``get``,
+``get_all``, ``invalidate``, ``refresh`` or ``@Memoize``. Everything public is here.
+"""
+
+from __future__ import annotations
+
+from .api import get, get_all, invalidate, refresh, stats
+from .doorkeeper import BloomFilter, DoorKeeper
+from .errors import (
+    CachemeError,
+    ConfigurationError,
+    DecodeError,
+    EncodeError,
+    LoadError,
+    LoadTimeoutError,
+    MissingDriverError,
+    SerializationError,
+    StorageError,
+    StorageNotRegisteredError,
+    StorageTimeoutError,
+    StorageUnavailableError,
+    UnknownSchemeError,
+)
+from .memoize import Memoize
+from .node import Cache, DynamicNode, Node, build_node, nodes, set_prefix
+from .stats import NodeStats
+from .storages.registry import Storage, close_storages, register_storage, storages
+
+__all__ = [
+    "BloomFilter",
+    "Cache",
+    "CachemeError",
+    "ConfigurationError",
+    "DecodeError",
+    "DoorKeeper",
+    "DynamicNode",
+    "EncodeError",
+    "LoadError",
+    "LoadTimeoutError",
+    "Memoize",
+    "MissingDriverError",
+    "Node",
+    "NodeStats",
+    "SerializationError",
+    "Storage",
+    "StorageError",
+    "StorageNotRegisteredError",
+    "StorageTimeoutError",
+    "StorageUnavailableError",
+    "UnknownSchemeError",
+    "build_node",
+    "close_storages",
+    "get",
+    "get_all",
+    "invalidate",
+    "nodes",
+    "refresh",
+    "register_storage",
+    "set_prefix",
+    "stats",
+    "storages",
+]

@@ -93,16 +93,16 @@ class StorageStats:
     breaker_opens: int = 0
 
 
-O = TypeVar("O", bound=StorageOptions)
+OptionsT = TypeVar("OptionsT", bound=StorageOptions)
 
 
-class BaseStorage(ABC, Generic[O]):
+class BaseStorage(ABC, Generic[OptionsT]):
     """What every tier has: a name, a URL, validated options, connect and close."""
 
     local: ClassVar[bool]
     options_model: ClassVar[type[StorageOptions]] = StorageOptions
 
-    def __init__(self, name: str, url: str, options: O) -> None:
+    def __init__(self, name: str, url: str, options: OptionsT) -> None:
         self.name = name
         self.url = url
         self.options = options
@@ -118,7 +118,7 @@ class BaseStorage(ABC, Generic[O]):
         """Release everything ``connect`` opened; safe to call twice."""
 
 
-class LocalStorage(BaseStorage[O]):
+class LocalStorage(BaseStorage[OptionsT]):
     """An in-process tier: Python objects, synchronous, no serializer."""
 
     local = True
@@ -143,14 +143,14 @@ class _Pending(Generic[T, R]):
     calls: list[tuple[Sequence[T], asyncio.Future[R]]] = field(default_factory=list)
 
 
-class RemoteStorage(BaseStorage[O]):
+class RemoteStorage(BaseStorage[OptionsT]):
     """A tier behind the network (or a file): bytes in, bytes out, asynchronous."""
 
     local = False
     options_model: ClassVar[type[StorageOptions]] = RemoteOptions
     options: RemoteOptions  # type: ignore[assignment]
 
-    def __init__(self, name: str, url: str, options: O) -> None:
+    def __init__(self, name: str, url: str, options: OptionsT) -> None:
         super().__init__(name, url, options)
         self._failures = 0
         self._open_until = 0.0
@@ -224,8 +224,9 @@ class RemoteStorage(BaseStorage[O]):
         if not entries:
             return
         if not self.options.coalesce:
-            await self._tracked_write(self._call(self._set_many, _last_per_key(entries),
-                                                 len(entries), "write"))
+            await self._tracked_write(
+                self._call(self._set_many, _last_per_key(entries), len(entries), "write")
+            )
             return
         await self._submit(self._writes, entries)
 
@@ -303,8 +304,9 @@ class RemoteStorage(BaseStorage[O]):
                 if isinstance(r, BaseException)
                 for e in chunk
             }
-            _settle(writes, lambda items: next((failed[e.key] for e in items
-                                                if e.key in failed), None))
+            _settle(
+                writes, lambda items: next((failed[e.key] for e in items if e.key in failed), None)
+            )
         if removes.calls:
             await self._after_writes()
             keys = _unique([k for items, _ in removes.calls for k in items])
@@ -312,8 +314,10 @@ class RemoteStorage(BaseStorage[O]):
             failed_keys = {
                 k: r for chunk, r in results if isinstance(r, BaseException) for k in chunk
             }
-            _settle(removes, lambda items: next((failed_keys[k] for k in items
-                                                 if k in failed_keys), None))
+            _settle(
+                removes,
+                lambda items: next((failed_keys[k] for k in items if k in failed_keys), None),
+            )
 
     async def _tracked_write(self, fut: Awaitable[T]) -> T:
         task = asyncio.ensure_future(fut)
@@ -388,7 +392,9 @@ class RemoteStorage(BaseStorage[O]):
                 self.stats.breaker_opens += 1
                 logger.warning(
                     "cacheme: storage %r failed %d times in a row; skipping it for %gs",
-                    self.name, self._failures, self.options.breaker_cooldown,
+                    self.name,
+                    self._failures,
+                    self.options.breaker_cooldown,
                 )
             self._open_until = time.monotonic() + self.options.breaker_cooldown
 

@@ -30,12 +30,12 @@ class TinyLFUStorage(LocalStorage[LocalOptions]):
 
     def __init__(self, name: str, url: str, options: LocalOptions) -> None:
         super().__init__(name, url, options)
-        self._cache: TheineCache = TheineCache(options.size)
+        self._cache: TheineCache[str, Any] = TheineCache(options.size)
         # Bound methods: the hot path skips one attribute lookup per call.
         self.get = self._cache.get  # type: ignore[method-assign]
 
     def get(self, key: str) -> tuple[Any, bool]:  # replaced per instance in __init__
-        return self._cache.get(key)  # type: ignore[no-any-return]
+        return self._cache.get(key)
 
     def set(self, key: str, value: Any, ttl: timedelta | None) -> None:
         self._cache.set(key, value, ttl)

@@ -43,8 +43,9 @@ class Storage:
 
     def __init__(self, url: str, **options: Any) -> None:
         if not isinstance(url, str) or "://" not in url:
-            raise ConfigurationError(f"Storage url must be a URL string like 'redis://host', "
-                                     f"got {url!r}")
+            raise ConfigurationError(
+                f"Storage url must be a URL string like 'redis://host', got {url!r}"
+            )
         scheme = scheme_of(url)
         if scheme not in SCHEMES:
             raise UnknownSchemeError(

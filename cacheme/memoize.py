@@ -1,0 +1,81 @@
+"""``@Memoize(NodeCls)``: cache an async function (or method) through a node class.
+
+The decorated function is the loader; ``.to_node`` maps the same arguments to a node, whose
+key is used. The node class given to ``Memoize`` supplies the configuration and the stats;
+``to_node`` may return an instance of that class or a plain ``DynamicNode(key=...)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import typing
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from .api import fetch
+from .errors import ConfigurationError
+from .node import Config, DynamicNode, Node
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Memoize:
+    """``@Memoize(NodeCls)`` turns an async function into a cached one; see ``to_node``."""
+
+    def __init__(self, node_cls: type[Node]) -> None:
+        if not (isinstance(node_cls, type) and issubclass(node_cls, Node)):
+            raise ConfigurationError(f"Memoize takes a node class, got {node_cls!r}")
+        self.node_cls = node_cls
+
+    def __call__(self, fn: Callable[P, Awaitable[R]]) -> Memoized[P, R]:
+        return Memoized(fn, self.node_cls)
+
+
+class Memoized(Generic[P, R]):
+    """A memoized async function; call ``to_node`` once before calling it."""
+
+    def __init__(self, fn: Callable[P, Awaitable[R]], node_cls: type[Node]) -> None:
+        self._fn = fn
+        self._node_cls = node_cls
+        self._to_node: Callable[P, Node] | None = None
+        self._config: Config = node_cls._cacheme_config
+        self._check_value_type(fn)
+        functools.update_wrapper(self, fn)
+
+    def _check_value_type(self, fn: Callable[..., Any]) -> None:
+        # A node without a typed load() decodes to the memoized function's return type.
+        if self._config.value_type is Any:
+            try:
+                hint = typing.get_type_hints(fn).get("return", Any)
+            except Exception:
+                hint = Any
+            self._config.value_type = hint
+
+    def to_node(self, fn: Callable[P, Node]) -> Callable[P, Node]:
+        """Register the function that maps this function's arguments to its node."""
+        self._to_node = fn
+        return fn
+
+    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        to_node = self._to_node
+        if to_node is None:
+            raise ConfigurationError(
+                f"{self._fn.__qualname__} is memoized with {self._node_cls.__qualname__} but "
+                "has no .to_node yet; decorate a function with @"
+                f"{self._fn.__name__}.to_node"
+            )
+        node = to_node(*args, **kwargs)
+        if not isinstance(node, self._node_cls) and type(node) is not DynamicNode:
+            raise ConfigurationError(
+                f"{to_node.__qualname__} must return a {self._node_cls.__qualname__} or a "
+                f"DynamicNode, got {type(node).__qualname__}"
+            )
+        value: R = await fetch(node, self._config, lambda: self._fn(*args, **kwargs))
+        return value
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        """On a class: a method whose ``self`` is passed to the function and to ``to_node``."""
+        if obj is None:
+            return self
+        return functools.partial(self.__call__, obj)

@@ -1,0 +1,294 @@
+"""Nodes: what is cached, under which key, in which tiers, for how long.
+
+A node class declares ``key()``, an async ``load()`` and a ``Meta``. The ``Meta`` is checked
+when the class is created (errors name the node and the option); storage names are resolved
+at first use, so nodes can be declared before ``register_storage`` runs. Every node class has
+its own configuration and its own stats: a subclass without its own ``Meta`` copies its
+parent's settings, never shares its counters.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, ClassVar
+
+from .doorkeeper import DoorKeeper
+from .errors import ConfigurationError
+from .serializer import Serializer
+from .stats import Recorder
+from .storages import registry
+from .storages.base import BaseStorage, LocalStorage, RemoteStorage, ttl_to_ms
+
+_prefix = "cacheme"
+
+
+def set_prefix(prefix: str) -> None:
+    """Set the prefix of every key: ``{prefix}:{key()}:{version}``. Changing it orphans keys."""
+    global _prefix
+    if not isinstance(prefix, str) or not prefix:
+        raise ConfigurationError(f"set_prefix takes a non-empty string, got {prefix!r}")
+    _prefix = prefix
+
+
+def get_prefix() -> str:
+    return _prefix
+
+
+@dataclass(frozen=True)
+class Cache:
+    """One tier of a node: the registered storage's name and the TTL of entries there."""
+
+    storage: str
+    ttl: timedelta | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.storage, str) or not self.storage:
+            raise ConfigurationError(
+                f"Cache storage must be a registered storage name, got {self.storage!r}"
+            )
+        if self.ttl is not None:
+            if not isinstance(self.ttl, timedelta):
+                raise ConfigurationError(
+                    f"Cache(storage={self.storage!r}) ttl must be a timedelta or None, "
+                    f"got {self.ttl!r}"
+                )
+            if self.ttl <= timedelta(0):
+                raise ConfigurationError(
+                    f"Cache(storage={self.storage!r}) ttl must be positive, got {self.ttl!r}"
+                )
+
+
+class Tier:
+    """A ``Cache`` resolved to its registered storage."""
+
+    __slots__ = ("local", "storage", "ttl", "ttl_ms")
+
+    def __init__(self, storage: BaseStorage[Any], ttl: timedelta | None) -> None:
+        self.storage = storage
+        self.local = storage.local
+        self.ttl = ttl
+        self.ttl_ms = ttl_to_ms(ttl)
+
+
+_META_OPTIONS = (
+    "version",
+    "caches",
+    "serializer",
+    "doorkeeper",
+    "load_timeout",
+    "stale_if_error",
+)
+
+
+class Config:
+    """The checked ``Meta`` of one node class, its stats, and its resolved tiers."""
+
+    def __init__(self, name: str, meta: type, value_type: Any) -> None:
+        self.name = name
+        self.version: str = _option(name, meta, "version", "", str)
+        caches = _option(name, meta, "caches", [], (list, tuple))
+        for i, cache in enumerate(caches):
+            if not isinstance(cache, Cache):
+                raise ConfigurationError(
+                    f"{name}.Meta.caches[{i}] must be a cacheme.Cache, got {cache!r}"
+                )
+        self.caches: tuple[Cache, ...] = tuple(caches)
+        self.serializer: Serializer | None = _option(name, meta, "serializer", None, Serializer)
+        self.doorkeeper: DoorKeeper | None = _option(name, meta, "doorkeeper", None, DoorKeeper)
+        timeout = _option(name, meta, "load_timeout", None, (int, float))
+        if timeout is not None and timeout <= 0:
+            raise ConfigurationError(f"{name}.Meta.load_timeout must be positive, got {timeout!r}")
+        self.load_timeout: float | None = timeout
+        stale = _option(name, meta, "stale_if_error", None, timedelta)
+        if stale is not None and stale <= timedelta(0):
+            raise ConfigurationError(f"{name}.Meta.stale_if_error must be positive, got {stale!r}")
+        self.stale_if_error: timedelta | None = stale
+        unknown = [
+            attr
+            for klass in meta.__mro__
+            if klass not in (object, Node.Meta)
+            for attr in vars(klass)
+            if not attr.startswith("_") and attr not in _META_OPTIONS
+        ]
+        if unknown:
+            raise ConfigurationError(
+                f"{name}.Meta has unknown option(s) {', '.join(sorted(set(unknown)))}; "
+                f"known: {', '.join(_META_OPTIONS)}"
+            )
+        self.value_type = value_type
+        self.stats = Recorder()
+        self.generation = -1
+        self.tiers: tuple[Tier, ...] = ()
+        self.front: tuple[LocalStorage[Any], ...] = ()  # the leading local tiers
+        # Last loaded values for stale-if-error: key -> (value, monotonic deadline).
+        self.last_good: OrderedDict[str, tuple[Any, float]] = OrderedDict()
+
+    def resolve(self) -> None:
+        """Look the tier names up in the storage registry (again, if it changed)."""
+        tiers = tuple(
+            Tier(registry.get_storage(c.storage, user=f"node {self.name}"), c.ttl)
+            for c in self.caches
+        )
+        for tier in tiers:
+            if not tier.local and self.serializer is None:
+                raise ConfigurationError(
+                    f"node {self.name} caches in remote storage {tier.storage.name!r} but has "
+                    f"no Meta.serializer; set one (e.g. cacheme.serializer.MsgPackSerializer())"
+                )
+        front: list[LocalStorage[Any]] = []
+        for tier in tiers:
+            if not isinstance(tier.storage, LocalStorage):
+                break
+            front.append(tier.storage)
+        self.tiers = tiers
+        self.front = tuple(front)
+        self.generation = registry.generation
+
+    def remote_tiers(self) -> list[tuple[Tier, RemoteStorage[Any]]]:
+        return [(t, t.storage) for t in self.tiers if isinstance(t.storage, RemoteStorage)]
+
+    def same_settings(self, other: Config) -> bool:
+        return (
+            self.version == other.version
+            and self.caches == other.caches
+            and self.serializer == other.serializer
+            and repr(self.doorkeeper) == repr(other.doorkeeper)
+        )
+
+
+def _option(name: str, meta: type, attr: str, default: Any, kinds: type | tuple[type, ...]) -> Any:
+    value = getattr(meta, attr, default)
+    if value is None or value is default:
+        return value
+    if not isinstance(value, kinds) or (isinstance(value, bool) and kinds is not bool):
+        wanted = (
+            kinds.__name__ if isinstance(kinds, type) else " or ".join(k.__name__ for k in kinds)
+        )
+        raise ConfigurationError(
+            f"{name}.Meta.{attr} must be {wanted}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _return_type(cls: type[Any]) -> Any:
+    """The annotated return type of ``cls.load`` (``Any`` when there is none)."""
+    load = cls.load
+    if load.__qualname__ == "Node.load":
+        return Any
+    try:
+        hints = typing.get_type_hints(load)
+    except Exception:
+        return Any
+    return hints.get("return", Any)
+
+
+_registry: list[type[Node]] = []
+
+
+class Node:
+    """Base of every cached thing: subclass it, give it ``key()``, ``load()`` and ``Meta``."""
+
+    _cacheme_config: ClassVar[Config]
+
+    class Meta:
+        version: str = ""
+        caches: Sequence[Cache] = []
+        serializer: Serializer | None = None
+        doorkeeper: DoorKeeper | None = None
+        load_timeout: float | None = None  # seconds; a slower load() fails every waiter
+        stale_if_error: timedelta | None = None  # serve the last value this long if load() fails
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__qualname__
+        meta = cls.__dict__.get("Meta")
+        if meta is not None and not isinstance(meta, type):
+            raise ConfigurationError(f"{name}.Meta must be a class, got {meta!r}")
+        if meta is None:
+            meta = cls.Meta  # inherited: same settings, own stats
+        cls._cacheme_config = Config(name, meta, _return_type(cls))
+        if not cls.__dict__.get("_cacheme_abstract", False):
+            _registry.append(cls)
+
+    def key(self) -> str:
+        """The node's part of the cache key; must be a ``str``."""
+        raise NotImplementedError(f"{type(self).__qualname__} must define key()")
+
+    async def load(self) -> Any:
+        """Load the value from its source on a cache miss."""
+        raise NotImplementedError(
+            f"{type(self).__qualname__} has no load(); define it or use cacheme.Memoize"
+        )
+
+    @classmethod
+    async def load_all(cls, nodes: Sequence[Any]) -> Sequence[tuple[Any, Any]]:
+        """Load many nodes at once, as ``(node, value)`` pairs covering every node given.
+
+        Used by ``get_all`` for the nodes no tier had. The default calls ``load()`` for each
+        node concurrently (and a failing node fails only its own callers); override it to
+        fetch in one query. An override that leaves a node out fails that node's callers
+        with ``LoadError``.
+        """
+        raise NotImplementedError  # never called: api.py loads node by node instead
+
+
+class DynamicNode(Node):
+    """A node whose key is given directly: ``DynamicNode(key="user:1")``.
+
+    Used with ``Memoize(build_node(...))``: it then takes the built class's configuration.
+    """
+
+    _cacheme_abstract = True
+
+    def __init__(self, key: str) -> None:
+        self._key = key
+
+    def key(self) -> str:
+        return self._key
+
+    def __repr__(self) -> str:
+        return f"{type(self).__qualname__}(key={self._key!r})"
+
+
+_built: dict[str, type[DynamicNode]] = {}
+
+
+def build_node(
+    name: str,
+    version: str,
+    caches: list[Cache],
+    serializer: Serializer | None = None,
+    doorkeeper: DoorKeeper | None = None,
+) -> type[DynamicNode]:
+    """Create (once per name) a node class with its own ``Meta``.
+
+    Building the same name again with the same settings returns the same class; with other
+    settings it raises ``ConfigurationError``.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigurationError(f"build_node name must be an identifier, got {name!r}")
+    meta = type(
+        "Meta",
+        (Node.Meta,),
+        {"version": version, "caches": caches, "serializer": serializer, "doorkeeper": doorkeeper},
+    )
+    existing = _built.get(name)
+    if existing is not None:
+        if existing._cacheme_config.same_settings(Config(name, meta, Any)):
+            return existing
+        raise ConfigurationError(
+            f"build_node({name!r}) was already called with other settings; "
+            "use another name or the same settings"
+        )
+    cls = type(name, (DynamicNode,), {"Meta": meta, "__module__": __name__})
+    _built[name] = cls
+    return cls
+
+
+def nodes() -> list[type[Node]]:
+    """Every node class defined so far, in definition order."""
+    return list(_registry)

@@ -1,0 +1,129 @@
+"""Per-node counters, and the frozen snapshot ``cacheme.stats(Node)`` returns.
+
+Counting rules (``get`` and ``get_all`` count alike, one request per node asked for, duplicates
+in ``get_all`` included):
+
+- request: every node asked for.
+- hit: the value came from a cache tier, local or remote, without calling ``load``. A caller
+  that joins another caller's flight counts as whatever that flight was: a hit if the flight
+  found the value in a remote tier, a miss if it had to load.
+- miss: ``request_count - hit_count``: every request answered by a load, or by an error.
+- load: one per call of ``load()`` (or of the memoized function, or one node of ``load_all``),
+  however many callers were waiting on it. Success or failure; ``total_load_time`` sums the
+  wall time of the loads in nanoseconds.
+- storage errors / timeouts: remote-tier operations for this node that failed or timed out
+  (fail-open tiers then count the read as a miss of that tier).
+- decode errors: stored entries this node's serializer could not decode (then reloaded).
+- stale: values served from stale-if-error after ``load()`` failed.
+
+Rates are zero-safe: with nothing requested ``hit_rate()`` is 1.0 and ``miss_rate()`` 0.0;
+with nothing loaded ``load_failure_rate()`` and ``average_load_time()`` are 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class Recorder:
+    """Mutable counters of one node class; only cacheme writes them."""
+
+    __slots__ = (
+        "decode_errors",
+        "hits",
+        "load_failures",
+        "load_successes",
+        "load_time_ns",
+        "requests",
+        "stale",
+        "storage_errors",
+        "storage_timeouts",
+    )
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.hits = 0
+        self.load_successes = 0
+        self.load_failures = 0
+        self.load_time_ns = 0
+        self.storage_errors = 0
+        self.storage_timeouts = 0
+        self.decode_errors = 0
+        self.stale = 0
+
+    def snapshot(self) -> NodeStats:
+        return NodeStats(
+            requests=self.requests,
+            hits=self.hits,
+            load_successes=self.load_successes,
+            load_failures=self.load_failures,
+            load_time_ns=self.load_time_ns,
+            storage_errors=self.storage_errors,
+            storage_timeouts=self.storage_timeouts,
+            decode_errors=self.decode_errors,
+            stale=self.stale,
+        )
+
+
+@dataclass(frozen=True)
+class NodeStats:
+    """An immutable snapshot of one node class's counters (see the module for the rules)."""
+
+    requests: int = 0
+    hits: int = 0
+    load_successes: int = 0
+    load_failures: int = 0
+    load_time_ns: int = 0
+    storage_errors: int = 0
+    storage_timeouts: int = 0
+    decode_errors: int = 0
+    stale: int = 0
+
+    def request_count(self) -> int:
+        return self.requests
+
+    def hit_count(self) -> int:
+        return self.hits
+
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else 1.0
+
+    def miss_count(self) -> int:
+        return self.requests - self.hits
+
+    def miss_rate(self) -> float:
+        return self.miss_count() / self.requests if self.requests else 0.0
+
+    def load_success_count(self) -> int:
+        return self.load_successes
+
+    def load_failure_count(self) -> int:
+        return self.load_failures
+
+    def load_count(self) -> int:
+        return self.load_successes + self.load_failures
+
+    def load_failure_rate(self) -> float:
+        loads = self.load_count()
+        return self.load_failures / loads if loads else 0.0
+
+    def total_load_time(self) -> int:
+        """Nanoseconds spent in loads."""
+        return self.load_time_ns
+
+    def average_load_time(self) -> float:
+        """Nanoseconds per load; 0 when nothing was loaded."""
+        loads = self.load_count()
+        return self.load_time_ns / loads if loads else 0.0
+
+    def storage_error_count(self) -> int:
+        return self.storage_errors
+
+    def storage_timeout_count(self) -> int:
+        return self.storage_timeouts
+
+    def decode_error_count(self) -> int:
+        return self.decode_errors
+
+    def stale_count(self) -> int:
+        return self.stale
