@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -160,6 +160,10 @@ class RemoteStorage(BaseStorage[OptionsT]):
         self._flush_scheduled = False
         self._writes_in_progress: set[asyncio.Future[Any]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # Driver exceptions that mean "the server did not answer in time"; counted as timeouts.
+    timeout_errors: ClassVar[tuple[type[BaseException], ...]] = ()
 
     # -- what backends implement -------------------------------------------------------
 
@@ -198,15 +202,26 @@ class RemoteStorage(BaseStorage[OptionsT]):
         except Exception as exc:
             raise StorageError(
                 f"storage {self.name!r} ({redact(self.url)}): cannot connect: "
-                f"{_describe(exc, self.url)}"
+                f"{describe(exc, self.url)}"
             ) from exc
 
     async def close(self) -> None:
+        """Fail queued and running operations with ``StorageError``, then close the driver."""
+        self._closed = True
+        for pending in (self._reads, self._writes, self._removes):
+            self._abandon(pending)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._close()
+
+    def _abandon(self, pending: _Pending[Any, Any]) -> None:
+        error = StorageError(f"storage {self.name!r} was closed before the operation finished")
+        for _, fut in pending.calls:
+            if not fut.done():
+                fut.set_exception(error)
+        pending.calls.clear()
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         """Values found for ``keys``; raises ``StorageError`` on failure or timeout."""
@@ -247,6 +262,8 @@ class RemoteStorage(BaseStorage[OptionsT]):
     # -- machinery --------------------------------------------------------------------------
 
     def _submit(self, pending: _Pending[T, R], items: Sequence[T]) -> asyncio.Future[R]:
+        if self._closed:
+            raise StorageError(f"storage {self.name!r} is closed")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[R] = loop.create_future()
         pending.calls.append((items, fut))
@@ -274,7 +291,11 @@ class RemoteStorage(BaseStorage[OptionsT]):
 
     async def _run_reads(self, pending: _Pending[str, dict[str, bytes]]) -> None:
         keys = _unique([k for items, _ in pending.calls for k in items])
-        results = await self._chunked(self._get_many, keys, "read")
+        try:
+            results = await self._chunked(self._get_many, keys, "read")
+        except BaseException:
+            self._abandon(pending)  # cancelled by close(): nobody may wait forever
+            raise
         found: dict[str, bytes] = {}
         failed: dict[str, BaseException] = {}
         for chunk, result in results:
@@ -292,6 +313,16 @@ class RemoteStorage(BaseStorage[OptionsT]):
                 fut.set_result({k: found[k] for k in items if k in found})
 
     async def _run_writes(
+        self, writes: _Pending[Entry, None], removes: _Pending[str, None]
+    ) -> None:
+        try:
+            await self._write_then_remove(writes, removes)
+        except BaseException:
+            self._abandon(writes)  # cancelled by close(): nobody may wait forever
+            self._abandon(removes)
+            raise
+
+    async def _write_then_remove(
         self, writes: _Pending[Entry, None], removes: _Pending[str, None]
     ) -> None:
         if writes.calls:
@@ -357,26 +388,26 @@ class RemoteStorage(BaseStorage[OptionsT]):
                     f"storage {self.name!r}: skipped for {self.options.breaker_cooldown:g}s "
                     f"after {self.options.breaker_threshold} consecutive failures"
                 )
-            self._open_until = 0.0  # half-open: this call is the trial
+            # Half-open: this call is the one trial; others stay rejected until it settles.
+            self._open_until = time.monotonic() + self.options.breaker_cooldown
         stats.round_trips += 1
         try:
             result = await _with_timeout(op(items), self.options.timeout)
-        except (asyncio.TimeoutError, TimeoutError) as exc:
-            stats.timeouts += 1
-            self._failed()
-            raise StorageTimeoutError(
-                f"storage {self.name!r}: {kind} of {n} key(s) took longer than "
-                f"{self.options.timeout:g}s"
-            ) from exc
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
+            if isinstance(exc, (asyncio.TimeoutError, TimeoutError, *self.timeout_errors)):
+                stats.timeouts += 1
+                self._failed()
+                raise StorageTimeoutError(
+                    f"storage {self.name!r}: {kind} of {n} key(s) took longer than "
+                    f"{self.options.timeout:g}s"
+                ) from exc
             stats.errors += 1
             self._failed()
             raise StorageError(
-                f"storage {self.name!r}: {kind} of {n} key(s) failed: {_describe(exc, self.url)}"
+                f"storage {self.name!r}: {kind} of {n} key(s) failed: {describe(exc, self.url)}"
             ) from exc
         self._failures = 0
+        self._open_until = 0.0
         if kind == "read":
             stats.keys_read += n
         elif kind == "write":
@@ -388,7 +419,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
     def _failed(self) -> None:
         self._failures += 1
         if self._failures >= self.options.breaker_threshold:
-            if not self._open_until:
+            if self._failures == self.options.breaker_threshold:
                 self.stats.breaker_opens += 1
                 logger.warning(
                     "cacheme: storage %r failed %d times in a row; skipping it for %gs",
@@ -420,13 +451,17 @@ def _last_per_key(entries: Sequence[Entry]) -> list[Entry]:
     return list({e.key: e for e in entries}.values())
 
 
-def _describe(exc: BaseException, url: str) -> str:
-    """``exc`` as text, with the URL's password (if any) scrubbed out."""
+def describe(exc: BaseException, url: str) -> str:
+    """``exc`` as text, with the URL's password (raw and percent-decoded) scrubbed out."""
     text = f"{type(exc).__name__}: {exc}"
     password = urlsplit(url).password
     if password:
-        text = text.replace(password, "***")
+        for form in {password, unquote(password)}:
+            text = text.replace(form, "***")
     return text
+
+
+_describe = describe  # the name the first backends imported
 
 
 if sys.version_info >= (3, 11):

@@ -27,8 +27,9 @@ async def test_overwrite(remote: Remote) -> None:
 
 
 async def test_ttl_expires(remote: Remote) -> None:
-    await remote.set_many([Entry("cacheme:short:v1", b"x", 150), Entry("cacheme:long:v1", b"y",
-                                                                         60_000)])
+    await remote.set_many(
+        [Entry("cacheme:short:v1", b"x", 150), Entry("cacheme:long:v1", b"y", 60_000)]
+    )
     assert await remote.get("cacheme:short:v1") == b"x"
     await asyncio.sleep(0.4)
     assert await remote.get("cacheme:short:v1") is None
@@ -69,8 +70,13 @@ async def test_one_mebibyte_value(remote: Remote) -> None:
 
 
 async def test_unicode_keys(remote: Remote) -> None:
-    keys = ["cacheme:用户:1:v1", "cacheme:ключ:v1", "cacheme:emoji-🙂:v1", "cacheme:Case:v1",
-            "cacheme:case:v1"]
+    keys = [
+        "cacheme:用户:1:v1",
+        "cacheme:ключ:v1",
+        "cacheme:emoji-🙂:v1",
+        "cacheme:Case:v1",
+        "cacheme:case:v1",
+    ]
     await remote.set_many([Entry(k, k.encode(), None) for k in keys])
     assert await remote.get_many(keys) == {k: k.encode() for k in keys}
 
@@ -108,3 +114,23 @@ async def test_coalesced_batch_is_one_round_trip(remote: Remote) -> None:
     values = await asyncio.gather(*(remote.get(e.key) for e in entries))
     assert values == [b"v"] * 20
     assert remote.stats.round_trips == before + 1
+
+
+async def test_close_fails_pending_operations_and_is_idempotent(remote: Remote) -> None:
+    from cacheme.errors import StorageError
+
+    reads = [asyncio.ensure_future(remote.get(f"cacheme:closing:{i}:v1")) for i in range(10)]
+    writes = [
+        asyncio.ensure_future(remote.set_many([Entry(f"cacheme:closing:{i}:v1", b"v", None)]))
+        for i in range(10)
+    ]
+    await asyncio.sleep(0)  # queued, flush scheduled but not run
+    await asyncio.wait_for(remote.close(), 10)
+    outcomes = await asyncio.wait_for(asyncio.gather(*reads, *writes, return_exceptions=True), 10)
+    for outcome in outcomes:
+        assert outcome is None or isinstance(outcome, (StorageError, dict, bytes)), outcome
+    try:
+        await remote.get("cacheme:after-close:v1")
+    except StorageError as exc:
+        assert "closed" in str(exc)
+    await remote.close()  # a second close is harmless
