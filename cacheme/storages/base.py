@@ -136,7 +136,7 @@ class LocalStorage(BaseStorage[OptionsT]):
         """Drop ``key`` if present."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending(Generic[T, R]):
     """The calls of one operation kind waiting for the next flush."""
 
@@ -161,6 +161,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
         self._writes_in_progress: set[asyncio.Future[Any]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._flushing: set[_Pending[Any, Any]] = set()  # handed to runner tasks, not settled
 
     # Driver exceptions that mean "the server did not answer in time"; counted as timeouts.
     timeout_errors: ClassVar[tuple[type[BaseException], ...]] = ()
@@ -214,6 +215,10 @@ class RemoteStorage(BaseStorage[OptionsT]):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        # A runner cancelled before its first step never ran: settle its calls here.
+        for pending in self._flushing:
+            self._abandon(pending)
+        self._flushing.clear()
         await self._close()
 
     def _abandon(self, pending: _Pending[Any, Any]) -> None:
@@ -280,8 +285,10 @@ class RemoteStorage(BaseStorage[OptionsT]):
         writes, self._writes = self._writes, _Pending()
         removes, self._removes = self._removes, _Pending()
         if reads.calls:
+            self._flushing.add(reads)
             self._spawn(self._run_reads(reads))
         if writes.calls or removes.calls:
+            self._flushing |= {writes, removes}
             self._spawn(self._run_writes(writes, removes))
 
     def _spawn(self, coro: Awaitable[None]) -> None:
@@ -290,12 +297,15 @@ class RemoteStorage(BaseStorage[OptionsT]):
         task.add_done_callback(self._tasks.discard)
 
     async def _run_reads(self, pending: _Pending[str, dict[str, bytes]]) -> None:
-        keys = _unique([k for items, _ in pending.calls for k in items])
         try:
-            results = await self._chunked(self._get_many, keys, "read")
-        except BaseException:
-            self._abandon(pending)  # cancelled by close(): nobody may wait forever
-            raise
+            await self._read_and_settle(pending)
+        finally:
+            self._abandon(pending)  # no-op unless cancelled (close) before settling
+            self._flushing.discard(pending)
+
+    async def _read_and_settle(self, pending: _Pending[str, dict[str, bytes]]) -> None:
+        keys = _unique([k for items, _ in pending.calls for k in items])
+        results = await self._chunked(self._get_many, keys, "read")
         found: dict[str, bytes] = {}
         failed: dict[str, BaseException] = {}
         for chunk, result in results:
@@ -317,10 +327,12 @@ class RemoteStorage(BaseStorage[OptionsT]):
     ) -> None:
         try:
             await self._write_then_remove(writes, removes)
-        except BaseException:
-            self._abandon(writes)  # cancelled by close(): nobody may wait forever
+        finally:
+            # On cancellation (close), the calls are still unsettled: fail them.
+            self._abandon(writes)
             self._abandon(removes)
-            raise
+            self._flushing.discard(writes)
+            self._flushing.discard(removes)
 
     async def _write_then_remove(
         self, writes: _Pending[Entry, None], removes: _Pending[str, None]
