@@ -1,0 +1,133 @@
+"""The PostgreSQL tier: ``Storage(url="postgresql://user:pw@host:5432/db", table="cache")``.
+
+Create the table first from ``sql/postgresql.sql``. The URL goes to asyncpg as is (so its
+query parameters, such as ``sslmode``, work); ``postgres://`` and ``postgresql+asyncpg://``
+are accepted too. The pool holds at most ``pool_size`` connections.
+
+Statements (each one round trip, on a prepared statement asyncpg caches per connection)
+    read    ``SELECT key, value ... WHERE key = ANY($1::text[]) AND (expire IS NULL OR
+            expire > now())``
+    write   ``INSERT ... SELECT ... FROM unnest($1::text[], $2::bytea[], $3::bigint[])
+            ON CONFLICT (key) DO UPDATE``, rows sorted by key so concurrent batches from
+            several processes lock rows in the same order and cannot deadlock
+    remove  ``DELETE ... WHERE key = ANY($1::text[])``
+
+Expiry
+    Computed by the server: ``expire = now() + ttl_ms * interval '1 millisecond'`` (a
+    ``timestamptz``, so it is UTC whatever the session time zone), and reads compare with
+    the server's ``now()``. One clock decides, as with Redis; millisecond TTLs work.
+    Expired rows are purged in the background (see ``cacheme.storages.sql``) with
+    ``FOR UPDATE SKIP LOCKED``, so purges from several processes do not wait for each other.
+
+Behind PgBouncer in transaction mode, pass ``statement_cache_size=0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+from pydantic import Field
+
+from .base import Entry
+from .sql import SQLOptions, SQLStorage, stored_key, stored_keys
+
+
+class PostgresOptions(SQLOptions):
+    """Options of ``postgresql://`` storages."""
+
+    statement_cache_size: int = Field(
+        default=100,
+        ge=0,
+        description="prepared statements cached per connection; 0 for "
+        "PgBouncer in transaction mode",
+    )
+
+
+def _first(row: tuple[str, bytes, int | None]) -> str:
+    return row[0]
+
+
+def dsn_of(url: str) -> str:
+    """``url`` with the scheme asyncpg expects."""
+    parts = urlsplit(url)
+    return urlunsplit(("postgresql", parts.netloc, parts.path, parts.query, parts.fragment))
+
+
+class PostgresStorage(SQLStorage[PostgresOptions]):
+    """Cache entries in a PostgreSQL table, through an asyncpg pool."""
+
+    options_model = PostgresOptions
+    options: PostgresOptions
+    schema_file: ClassVar[str] = "sql/postgresql.sql"
+    # The server cancelled the statement (statement_timeout, lock_timeout): a timeout.
+    timeout_errors = (asyncpg.QueryCanceledError,)
+
+    def __init__(self, name: str, url: str, options: PostgresOptions) -> None:
+        super().__init__(name, url, options)
+        self._pool: Any = None  # asyncpg.Pool
+        t = f'"{self.table}"'
+        self._select = (
+            f'SELECT "key", "value" FROM {t} WHERE "key" = ANY($1::text[]) '
+            f'AND ("expire" IS NULL OR "expire" > now())'
+        )
+        self._upsert = (
+            f'INSERT INTO {t} ("key", "value", "expire") '
+            f"SELECT u.k, u.v, now() + u.ttl * interval '1 millisecond' "
+            f"FROM unnest($1::text[], $2::bytea[], $3::bigint[]) AS u(k, v, ttl) "
+            f'ON CONFLICT ("key") DO UPDATE SET "value" = EXCLUDED."value", '
+            f'"expire" = EXCLUDED."expire"'
+        )
+        self._delete = f'DELETE FROM {t} WHERE "key" = ANY($1::text[])'
+        self._purge_sql = (
+            f'DELETE FROM {t} WHERE "key" IN (SELECT "key" FROM {t} '
+            f'WHERE "expire" <= now() LIMIT $1 FOR UPDATE SKIP LOCKED)'
+        )
+
+    async def _open(self) -> None:
+        size = self.options.pool_size
+        self._pool = await asyncpg.create_pool(
+            dsn_of(self.url),
+            min_size=min(2, size),
+            max_size=size,
+            timeout=self.options.timeout,
+            statement_cache_size=self.options.statement_cache_size,
+        )
+        try:
+            await self._pool.execute(f'SELECT "key", "value", "expire" FROM "{self.table}" LIMIT 0')
+        except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as exc:
+            raise self._missing_table(exc) from exc
+
+    async def _shutdown(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await pool.close()
+            except BaseException:
+                pool.terminate()
+                raise
+
+    @property
+    def pool(self) -> Any:
+        if self._pool is None:
+            raise ConnectionError("PostgreSQL storage is not connected")
+        return self._pool
+
+    async def _get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        wanted = stored_keys(keys)
+        rows = await self.pool.fetch(self._select, list(wanted))
+        return {wanted[key]: value for key, value in rows}
+
+    async def _set_many(self, entries: Sequence[Entry]) -> None:
+        rows = sorted(((stored_key(e.key), e.value, e.ttl_ms) for e in entries), key=_first)
+        keys, values, ttls = zip(*rows, strict=True)
+        await self.pool.execute(self._upsert, keys, values, ttls)
+
+    async def _remove_many(self, keys: Sequence[str]) -> None:
+        await self.pool.execute(self._delete, sorted(stored_keys(keys)))
+
+    async def _purge(self, limit: int) -> int:
+        status: str = await self.pool.execute(self._purge_sql, limit)
+        return int(status.rsplit(" ", 1)[-1])

@@ -1,0 +1,166 @@
+"""The SQLite tier: ``Storage(url="sqlite:///path/to/file", table="cache")``.
+
+URLs follow SQLAlchemy: ``sqlite:///relative/path.db`` (relative to the working directory)
+and ``sqlite:////absolute/path.db``. Create the table first from ``sql/sqlite.sql``. An
+in-memory database (``sqlite://``, ``:memory:``) is refused: it would start without the
+table, and a cache that lives in the process belongs in a ``local://`` tier anyway.
+
+Never blocking the event loop
+    All SQLite work runs through aiosqlite, which owns one ``sqlite3`` connection on its own
+    thread; the loop only awaits futures. ``pool_size`` is accepted (so the same options
+    work for every SQL tier) but there is always exactly one connection: SQLite allows one
+    writer at a time anyway, and the batching of ``RemoteStorage`` already turns the calls
+    of one event-loop turn into one statement.
+
+Statements
+    The connection is in autocommit mode and every operation is one statement, so each is
+    atomic on its own and a timed-out call never leaves a transaction open: reads are
+    ``SELECT ... WHERE key IN (?, ?, ...)``, writes one multi-row
+    ``INSERT ... ON CONFLICT(key) DO UPDATE``, removes ``DELETE ... WHERE key IN (...)``.
+    (A batch with more bound values than SQLite allows in one statement, 32766 since
+    SQLite 3.32, is split.) The journal is WAL with ``synchronous=NORMAL``: readers in other
+    processes never wait for the writer, and a commit costs no fsync. The busy timeout is the
+    storage's ``timeout``, so a write that meets another process's write waits (on the
+    SQLite thread, not on the loop) instead of failing at once.
+
+Expiry
+    SQLite has no server clock: ``expire`` is computed here, in UTC, and stored as text
+    ``YYYY-MM-DD HH:MM:SS.ffffff`` (it sorts like the time it names, and an operator can read
+    it); reads compare it with the current UTC time. Expired rows are purged in the
+    background (see ``cacheme.storages.sql``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, ClassVar
+from urllib.parse import unquote, urlsplit
+
+import aiosqlite
+
+from ..errors import ConfigurationError
+from .base import Entry
+from .sql import SQLOptions, SQLStorage, expire_at, stored_key, stored_keys, utc_now
+from .url import redact
+
+# Bound values one statement may carry (SQLITE_MAX_VARIABLE_NUMBER's default).
+MAX_VARIABLES = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
+
+_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def utc_text(moment: datetime) -> str:
+    """``moment`` (aware, UTC) as stored in the ``expire`` column."""
+    return moment.strftime(_TIME_FORMAT)
+
+
+def database_of(url: str) -> str:
+    """The file that a ``sqlite://`` URL names."""
+    parts = urlsplit(url)
+    if parts.netloc:
+        raise ConfigurationError(
+            f"SQLite URL {redact(url)!r} names a host; use sqlite:///relative/path.db or "
+            f"sqlite:////absolute/path.db"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigurationError(f"SQLite URL {redact(url)!r}: no query or fragment allowed")
+    path = unquote(parts.path)
+    if path.startswith("/"):
+        path = path[1:]  # sqlite:///rel -> "rel"; sqlite:////abs -> "/abs"
+    if not path or path == ":memory:" or path.startswith("file:"):
+        raise ConfigurationError(
+            f"SQLite URL {redact(url)!r} must name a database file, like "
+            f"sqlite:///relative/path.db or sqlite:////absolute/path.db (an in-memory "
+            f"database would have no table; use a local:// tier for an in-process cache)"
+        )
+    return path
+
+
+class SQLiteOptions(SQLOptions):
+    """Options of ``sqlite://`` storages (``pool_size`` is accepted and unused)."""
+
+
+class SQLiteStorage(SQLStorage[SQLiteOptions]):
+    """Cache entries in a SQLite table, on aiosqlite's thread."""
+
+    options_model = SQLiteOptions
+    options: SQLiteOptions
+    schema_file: ClassVar[str] = "sql/sqlite.sql"
+
+    def __init__(self, name: str, url: str, options: SQLiteOptions) -> None:
+        super().__init__(name, url, options)
+        self.database = database_of(url)
+        self._db: aiosqlite.Connection | None = None
+        t = f'"{self.table}"'
+        self._select = f'SELECT "key", "value" FROM {t} WHERE ("expire" IS NULL OR "expire" > ?)'
+        self._insert = f'INSERT INTO {t} ("key", "value", "expire") VALUES '
+        self._upsert = (
+            ' ON CONFLICT ("key") DO UPDATE SET "value" = excluded."value", '
+            '"expire" = excluded."expire"'
+        )
+        self._delete = f'DELETE FROM {t} WHERE "key" IN '
+        self._purge_sql = (
+            f'DELETE FROM {t} WHERE "key" IN (SELECT "key" FROM {t} WHERE "expire" <= ? LIMIT ?)'
+        )
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise ConnectionError("SQLite storage is not connected")
+        return self._db
+
+    async def _open(self) -> None:
+        self._db = await aiosqlite.connect(
+            self.database, isolation_level=None, timeout=self.options.timeout
+        )
+        db = self._db
+        await db.execute_fetchall("PRAGMA journal_mode=WAL")
+        await db.execute_fetchall("PRAGMA synchronous=NORMAL")
+        try:
+            await db.execute_fetchall(
+                f'SELECT "key", "value", "expire" FROM "{self.table}" LIMIT 0'
+            )
+        except sqlite3.OperationalError as exc:
+            raise self._missing_table(exc) from exc
+
+    async def _shutdown(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            await db.close()
+
+    async def _get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        wanted = stored_keys(keys)
+        stored = list(wanted)
+        now = utc_text(utc_now())
+        found: dict[str, bytes] = {}
+        step = MAX_VARIABLES - 1
+        for i in range(0, len(stored), step):
+            chunk = stored[i : i + step]
+            sql = f'{self._select} AND "key" IN ({",".join("?" * len(chunk))})'
+            for key, value in await self.db.execute_fetchall(sql, [now, *chunk]):
+                found[wanted[key]] = bytes(value)
+        return found
+
+    async def _set_many(self, entries: Sequence[Entry]) -> None:
+        now = utc_now()
+        rows: list[Any] = []
+        for e in entries:
+            expire = expire_at(e.ttl_ms, now)
+            rows.append((stored_key(e.key), e.value, None if expire is None else utc_text(expire)))
+        step = MAX_VARIABLES // 3
+        for i in range(0, len(rows), step):
+            chunk = rows[i : i + step]
+            sql = self._insert + ",".join(["(?,?,?)"] * len(chunk)) + self._upsert
+            await self.db.execute_fetchall(sql, [v for row in chunk for v in row])
+
+    async def _remove_many(self, keys: Sequence[str]) -> None:
+        stored = list(stored_keys(keys))
+        for i in range(0, len(stored), MAX_VARIABLES):
+            chunk = stored[i : i + MAX_VARIABLES]
+            await self.db.execute_fetchall(f"{self._delete}({','.join('?' * len(chunk))})", chunk)
+
+    async def _purge(self, limit: int) -> int:
+        async with self.db.execute(self._purge_sql, (utc_text(utc_now()), limit)) as cursor:
+            return max(cursor.rowcount, 0)

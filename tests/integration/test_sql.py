@@ -1,0 +1,342 @@
+"""What the SQL tiers promise beyond the storage contract."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cacheme.errors import ConfigurationError, StorageError
+from cacheme.storages.base import Entry
+from cacheme.storages.mysql import MySQLStorage, connect_args, row_alias_supported
+from cacheme.storages.registry import Storage
+from cacheme.storages.sql import MAX_KEY_LENGTH, stored_key
+from cacheme.storages.sqlite import database_of
+
+from .backend_sql import SQL_BACKENDS, sql_storage, sql_table
+
+backends = pytest.mark.parametrize(
+    "backend", [pytest.param(b, marks=getattr(pytest.mark, b)) for b in SQL_BACKENDS]
+)
+
+URLS = {
+    "sqlite": "sqlite:///cache.db",
+    "postgres": "postgresql://user:pw@127.0.0.1:5432/db",
+    "mysql": "mysql://user:pw@127.0.0.1:3306/db",
+}
+
+
+async def wait_for(predicate: Any, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+# -- purge of expired rows ------------------------------------------------------------------
+
+
+@backends
+async def test_background_purge_removes_expired_rows(backend: str, tmp_path: Path) -> None:
+    async with sql_storage(backend, tmp_path, "purge", purge_interval=0.2, purge_limit=2) as (
+        storage,
+        table,
+    ):
+        await storage.set_many(
+            [Entry(f"cacheme:gone:{i}:v1", b"x", 50) for i in range(5)]
+            + [Entry("cacheme:forever:v1", b"y", None), Entry("cacheme:later:v1", b"z", 60_000)]
+        )
+        assert await table.count() == 7
+
+        async def two_left() -> bool:
+            return await table.count() == 2
+
+        await wait_for(two_left)  # 5 rows at 2 per purge: the backlog drains run after run
+        assert await table.keys() == ["cacheme:forever:v1", "cacheme:later:v1"]
+        assert storage.purged == 5
+        assert storage.purge_failures == 0
+
+
+@backends
+async def test_purge_expired_is_bounded(backend: str, tmp_path: Path) -> None:
+    async with sql_storage(backend, tmp_path, "purge", purge_interval=0, purge_limit=3) as (
+        storage,
+        table,
+    ):
+        await storage.set_many([Entry(f"cacheme:gone:{i}:v1", b"x", 1) for i in range(5)])
+        await storage.set_many([Entry("cacheme:kept:v1", b"x", None)])
+        await asyncio.sleep(0.05)
+        assert [await storage.purge_expired() for _ in range(3)] == [3, 2, 0]
+        assert await table.keys() == ["cacheme:kept:v1"]
+
+
+@backends
+async def test_purge_interval_zero_runs_no_task(backend: str, tmp_path: Path) -> None:
+    async with sql_storage(backend, tmp_path, "nopurge", purge_interval=0) as (storage, table):
+        await storage.set_many([Entry("cacheme:gone:v1", b"x", 1)])
+        await asyncio.sleep(0.2)
+        assert await storage.get("cacheme:gone:v1") is None  # never returned ...
+        assert await table.count() == 1  # ... though still there: nobody purged it
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+
+def test_stored_key_mapping() -> None:
+    short = "cacheme:" + "k" * (MAX_KEY_LENGTH - 8)
+    assert len(short) == MAX_KEY_LENGTH and stored_key(short) == short
+    long = short + "!"
+    mapped = stored_key(long)
+    digest = hashlib.sha256(long.encode()).hexdigest()
+    assert mapped == long[:183] + ":sha256:" + digest
+    assert len(mapped) == MAX_KEY_LENGTH
+    assert stored_key(long) == mapped  # deterministic
+    assert stored_key(long + "x") != mapped
+    # utf8mb4_bin ignores trailing spaces: such keys are hashed, so they stay distinct
+    assert stored_key("cacheme:a:v1 ") != "cacheme:a:v1"
+    assert not stored_key("cacheme:a:v1 ").endswith(" ")
+    assert stored_key("用" * 300).startswith("用" * 183 + ":sha256:")
+    assert stored_key("a\x00b").startswith("a?b:sha256:")
+
+
+@backends
+async def test_long_keys_are_stored_deterministically(backend: str, tmp_path: Path) -> None:
+    async with sql_storage(backend, tmp_path, "long") as (storage, table):
+        base = "cacheme:" + "x" * 300
+        keys = [f"{base}:{i}:v1" for i in range(3)]
+        keys += ["cacheme:" + "🙂" * 300 + ":v1", "cacheme:" + "y" * 247]  # the last: 255 chars
+        await storage.set_many([Entry(k, k[-4:].encode(), None) for k in keys])
+        assert await storage.get_many(keys) == {k: k[-4:].encode() for k in keys}
+        stored = await table.keys()
+        assert stored == sorted(stored_key(k) for k in keys)
+        assert keys[4] in stored  # exactly 255 characters: kept as it is
+        for k in keys[:4]:
+            expected = k[:183] + ":sha256:" + hashlib.sha256(k.encode()).hexdigest()
+            assert expected in stored and len(expected) == 255
+
+
+@backends
+async def test_trailing_space_and_nul_keys_stay_distinct(backend: str, tmp_path: Path) -> None:
+    async with sql_storage(backend, tmp_path, "space") as (storage, table):
+        keys = ["cacheme:a:v1", "cacheme:a:v1 ", "cacheme:a:v1  ", "cacheme:a\x00:v1"]
+        await storage.set_many([Entry(k, str(len(k)).encode(), None) for k in keys])
+        assert await storage.get_many(keys) == {k: str(len(k)).encode() for k in keys}
+        await storage.remove_many(["cacheme:a:v1 "])
+        assert await storage.get_many(keys) == {keys[0]: b"12", keys[2]: b"14", keys[3]: b"13"}
+        assert "cacheme:a?:v1:sha256:" + hashlib.sha256(keys[3].encode()).hexdigest() in (
+            await table.keys()
+        )
+
+
+@backends
+async def test_key_column_holds_the_full_key(backend: str, tmp_path: Path) -> None:
+    async with sql_storage(backend, tmp_path, "byhand") as (storage, table):
+        await storage.set_many(
+            [
+                Entry("myapp:user:42:v1", b"\x00\xffvalue", None),
+                Entry("myapp:user:43:v1", b"other", 3_600_000),
+            ]
+        )
+        q, t = table.q, table.q(table.table)
+        rows = await table.run(
+            f"SELECT {q('key')}, {q('value')}, {q('expire')} FROM {t} ORDER BY {q('key')}"
+        )
+        assert [(r[0], bytes(r[1])) for r in rows] == [
+            ("myapp:user:42:v1", b"\x00\xffvalue"),
+            ("myapp:user:43:v1", b"other"),
+        ]
+        assert rows[0][2] is None
+        # expire is in UTC: an hour from now, whatever the time zone of anything involved
+        expire = rows[1][2]
+        if isinstance(expire, str):  # SQLite
+            expire = datetime.strptime(expire, "%Y-%m-%d %H:%M:%S.%f")
+        if expire.tzinfo is None:
+            expire = expire.replace(tzinfo=timezone.utc)
+        expected = datetime.now(timezone.utc) + timedelta(hours=1)
+        assert abs((expire - expected).total_seconds()) < 60
+        # an operator deletes an entry by hand
+        await table.run(f"DELETE FROM {t} WHERE {q('key')} = 'myapp:user:42:v1'")
+        assert await storage.get("myapp:user:42:v1") is None
+        assert await storage.get("myapp:user:43:v1") == b"other"
+
+
+@backends
+async def test_millisecond_ttls(backend: str, tmp_path: Path) -> None:
+    async with sql_storage(backend, tmp_path, "ms") as (storage, _):
+        await storage.set_many([Entry("cacheme:a:v1", b"a", 80), Entry("cacheme:b:v1", b"b", 900)])
+        assert await storage.get_many(["cacheme:a:v1", "cacheme:b:v1"]) == {
+            "cacheme:a:v1": b"a",
+            "cacheme:b:v1": b"b",
+        }
+        await asyncio.sleep(0.3)
+        assert await storage.get_many(["cacheme:a:v1", "cacheme:b:v1"]) == {"cacheme:b:v1": b"b"}
+
+
+@backends
+async def test_batch_of_large_values(backend: str, tmp_path: Path) -> None:
+    # 24 MiB in one batch: over MariaDB's default max_allowed_packet (16 MiB), so the MySQL
+    # tier must split the statement; the others take it in one.
+    async with sql_storage(backend, tmp_path, "large") as (storage, _):
+        value = bytes(range(256)) * 4096  # 1 MiB
+        entries = [Entry(f"cacheme:big:{i}:v1", value[i:] + value[:i], None) for i in range(24)]
+        await storage.set_many(entries)
+        assert await storage.get_many([e.key for e in entries]) == {e.key: e.value for e in entries}
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+@backends
+@pytest.mark.parametrize(
+    "table",
+    ["cache; DROP TABLE users", "1cache", "a" * 64, "", "cache-x", 'x"y', "schema.t", "cache\n"],
+)
+def test_bad_table_name_is_rejected_at_build(backend: str, table: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Storage(URLS[backend], table=table).build("bad")
+    message = str(info.value)
+    assert "table" in message and "identifier" in message
+    assert "pw@" not in message
+
+
+@backends
+def test_options_are_checked(backend: str) -> None:
+    with pytest.raises(ConfigurationError, match="pool_size"):
+        Storage(URLS[backend], pool_size=0).build("bad")
+    with pytest.raises(ConfigurationError, match="purge_interval"):
+        Storage(URLS[backend], purge_interval=-1).build("bad")
+    with pytest.raises(ConfigurationError, match="tabel"):
+        Storage(URLS[backend], tabel="x").build("bad")
+    storage = Storage(URLS[backend], table="Cache_1", pool_size=5).build("ok")
+    assert storage.options.table == "Cache_1"  # type: ignore[attr-defined]
+    assert "pw" not in repr(storage)
+
+
+@backends
+async def test_missing_table_names_the_schema_file(backend: str, tmp_path: Path) -> None:
+    async with sql_table(backend, tmp_path) as table:
+        storage = Storage(table.url, table="cacheme_no_such_table").build("missing")
+        with pytest.raises(StorageError) as info:
+            await storage.connect()
+        assert "cacheme_no_such_table" in str(info.value)
+        assert "sql/" in str(info.value)
+        await storage.close()
+
+
+def test_sqlite_urls() -> None:
+    assert database_of("sqlite:///relative/cache.db") == "relative/cache.db"
+    assert database_of("sqlite:////abs/cache.db") == "/abs/cache.db"
+    assert database_of("sqlite:///with%20space.db") == "with space.db"
+    for url in ("sqlite://host/cache.db", "sqlite://", "sqlite:///:memory:", "sqlite:///?x=1"):
+        with pytest.raises(ConfigurationError):
+            database_of(url)
+    with pytest.raises(ConfigurationError, match="file"):
+        Storage("sqlite://").build("memory")
+
+
+@pytest.mark.sqlite
+async def test_sqlite_uses_wal(tmp_path: Path) -> None:
+    async with sql_storage("sqlite", tmp_path, "wal") as (_, table):
+        assert (await table.run("PRAGMA journal_mode"))[0][0] == "wal"
+
+
+@pytest.mark.sqlite
+async def test_sqlite_writes_do_not_block_the_loop(tmp_path: Path) -> None:
+    async with sql_storage("sqlite", tmp_path, "loop") as (storage, _):
+        gaps: list[float] = []
+        stop = False
+
+        async def ticker() -> None:
+            last = time.perf_counter()
+            while not stop:
+                await asyncio.sleep(0.001)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        task = asyncio.ensure_future(ticker())
+        value = b"v" * 200_000
+        started = time.perf_counter()
+        for round_ in range(10):
+            await storage.set_many(
+                [Entry(f"cacheme:{round_}:{i}:v1", value, None) for i in range(100)]
+            )
+        elapsed = time.perf_counter() - started
+        stop = True
+        await task
+        # 200 MB written; the loop kept ticking meanwhile
+        assert len(gaps) > 10
+        assert max(gaps) < max(0.1, elapsed / 4)
+
+
+def test_mysql_url_and_server_flavour() -> None:
+    args = connect_args("mysql://u%40x:p%2Fw@db.example:3307/cache?unix_socket=/tmp/m.sock")
+    assert args == {
+        "host": "db.example",
+        "port": 3307,
+        "user": "u@x",
+        "password": "p/w",
+        "database": "cache",
+        "unix_socket": "/tmp/m.sock",
+    }
+    with pytest.raises(ConfigurationError, match="database"):
+        connect_args("mysql://u:p@host:3306/")
+    with pytest.raises(ConfigurationError, match="sslmode"):
+        connect_args("mysql://u:p@host:3306/db?sslmode=x")
+    assert not row_alias_supported("10.11.19-MariaDB-0+deb12u1")
+    assert not row_alias_supported("8.0.18")
+    assert row_alias_supported("8.0.19")
+    assert row_alias_supported("8.4.3-commercial")
+    assert not row_alias_supported("5.7.44-log")
+
+
+@pytest.mark.mysql
+async def test_mysql_interrupted_connection_is_not_reused(tmp_path: Path) -> None:
+    async with sql_storage("mysql", tmp_path, "interrupt") as (storage, _):
+        assert isinstance(storage, MySQLStorage)
+        await storage.set_many([Entry("cacheme:a:v1", b"a", None)])
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(storage._run([("SELECT SLEEP(0.5), 1", ())], fetch=True), 0.1)
+        for _ in range(5):
+            assert await storage.get("cacheme:a:v1") == b"a"
+
+
+# -- secrets ---------------------------------------------------------------------------------
+
+SECRET = "Sup3rSecretPw"
+
+
+@pytest.mark.parametrize(
+    ("backend", "url"),
+    [
+        pytest.param(
+            "postgres",
+            f"postgresql://postgres:{SECRET}@127.0.0.1:1/test",
+            marks=pytest.mark.postgres,
+        ),
+        pytest.param(
+            "mysql", f"mysql://cacheme:{SECRET}@127.0.0.1:3306/test", marks=pytest.mark.mysql
+        ),
+        pytest.param(
+            "mysql", f"mysql://cacheme:{SECRET}@127.0.0.1:1/test", marks=pytest.mark.mysql
+        ),
+    ],
+)
+async def test_password_never_in_errors(backend: str, url: str) -> None:
+    description = Storage(url, table="cacheme_data", timeout=1)
+    assert SECRET not in repr(description)
+    storage = description.build("secret")
+    assert SECRET not in repr(storage)
+    with pytest.raises(StorageError) as info:
+        await storage.connect()
+    await storage.close()
+    text = str(info.value)
+    assert SECRET not in text and SECRET not in repr(info.value)
+    assert f"{backend[:5]}" in text and ":***@127.0.0.1" in text
+    cause = info.value.__cause__
+    assert cause is None or SECRET not in str(cause)
