@@ -71,9 +71,12 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None) -> Any:
     key = full_key(cfg, node)
     rec = cfg.stats
     rec.requests += 1
-    for local in cfg.front:
+    front = cfg.front
+    for local in front:
         value, found = local.get(key)
         if found:
+            if local is not front[0]:
+                _backfill_front(cfg, key, value, local)
             rec.hits += 1
             return value
     call = flights.get(key)
@@ -108,10 +111,13 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
     rec.requests += len(nodes)
     results: list[Any] = [None] * len(nodes)
     pending: dict[str, list[int]] = {}
+    front = cfg.front
     for i, key in enumerate(keys):
-        for local in cfg.front:
+        for local in front:
             value, found = local.get(key)
             if found:
+                if local is not front[0]:
+                    _backfill_front(cfg, key, value, local)
                 rec.hits += 1
                 results[i] = value
                 break
@@ -136,6 +142,14 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
         if hit:
             rec.hits += len(where)
     return results
+
+
+def _backfill_front(cfg: Config, key: str, value: Any, found_in: Any) -> None:
+    """Copy a hit in a later leading local tier into the local tiers before it."""
+    for tier in cfg.tiers:
+        if tier.storage is found_in:
+            return
+        tier.storage.set(key, value, tier.ttl)  # type: ignore[attr-defined]
 
 
 async def invalidate(node: Node) -> None:
@@ -368,9 +382,13 @@ def _match(cfg: Config, cls: type[Node], nodes: dict[str, Node], pairs: Any) -> 
     out: dict[str, Any] = {}
     try:
         for got, value in pairs:
+            if not isinstance(got, Node):
+                raise TypeError(f"{got!r} is not a node")
             out[full_key(cfg, got)] = value
     except (TypeError, ValueError) as exc:
         error = LoadError(f"{cls.__qualname__}.load_all must return (node, value) pairs: {exc}")
+        cfg.stats.load_successes -= len(nodes)
+        cfg.stats.load_failures += len(nodes)
         return dict.fromkeys(nodes, error)
     left_out = [k for k in nodes if k not in out]
     if left_out:

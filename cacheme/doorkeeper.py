@@ -45,13 +45,17 @@ class BloomFilter(DoorKeeper):
         return f"BloomFilter({self.size}, {self.false_positive_rate})"
 
     def admit(self, key: str) -> bool:
-        """True if ``key`` was sighted before (since the last reset); records the sighting."""
+        """True if ``key`` was sighted before (since the last reset); records the sighting.
+
+        The request that brings the count to ``size`` is answered first, then the filter
+        resets (resetting first would make a filter of size 2 admit nothing).
+        """
+        h = hash(key) & _MASK
+        seen = bool(self._filter.contains(h))
+        if not seen:
+            self._filter.put(h)
         self._seen += 1
         if self._seen >= self.size:
             self._filter.reset()
             self._seen = 0
-        h = hash(key) & _MASK
-        if self._filter.contains(h):
-            return True
-        self._filter.put(h)
-        return False
+        return seen

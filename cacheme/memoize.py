@@ -8,9 +8,8 @@ key is used. The node class given to ``Memoize`` supplies the configuration and 
 from __future__ import annotations
 
 import functools
-import typing
-from collections.abc import Awaitable, Callable
-from typing import Any, Generic, ParamSpec, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 from .api import fetch
 from .errors import ConfigurationError
@@ -18,6 +17,8 @@ from .node import Config, DynamicNode, Node
 
 P = ParamSpec("P")
 R = TypeVar("R")
+Q = ParamSpec("Q")
+S = TypeVar("S")
 
 
 class Memoize:
@@ -40,17 +41,9 @@ class Memoized(Generic[P, R]):
         self._node_cls = node_cls
         self._to_node: Callable[P, Node] | None = None
         self._config: Config = node_cls._cacheme_config
-        self._check_value_type(fn)
-        functools.update_wrapper(self, fn)
-
-    def _check_value_type(self, fn: Callable[..., Any]) -> None:
         # A node without a typed load() decodes to the memoized function's return type.
-        if self._config.value_type is Any:
-            try:
-                hint = typing.get_type_hints(fn).get("return", Any)
-            except Exception:
-                hint = Any
-            self._config.value_type = hint
+        self._config.type_from(fn)
+        functools.update_wrapper(self, fn)
 
     def to_node(self, fn: Callable[P, Node]) -> Callable[P, Node]:
         """Register the function that maps this function's arguments to its node."""
@@ -73,6 +66,14 @@ class Memoized(Generic[P, R]):
             )
         value: R = await fetch(node, self._config, lambda: self._fn(*args, **kwargs))
         return value
+
+    @overload
+    def __get__(self, obj: None, objtype: type[Any] | None = None) -> Memoized[P, R]: ...
+
+    @overload
+    def __get__(
+        self: Memoized[Concatenate[S, Q], R], obj: S, objtype: type[Any] | None = None
+    ) -> Callable[Q, Coroutine[Any, Any, R]]: ...
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         """On a class: a method whose ``self`` is passed to the function and to ``to_node``."""

@@ -1,17 +1,19 @@
 """Nodes: what is cached, under which key, in which tiers, for how long.
 
 A node class declares ``key()``, an async ``load()`` and a ``Meta``. The ``Meta`` is checked
-when the class is created (errors name the node and the option); storage names are resolved
-at first use, so nodes can be declared before ``register_storage`` runs. Every node class has
-its own configuration and its own stats: a subclass without its own ``Meta`` copies its
-parent's settings, never shares its counters.
+when the class is created (errors name the node and the option). Storage names, and the value
+type remote tiers decode to (``load()``'s return annotation), are resolved at first use, so
+nodes can be declared before ``register_storage`` runs and before the classes they return.
+Every node class has its own configuration and its own stats: a subclass without its own
+``Meta`` copies its parent's settings, never shares its counters.
 """
 
 from __future__ import annotations
 
+import logging
 import typing
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, ClassVar
@@ -22,6 +24,8 @@ from .serializer import Serializer
 from .stats import Recorder
 from .storages import registry
 from .storages.base import BaseStorage, LocalStorage, RemoteStorage, ttl_to_ms
+
+logger = logging.getLogger("cacheme")
 
 _prefix = "cacheme"
 
@@ -40,26 +44,32 @@ def get_prefix() -> str:
 
 @dataclass(frozen=True)
 class Cache:
-    """One tier of a node: the registered storage's name and the TTL of entries there."""
+    """One tier of a node: the registered storage's name and the TTL of entries there.
+
+    Checked with the node that uses it (so errors name the node): ``storage`` a non-empty
+    string, ``ttl`` a positive ``timedelta`` or ``None`` (no expiry).
+    """
 
     storage: str
     ttl: timedelta | None = None
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.storage, str) or not self.storage:
+
+def _check_cache(name: str, i: int, cache: object) -> None:
+    where = f"{name}.Meta.caches[{i}]"
+    if not isinstance(cache, Cache):
+        raise ConfigurationError(f"{where} must be a cacheme.Cache, got {cache!r}")
+    if not isinstance(cache.storage, str) or not cache.storage:
+        raise ConfigurationError(
+            f"{where}.storage must be a registered storage name, got {cache.storage!r}"
+        )
+    if cache.ttl is not None:
+        if not isinstance(cache.ttl, timedelta):
             raise ConfigurationError(
-                f"Cache storage must be a registered storage name, got {self.storage!r}"
+                f"{where}.ttl must be a timedelta or None, got {type(cache.ttl).__name__} "
+                f"{cache.ttl!r}"
             )
-        if self.ttl is not None:
-            if not isinstance(self.ttl, timedelta):
-                raise ConfigurationError(
-                    f"Cache(storage={self.storage!r}) ttl must be a timedelta or None, "
-                    f"got {self.ttl!r}"
-                )
-            if self.ttl <= timedelta(0):
-                raise ConfigurationError(
-                    f"Cache(storage={self.storage!r}) ttl must be positive, got {self.ttl!r}"
-                )
+        if cache.ttl <= timedelta(0):
+            raise ConfigurationError(f"{where}.ttl must be positive, got {cache.ttl!r}")
 
 
 class Tier:
@@ -87,15 +97,12 @@ _META_OPTIONS = (
 class Config:
     """The checked ``Meta`` of one node class, its stats, and its resolved tiers."""
 
-    def __init__(self, name: str, meta: type, value_type: Any) -> None:
+    def __init__(self, name: str, meta: type, owner: type[Node] | None = None) -> None:
         self.name = name
         self.version: str = _option(name, meta, "version", "", str)
         caches = _option(name, meta, "caches", [], (list, tuple))
         for i, cache in enumerate(caches):
-            if not isinstance(cache, Cache):
-                raise ConfigurationError(
-                    f"{name}.Meta.caches[{i}] must be a cacheme.Cache, got {cache!r}"
-                )
+            _check_cache(name, i, cache)
         self.caches: tuple[Cache, ...] = tuple(caches)
         self.serializer: Serializer | None = _option(name, meta, "serializer", None, Serializer)
         self.doorkeeper: DoorKeeper | None = _option(name, meta, "doorkeeper", None, DoorKeeper)
@@ -119,7 +126,15 @@ class Config:
                 f"{name}.Meta has unknown option(s) {', '.join(sorted(set(unknown)))}; "
                 f"known: {', '.join(_META_OPTIONS)}"
             )
-        self.value_type = value_type
+        # The type remote values decode to: the return annotation of the owner's load() or,
+        # failing that, of a memoized function (type_from). Read at first use, like the storage
+        # names, so annotations may name classes defined later in the module.
+        self.owner = owner
+        self.value_type: Any = Any
+        self._type_sources: list[Callable[..., Any]] = []
+        if owner is not None and owner.load is not Node.load:
+            self._type_sources.append(owner.load)
+        self._typed = False
         self.stats = Recorder()
         self.generation = -1
         self.tiers: tuple[Tier, ...] = ()
@@ -127,8 +142,16 @@ class Config:
         # Last loaded values for stale-if-error: key -> (value, monotonic deadline).
         self.last_good: OrderedDict[str, tuple[Any, float]] = OrderedDict()
 
+    def type_from(self, fn: Callable[..., Any]) -> None:
+        """Use ``fn``'s return annotation as the value type if ``load()`` gives none."""
+        self._type_sources.append(fn)
+        self._typed = False
+
     def resolve(self) -> None:
         """Look the tier names up in the storage registry (again, if it changed)."""
+        if not self._typed:
+            self.value_type = _value_type(self.name, self._type_sources)
+            self._typed = True
         tiers = tuple(
             Tier(registry.get_storage(c.storage, user=f"node {self.name}"), c.ttl)
             for c in self.caches
@@ -174,16 +197,23 @@ def _option(name: str, meta: type, attr: str, default: Any, kinds: type | tuple[
     return value
 
 
-def _return_type(cls: type[Any]) -> Any:
-    """The annotated return type of ``cls.load`` (``Any`` when there is none)."""
-    load = cls.load
-    if load.__qualname__ == "Node.load":
-        return Any
-    try:
-        hints = typing.get_type_hints(load)
-    except Exception:
-        return Any
-    return hints.get("return", Any)
+def _value_type(name: str, sources: list[Callable[..., Any]]) -> Any:
+    """The first return annotation of ``sources`` that is not ``Any`` (else ``Any``)."""
+    for fn in sources:
+        try:
+            hint = typing.get_type_hints(fn).get("return", Any)
+        except Exception as exc:
+            logger.warning(
+                "cacheme: node %s: cannot resolve the return annotation of %s (%r); remote "
+                "values decode to plain data",
+                name,
+                getattr(fn, "__qualname__", fn),
+                exc,
+            )
+            continue
+        if hint is not Any:
+            return hint
+    return Any
 
 
 _registry: list[type[Node]] = []
@@ -210,7 +240,7 @@ class Node:
             raise ConfigurationError(f"{name}.Meta must be a class, got {meta!r}")
         if meta is None:
             meta = cls.Meta  # inherited: same settings, own stats
-        cls._cacheme_config = Config(name, meta, _return_type(cls))
+        cls._cacheme_config = Config(name, meta, cls)
         if not cls.__dict__.get("_cacheme_abstract", False):
             _registry.append(cls)
 
@@ -278,7 +308,7 @@ def build_node(
     )
     existing = _built.get(name)
     if existing is not None:
-        if existing._cacheme_config.same_settings(Config(name, meta, Any)):
+        if existing._cacheme_config.same_settings(Config(name, meta)):
             return existing
         raise ConfigurationError(
             f"build_node({name!r}) was already called with other settings; "

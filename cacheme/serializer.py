@@ -114,14 +114,21 @@ class _Compressed(Serializer):
     inner: Serializer
 
     def dumps(self, value: Any) -> bytes:
-        return zlib.compress(self.inner.dumps(value), 3)
+        try:
+            raw = self.inner.dumps(value)
+        except EncodeError as exc:
+            raise EncodeError(f"{self!r}: {exc}") from exc
+        return zlib.compress(raw, 3)
 
     def loads(self, data: bytes, value_type: Any = _ANY) -> Any:
         try:
             raw = zlib.decompress(data)
         except Exception as exc:
             raise DecodeError(f"{self!r} cannot decompress {len(data)} bytes: {exc!r}") from exc
-        return self.inner.loads(raw, value_type)
+        try:
+            return self.inner.loads(raw, value_type)
+        except DecodeError as exc:
+            raise DecodeError(f"{self!r}: {exc}") from exc
 
 
 class CompressedPickleSerializer(_Compressed):

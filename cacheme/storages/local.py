@@ -45,6 +45,8 @@ class TinyLFUStorage(LocalStorage[LocalOptions]):
 
     async def close(self) -> None:
         self._cache.clear()
+        # Stops theine's maintenance task, which otherwise keeps the cache alive forever.
+        self._cache.close()
 
 
 class LRUStorage(LocalStorage[LocalOptions]):
