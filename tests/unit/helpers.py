@@ -1,0 +1,42 @@
+"""Small helpers shared by the unit tests."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from cacheme.storages.base import LocalStorage
+from cacheme.storages.registry import storages
+
+
+class Counter:
+    """A load function that counts its calls; ``gate`` (if set) holds every call back."""
+
+    def __init__(self, value: Any = "value", gate: asyncio.Event | None = None) -> None:
+        self.value = value
+        self.gate = gate
+        self.calls = 0
+
+    async def __call__(self) -> Any:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        return self.value
+
+
+async def settle(turns: int = 5) -> None:
+    """Let the event loop run a few turns (a flight's task starts on the next turn)."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+def tier(name: str) -> LocalStorage[Any]:
+    """The registered local storage ``name``."""
+    storage = storages()[name]
+    assert isinstance(storage, LocalStorage)
+    return storage
+
+
+def stored(name: str, key: str) -> tuple[Any, bool]:
+    """What the local tier ``name`` holds under the full key ``key``: ``(value, found)``."""
+    return tier(name).get(key)

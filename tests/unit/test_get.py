@@ -1,0 +1,209 @@
+"""get: the walk over the tiers, loading, backfill with each tier's TTL; invalidate; refresh."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import pytest
+
+import cacheme
+from cacheme import Cache, Node, Storage
+
+from .helpers import Counter, stored, tier
+
+L1_TTL = timedelta(milliseconds=30)
+L2_TTL = timedelta(seconds=10)
+
+
+@pytest.fixture(autouse=True)
+async def _two_tiers() -> AsyncIterator[None]:
+    await cacheme.register_storage("l1", Storage(url="local://lru", size=100))
+    await cacheme.register_storage("l2", Storage(url="local://tlfu", size=100))
+    yield
+
+
+LOADED: list[int] = []
+
+
+@pytest.fixture(autouse=True)
+def _clear() -> None:
+    LOADED.clear()
+
+
+@dataclass
+class Two(Node):
+    n: int
+
+    def key(self) -> str:
+        return f"two:{self.n}"
+
+    async def load(self) -> str:
+        LOADED.append(self.n)
+        return f"loaded-{self.n}"
+
+    class Meta(Node.Meta):
+        version = "v1"
+        caches = [Cache(storage="l1", ttl=L1_TTL), Cache(storage="l2", ttl=L2_TTL)]
+
+
+KEY = "cacheme:two:1:v1"
+
+
+async def test_miss_loads_and_fills_every_tier() -> None:
+    assert await cacheme.get(Two(1)) == "loaded-1"
+    assert LOADED == [1]
+    assert stored("l1", KEY) == ("loaded-1", True)
+    assert stored("l2", KEY) == ("loaded-1", True)
+    assert await cacheme.get(Two(1)) == "loaded-1"
+    assert LOADED == [1]
+
+
+async def test_each_tier_keeps_its_own_ttl_and_l2_backfills_l1() -> None:
+    before = cacheme.stats(Two)
+    await cacheme.get(Two(1))
+    await asyncio.sleep(0.05)  # past l1's 30 ms, far from l2's 10 s
+    assert stored("l1", KEY) == (None, False)
+    assert stored("l2", KEY) == ("loaded-1", True)
+    assert await cacheme.get(Two(1)) == "loaded-1"
+    assert LOADED == [1]  # answered by l2
+    assert stored("l1", KEY) == ("loaded-1", True)  # backfilled...
+    await asyncio.sleep(0.05)
+    assert stored("l1", KEY) == (None, False)  # ...with l1's own TTL
+    after = cacheme.stats(Two)
+    assert after.request_count() - before.request_count() == 2
+    assert after.hit_count() - before.hit_count() == 1
+    assert after.load_count() - before.load_count() == 1
+
+
+async def test_tiers_are_read_left_to_right() -> None:
+    tier("l1").set(KEY, "from-l1", None)
+    tier("l2").set(KEY, "from-l2", None)
+    assert await cacheme.get(Two(1)) == "from-l1"
+    tier("l1").remove(KEY)
+    assert await cacheme.get(Two(1)) == "from-l2"
+    assert stored("l1", KEY) == ("from-l2", True)
+    assert LOADED == []
+
+
+async def test_a_hit_in_l1_does_not_touch_l2() -> None:
+    tier("l1").set(KEY, "only-l1", None)
+    assert await cacheme.get(Two(1)) == "only-l1"
+    assert stored("l2", KEY) == (None, False)
+
+
+async def test_load_fn_replaces_load() -> None:
+    load = Counter("custom")
+    assert await cacheme.get(Two(1), load_fn=load) == "custom"
+    assert await cacheme.get(Two(1), load_fn=load) == "custom"
+    assert load.calls == 1
+    assert LOADED == []
+    assert stored("l2", KEY) == ("custom", True)
+
+
+async def test_load_error_reaches_the_caller_unchanged_and_nothing_is_stored() -> None:
+    class Boom(Exception):
+        pass
+
+    async def fail() -> str:
+        raise Boom("no")
+
+    with pytest.raises(Boom, match="no"):
+        await cacheme.get(Two(1), load_fn=fail)
+    assert stored("l1", KEY) == (None, False)
+    assert stored("l2", KEY) == (None, False)
+    assert await cacheme.get(Two(1)) == "loaded-1"
+
+
+async def test_node_without_load_raises_not_implemented() -> None:
+    class NoLoad(Node):
+        def key(self) -> str:
+            return "noload"
+
+        class Meta(Node.Meta):
+            caches = [Cache(storage="l1")]
+
+    with pytest.raises(NotImplementedError, match=r"NoLoad has no load\(\)"):
+        await cacheme.get(NoLoad())
+
+
+async def test_node_without_caches_always_loads() -> None:
+    class Uncached(Node):
+        def key(self) -> str:
+            return "uncached"
+
+        async def load(self) -> int:
+            LOADED.append(0)
+            return 0
+
+    assert await cacheme.get(Uncached()) == 0
+    assert await cacheme.get(Uncached()) == 0
+    assert LOADED == [0, 0]
+
+
+# -- invalidate / refresh ----------------------------------------------------------------
+
+
+async def test_invalidate_removes_from_every_tier() -> None:
+    await cacheme.get(Two(1))
+    await cacheme.get(Two(2))
+    await cacheme.invalidate(Two(1))
+    assert stored("l1", KEY) == (None, False)
+    assert stored("l2", KEY) == (None, False)
+    assert stored("l2", "cacheme:two:2:v1") == ("loaded-2", True)
+    assert await cacheme.get(Two(1)) == "loaded-1"
+    assert LOADED == [1, 2, 1]
+
+
+async def test_invalidate_absent_key_is_fine() -> None:
+    await cacheme.invalidate(Two(99))
+
+
+async def test_refresh_reloads_and_stores_in_every_tier() -> None:
+    tier("l1").set(KEY, "old", None)
+    tier("l2").set(KEY, "old", None)
+    assert await cacheme.refresh(Two(1)) == "loaded-1"
+    assert LOADED == [1]
+    assert stored("l1", KEY) == ("loaded-1", True)
+    assert stored("l2", KEY) == ("loaded-1", True)
+    assert await cacheme.get(Two(1)) == "loaded-1"
+    assert LOADED == [1]
+
+
+async def test_refresh_error_reaches_the_caller_and_keeps_old_value() -> None:
+    calls = 0
+
+    class Flaky(Node):
+        def key(self) -> str:
+            return "flaky"
+
+        async def load(self) -> int:
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                raise RuntimeError("down")
+            return calls
+
+        class Meta(Node.Meta):
+            caches = [Cache(storage="l2")]
+
+    assert await cacheme.get(Flaky()) == 1
+    with pytest.raises(RuntimeError, match="down"):
+        await cacheme.refresh(Flaky())
+    assert await cacheme.get(Flaky()) == 1
+
+
+async def test_refresh_during_a_flight_wins() -> None:
+    gate = asyncio.Event()
+    slow = Counter("stale", gate)
+    waiting = asyncio.ensure_future(cacheme.get(Two(1), load_fn=slow))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert slow.calls == 1
+    assert await cacheme.refresh(Two(1)) == "loaded-1"
+    gate.set()
+    assert await waiting == "stale"  # its callers still get the old flight's value
+    assert stored("l2", KEY) == ("loaded-1", True)  # but it does not overwrite the refresh
+    assert stored("l1", KEY) == ("loaded-1", True)

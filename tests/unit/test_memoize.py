@@ -1,0 +1,218 @@
+"""@Memoize(NodeCls) with .to_node, for functions and methods."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+import cacheme
+from cacheme import Cache, ConfigurationError, DynamicNode, Memoize, Node, Storage
+
+from .helpers import stored
+
+
+@pytest.fixture(autouse=True)
+async def _local() -> AsyncIterator[None]:
+    await cacheme.register_storage("local", Storage(url="local://tlfu", size=1000))
+    yield
+
+
+@dataclass
+class UserInfoNode(Node):
+    user_id: int
+
+    def key(self) -> str:
+        return f"user:{self.user_id}:info"
+
+    class Meta(Node.Meta):
+        version = "v7"
+        caches = [Cache(storage="local", ttl=None)]
+
+
+async def test_memoized_function_loads_once_per_node() -> None:
+    calls: list[int] = []
+
+    @Memoize(UserInfoNode)
+    async def get_user_info(user_id: int) -> dict[str, int]:
+        calls.append(user_id)
+        return {"id": user_id}
+
+    @get_user_info.to_node
+    def _(user_id: int) -> UserInfoNode:
+        return UserInfoNode(user_id=user_id)
+
+    assert await get_user_info(1) == {"id": 1}
+    assert await get_user_info(1) == {"id": 1}
+    assert await get_user_info(user_id=2) == {"id": 2}
+    assert calls == [1, 2]
+    # The node class's Meta gives the key and the tier; its stats count the calls.
+    assert stored("local", "cacheme:user:1:info:v7") == ({"id": 1}, True)
+    stats = cacheme.stats(UserInfoNode)
+    assert stats.request_count() >= 3
+    assert get_user_info.__name__ == "get_user_info"
+
+
+async def test_memoized_function_is_singleflight() -> None:
+    calls = 0
+
+    class Slow(Node):
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def key(self) -> str:
+            return f"slow:{self.n}"
+
+        class Meta(Node.Meta):
+            caches = [Cache(storage="local")]
+
+    @Memoize(Slow)
+    async def slow(n: int) -> int:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.01)
+        return n
+
+    @slow.to_node
+    def _(n: int) -> Slow:
+        return Slow(n)
+
+    assert await asyncio.gather(*(slow(3) for _ in range(50))) == [3] * 50
+    assert calls == 1
+    stats = cacheme.stats(Slow)
+    assert (stats.request_count(), stats.hit_count(), stats.load_count()) == (50, 0, 1)
+
+
+async def test_memoized_method() -> None:
+    class UserService:
+        def __init__(self, prefix: str) -> None:
+            self.prefix = prefix
+            self.calls = 0
+
+        @Memoize(UserInfoNode)
+        async def get_name(self, user_id: int) -> str:
+            self.calls += 1
+            return f"{self.prefix}-{user_id}"
+
+        @get_name.to_node
+        def _(self, user_id: int) -> UserInfoNode:
+            return UserInfoNode(user_id=user_id + 1000)
+
+    service = UserService("svc")
+    assert await service.get_name(1) == "svc-1"
+    assert await service.get_name(1) == "svc-1"
+    assert await service.get_name(user_id=2) == "svc-2"
+    assert service.calls == 2
+    assert stored("local", "cacheme:user:1001:info:v7") == ("svc-1", True)
+    # The cache is per node, not per instance.
+    other = UserService("other")
+    assert await other.get_name(1) == "svc-1"
+    assert other.calls == 0
+    # Looked up on the class, it is the memoized function itself.
+    assert await UserService.get_name(other, 3) == "other-3"
+
+
+async def test_build_node_with_dynamic_node_spec_sample() -> None:
+    @Memoize(cacheme.build_node("TestNodeDynamic", "v1", [Cache(storage="local", ttl=None)]))
+    async def fn(a: int) -> int:
+        return 1
+
+    @fn.to_node
+    def _(a: int) -> DynamicNode:
+        return DynamicNode(key=f"bar:{a}")
+
+    assert await fn(1) == 1
+    assert stored("local", "cacheme:bar:1:v1") == (1, True)
+    built = cacheme.build_node("TestNodeDynamic", "v1", [Cache(storage="local", ttl=None)])
+    assert cacheme.stats(built).request_count() == 1
+
+
+async def test_to_node_may_return_the_built_class() -> None:
+    built = cacheme.build_node("MemoBuilt", "v2", [Cache(storage="local")])
+
+    @Memoize(built)
+    async def fn(a: int) -> str:
+        return f"a{a}"
+
+    @fn.to_node
+    def _(a: int) -> DynamicNode:
+        return built(key=f"built:{a}")
+
+    assert await fn(4) == "a4"
+    assert stored("local", "cacheme:built:4:v2") == ("a4", True)
+
+
+async def test_to_node_returning_another_node_class_raises() -> None:
+    class Elsewhere(Node):
+        def key(self) -> str:
+            return "elsewhere"
+
+    @Memoize(UserInfoNode)
+    async def fn(a: int) -> int:
+        return a
+
+    @fn.to_node
+    def _(a: int) -> Node:
+        return Elsewhere()
+
+    with pytest.raises(ConfigurationError, match=r"must return a UserInfoNode.*got .*Elsewhere"):
+        await fn(1)
+
+
+async def test_calling_before_to_node_raises() -> None:
+    @Memoize(UserInfoNode)
+    async def lonely(a: int) -> int:
+        return a
+
+    with pytest.raises(ConfigurationError, match=r"lonely.*no \.to_node.*@lonely\.to_node"):
+        await lonely(1)
+
+
+def test_memoize_takes_a_node_class() -> None:
+    with pytest.raises(ConfigurationError, match="Memoize takes a node class"):
+        Memoize(UserInfoNode(1))  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="Memoize takes a node class"):
+        Memoize(int)  # type: ignore[arg-type]
+
+
+async def test_memoized_error_reaches_caller_and_is_not_cached() -> None:
+    calls = 0
+
+    @Memoize(UserInfoNode)
+    async def flaky(user_id: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("first")
+        return calls
+
+    @flaky.to_node
+    def _(user_id: int) -> UserInfoNode:
+        return UserInfoNode(user_id=5000 + user_id)
+
+    with pytest.raises(RuntimeError, match="first"):
+        await flaky(1)
+    assert await flaky(1) == 2
+    assert await flaky(1) == 2
+
+
+async def test_memoize_value_type_comes_from_the_function() -> None:
+    class Untyped(Node):
+        def key(self) -> str:
+            return "untyped"
+
+        class Meta(Node.Meta):
+            caches = [Cache(storage="local")]
+
+    @Memoize(Untyped)
+    async def typed(a: int) -> list[int]:
+        return [a]
+
+    @typed.to_node
+    def _(a: int) -> Untyped:
+        return Untyped()
+
+    assert await typed(1) == [1]
+    assert Untyped._cacheme_config.value_type == list[int]

@@ -1,0 +1,332 @@
+"""register_storage / close_storages, and the local tiers (tlfu and lru)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+import cacheme
+from cacheme import (
+    Cache,
+    ConfigurationError,
+    MissingDriverError,
+    Node,
+    Storage,
+    UnknownSchemeError,
+)
+from cacheme.storages import registry
+from cacheme.storages.local import LRUStorage, TinyLFUStorage
+
+from .helpers import stored, tier
+
+POLICIES = ["tlfu", "lru"]
+
+
+@dataclass
+class Item(Node):
+    n: int
+
+    def key(self) -> str:
+        return f"item:{self.n}"
+
+    async def load(self) -> str:
+        LOADS.append(self.n)
+        return f"item-{self.n}"
+
+    class Meta(Node.Meta):
+        version = "v1"
+        caches = [Cache(storage="local")]
+
+
+LOADS: list[int] = []
+
+
+@pytest.fixture(autouse=True)
+def _clear_loads() -> None:
+    LOADS.clear()
+
+
+# -- register_storage -------------------------------------------------------------------
+
+
+def test_register_storage_is_async() -> None:
+    assert inspect.iscoroutinefunction(cacheme.register_storage)
+    assert inspect.iscoroutinefunction(cacheme.close_storages)
+
+
+@pytest.mark.parametrize(("policy", "cls"), [("tlfu", TinyLFUStorage), ("lru", LRUStorage)])
+async def test_register_local_policies(policy: str, cls: type) -> None:
+    await cacheme.register_storage("local", Storage(url=f"local://{policy}", size=10))
+    storage = cacheme.storages()["local"]
+    assert isinstance(storage, cls)
+    assert storage.name == "local"
+    assert storage.local
+
+
+async def test_registering_a_name_again_replaces_and_closes_the_old_one() -> None:
+    await cacheme.register_storage("local", Storage(url="local://lru", size=10))
+    old = tier("local")
+    assert await cacheme.get(Item(1)) == "item-1"
+    assert old.get("cacheme:item:1:v1") == ("item-1", True)
+
+    await cacheme.register_storage("local", Storage(url="local://lru", size=10))
+    new = tier("local")
+    assert new is not old
+    assert old.get("cacheme:item:1:v1") == (None, False)  # closed: emptied
+    # Nodes resolved against the old storage move to the new one.
+    assert await cacheme.get(Item(1)) == "item-1"
+    assert LOADS == [1, 1]
+    assert new.get("cacheme:item:1:v1") == ("item-1", True)
+
+
+async def test_replacing_a_tlfu_storage_closes_its_cache() -> None:
+    await cacheme.register_storage("local", Storage(url="local://tlfu", size=10))
+    old = tier("local")
+    assert isinstance(old, TinyLFUStorage)
+    await cacheme.register_storage("local", Storage(url="local://tlfu", size=10))
+    # Closed theine caches stop their maintenance task (else each one lives forever).
+    assert old._cache._closed
+
+
+def test_unknown_scheme_lists_supported_schemes() -> None:
+    with pytest.raises(UnknownSchemeError) as info:
+        Storage(url="memcached://localhost:11211")
+    message = str(info.value)
+    assert "'memcached'" in message
+    for scheme in ("local", "redis", "postgresql", "mongodb", "sqlite", "mysql"):
+        assert scheme in message
+
+
+def test_storage_url_must_be_a_url() -> None:
+    with pytest.raises(ConfigurationError, match="URL"):
+        Storage(url="localhost")
+
+
+async def test_unknown_local_policy_lists_policies() -> None:
+    with pytest.raises(ConfigurationError, match=r"'fifo'.*lru, tlfu"):
+        await cacheme.register_storage("local", Storage(url="local://fifo", size=10))
+
+
+async def test_unknown_option_is_named() -> None:
+    with pytest.raises(ConfigurationError, match=r"bad option\(s\): sise"):
+        await cacheme.register_storage("local", Storage(url="local://lru", size=10, sise=3))
+    assert cacheme.storages() == {}
+
+
+@pytest.mark.parametrize("size", ["big", 0, -1, None])
+async def test_bad_option_value_is_named(size: Any) -> None:
+    with pytest.raises(ConfigurationError, match=r"'local'.*bad option\(s\): size"):
+        await cacheme.register_storage("local", Storage(url="local://lru", size=size))
+
+
+async def test_missing_required_option_is_named() -> None:
+    with pytest.raises(ConfigurationError, match=r"size: Field required"):
+        await cacheme.register_storage("local", Storage(url="local://tlfu"))
+
+
+@pytest.mark.parametrize("name", ["", None])
+async def test_storage_name_must_be_a_string(name: Any) -> None:
+    with pytest.raises(ConfigurationError, match="storage name"):
+        await cacheme.register_storage(name, Storage(url="local://lru", size=1))
+
+
+async def test_register_takes_a_storage_description() -> None:
+    with pytest.raises(ConfigurationError, match=r"takes a cacheme\.Storage"):
+        await cacheme.register_storage("local", "local://lru")  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def fake_scheme() -> Iterator[str]:
+    saved = dict(registry.SCHEMES)
+    registry.SCHEMES["fakedb"] = ("tests.unit._missing_driver:FakeStorage", "fakedb")
+    try:
+        yield "fakedb"
+    finally:
+        registry.SCHEMES.clear()
+        registry.SCHEMES.update(saved)
+
+
+async def test_missing_driver_names_the_extra(fake_scheme: str) -> None:
+    storage = Storage(url=f"{fake_scheme}://localhost/db")
+    with pytest.raises(MissingDriverError) as info:
+        await cacheme.register_storage("fake", storage)
+    message = str(info.value)
+    assert "some_missing_driver_xyz" in message
+    assert 'pip install "cacheme[fakedb]"' in message
+    assert isinstance(info.value, ImportError)
+    assert cacheme.storages() == {}
+
+
+async def test_close_storages_closes_all() -> None:
+    await cacheme.register_storage("a", Storage(url="local://lru", size=10))
+    await cacheme.register_storage("b", Storage(url="local://tlfu", size=10))
+    a, b = tier("a"), tier("b")
+    a.set("k", 1, None)
+    b.set("k", 2, None)
+    await cacheme.close_storages()
+    assert cacheme.storages() == {}
+    assert a.get("k") == (None, False)
+    assert b.get("k") == (None, False)
+    assert isinstance(b, TinyLFUStorage) and b._cache._closed
+    await cacheme.close_storages()  # twice is fine
+
+
+async def test_storages_returns_a_copy() -> None:
+    await cacheme.register_storage("a", Storage(url="local://lru", size=10))
+    cacheme.storages().clear()
+    assert list(cacheme.storages()) == ["a"]
+
+
+async def test_node_after_close_storages_reports_missing_storage() -> None:
+    await cacheme.register_storage("local", Storage(url="local://lru", size=10))
+    await cacheme.get(Item(1))
+    await cacheme.close_storages()
+    with pytest.raises(cacheme.StorageNotRegisteredError, match="Item"):
+        await cacheme.get(Item(1))
+
+
+def test_redis_without_driver_in_a_subprocess() -> None:
+    code = """
+import asyncio, sys
+for name in ("redis", "asyncpg", "aiosqlite", "asyncmy", "pymongo"):
+    sys.modules[name] = None
+import cacheme
+assert "cacheme.storages.redis" not in sys.modules
+try:
+    asyncio.run(cacheme.register_storage("r", cacheme.Storage(url="redis://localhost:6379")))
+except cacheme.MissingDriverError as exc:
+    print("MISSING", exc)
+else:
+    print("REGISTERED")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("MISSING"), out.stdout
+    assert "cacheme[redis]" in out.stdout
+
+
+# -- local tiers ------------------------------------------------------------------------
+
+
+def ttl_node(ttl: timedelta | None) -> type[Node]:
+    @dataclass
+    class Timed(Node):
+        n: int
+
+        def key(self) -> str:
+            return f"timed:{self.n}"
+
+        async def load(self) -> int:
+            LOADS.append(self.n)
+            return self.n
+
+        class Meta(Node.Meta):
+            version = "v1"
+            caches = [Cache(storage="local", ttl=ttl)]
+
+    return Timed
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+async def test_sub_second_ttl_is_honoured(policy: str) -> None:
+    await cacheme.register_storage("local", Storage(url=f"local://{policy}", size=100))
+    node_cls = ttl_node(timedelta(milliseconds=50))
+    node = node_cls(1)  # type: ignore[call-arg]
+    assert await cacheme.get(node) == 1
+    assert await cacheme.get(node) == 1
+    assert LOADS == [1]
+    await asyncio.sleep(0.08)
+    assert stored("local", "cacheme:timed:1:v1") == (None, False)
+    assert await cacheme.get(node) == 1
+    assert LOADS == [1, 1]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+async def test_ttl_is_per_entry(policy: str) -> None:
+    await cacheme.register_storage("local", Storage(url=f"local://{policy}", size=100))
+    local = tier("local")
+    local.set("short", "s", timedelta(milliseconds=30))
+    local.set("long", "l", timedelta(seconds=10))
+    local.set("forever", "f", None)
+    await asyncio.sleep(0.05)
+    assert local.get("short") == (None, False)
+    assert local.get("long") == ("l", True)
+    assert local.get("forever") == ("f", True)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+async def test_none_is_cacheable(policy: str) -> None:
+    await cacheme.register_storage("local", Storage(url=f"local://{policy}", size=100))
+    calls = 0
+
+    class Nothing(Node):
+        def key(self) -> str:
+            return "nothing"
+
+        async def load(self) -> None:
+            nonlocal calls
+            calls += 1
+
+        class Meta(Node.Meta):
+            caches = [Cache(storage="local")]
+
+    assert await cacheme.get(Nothing()) is None
+    assert await cacheme.get(Nothing()) is None
+    assert calls == 1
+    assert cacheme.stats(Nothing).hit_count() == 1
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+async def test_remove(policy: str) -> None:
+    await cacheme.register_storage("local", Storage(url=f"local://{policy}", size=100))
+    local = tier("local")
+    local.set("k", 1, None)
+    local.remove("k")
+    local.remove("absent")
+    assert local.get("k") == (None, False)
+
+
+async def test_lru_evicts_the_least_recently_used() -> None:
+    await cacheme.register_storage("local", Storage(url="local://lru", size=2))
+    await cacheme.get(Item(1))
+    await cacheme.get(Item(2))
+    await cacheme.get(Item(1))  # hit: 1 is now the most recently used
+    await cacheme.get(Item(3))  # evicts 2
+    assert stored("local", "cacheme:item:2:v1") == (None, False)
+    assert stored("local", "cacheme:item:1:v1") == ("item-1", True)
+    assert stored("local", "cacheme:item:3:v1") == ("item-3", True)
+    await cacheme.get(Item(1))
+    await cacheme.get(Item(2))
+    assert LOADS == [1, 2, 3, 2]
+
+
+async def test_lru_overwrite_does_not_grow() -> None:
+    await cacheme.register_storage("local", Storage(url="local://lru", size=2))
+    local = tier("local")
+    local.set("a", 1, None)
+    local.set("b", 2, None)
+    local.set("a", 3, None)  # a becomes the most recent
+    local.set("c", 4, None)  # evicts b
+    assert local.get("a") == (3, True)
+    assert local.get("b") == (None, False)
+    assert local.get("c") == (4, True)
+
+
+async def test_tlfu_stays_within_its_size() -> None:
+    await cacheme.register_storage("local", Storage(url="local://tlfu", size=50))
+    local = tier("local")
+    assert isinstance(local, TinyLFUStorage)
+    for i in range(2000):
+        local.set(f"k{i}", i, None)
+    local._cache._force_drain_write()
+    assert len(local._cache) <= 50 + 5
