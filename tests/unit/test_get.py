@@ -207,3 +207,65 @@ async def test_refresh_during_a_flight_wins() -> None:
     assert await waiting == "stale"  # its callers still get the old flight's value
     assert stored("l2", KEY) == ("loaded-1", True)  # but it does not overwrite the refresh
     assert stored("l1", KEY) == ("loaded-1", True)
+
+
+# -- load_timeout / stale_if_error ----------------------------------------------------------
+
+
+async def test_load_timeout_fails_every_waiter_and_frees_the_key() -> None:
+    class Slow(Node):
+        def key(self) -> str:
+            return "slow"
+
+        async def load(self) -> str:
+            await asyncio.sleep(5)
+            return "never"
+
+        class Meta(Node.Meta):
+            caches = [Cache(storage="l1")]
+            load_timeout = 0.02
+
+    tasks = [asyncio.ensure_future(cacheme.get(Slow())) for _ in range(5)]
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 2)
+    assert all(isinstance(r, cacheme.LoadTimeoutError) for r in results)
+    assert all(isinstance(r, TimeoutError) and "Slow" in str(r) for r in results)
+    stats = cacheme.stats(Slow)
+    assert (stats.load_count(), stats.load_failure_count()) == (1, 1)
+    assert await cacheme.get(Slow(), load_fn=lambda: asyncio.sleep(0, "fast")) == "fast"
+
+
+async def test_stale_if_error_serves_the_last_value_without_storing_it() -> None:
+    fail = False
+
+    class Kept(Node):
+        def key(self) -> str:
+            return "kept"
+
+        async def load(self) -> str:
+            if fail:
+                raise RuntimeError("source down")
+            return "good"
+
+        class Meta(Node.Meta):
+            caches = [Cache(storage="l1", ttl=timedelta(milliseconds=20))]
+            stale_if_error = timedelta(seconds=10)
+
+    assert await cacheme.get(Kept()) == "good"
+    await asyncio.sleep(0.04)
+    fail = True
+    assert await cacheme.get(Kept()) == "good"
+    assert stored("l1", "cacheme:kept:") == (None, False)
+    assert cacheme.stats(Kept).stale_count() == 1
+    await cacheme.invalidate(Kept())  # forgets the last good value too
+    with pytest.raises(RuntimeError, match="source down"):
+        await cacheme.get(Kept())
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("load_timeout", 0), ("load_timeout", -1), ("stale_if_error", timedelta(0))],
+)
+def test_non_positive_timeouts_are_rejected(option: str, value: object) -> None:
+    meta = type("Meta", (Node.Meta,), {option: value})
+    with pytest.raises(cacheme.ConfigurationError, match=rf"Bad\.Meta\.{option} must be positive"):
+        type("Bad", (Node,), {"Meta": meta})

@@ -364,14 +364,14 @@ def _check_only_decode_error(serializer: Serializer, data: bytes, tp: Any) -> No
 
 
 @pytest.mark.parametrize("serializer", ALL, ids=ids)
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, database=None)
 @given(data=st.binary(max_size=256), tp=st.sampled_from([None, User, list[int], dict[str, Any]]))
 def test_fuzz_random_bytes(serializer: Serializer, data: bytes, tp: Any) -> None:
     _check_only_decode_error(serializer, data, tp)
 
 
 @pytest.mark.parametrize("serializer", ALL, ids=ids)
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, database=None)
 @given(
     sample=st.sampled_from(SAMPLES),
     cut=st.integers(min_value=0, max_value=400),
