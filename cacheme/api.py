@@ -83,6 +83,8 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None) -> Any:
     if call is None:
         call = flights.start(key)
         flights.run(_flight(cfg, {key: node}, {key: call}, loader))
+    else:
+        rec.coalesced += 1
     value, hit = await wait(call)
     if hit:
         rec.hits += 1
@@ -132,6 +134,9 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
         if call is None:
             call = flights.start(key)
             started[key] = nodes[where[0]]
+            rec.coalesced += len(where) - 1
+        else:
+            rec.coalesced += len(where)
         calls[key] = call
     if started:
         flights.run(_flight(cfg, started, {k: calls[k] for k in started}, None))

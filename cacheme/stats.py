@@ -8,6 +8,8 @@ in ``get_all`` included):
   that joins another caller's flight counts as whatever that flight was: a hit if the flight
   found the value in a remote tier, a miss if it had to load.
 - miss: ``request_count - hit_count``: every request answered by a load, or by an error.
+- coalesced: requests that joined a flight already under way for their key (or a duplicate
+  within one ``get_all``) instead of starting their own; each is also a hit or a miss.
 - load: one per call of ``load()`` (or of the memoized function, or one node of ``load_all``),
   however many callers were waiting on it. Success or failure; ``total_load_time`` sums the
   wall time of the loads in nanoseconds.
@@ -29,6 +31,7 @@ class Recorder:
     """Mutable counters of one node class; only cacheme writes them."""
 
     __slots__ = (
+        "coalesced",
         "decode_errors",
         "hits",
         "load_failures",
@@ -43,6 +46,7 @@ class Recorder:
     def __init__(self) -> None:
         self.requests = 0
         self.hits = 0
+        self.coalesced = 0
         self.load_successes = 0
         self.load_failures = 0
         self.load_time_ns = 0
@@ -55,6 +59,7 @@ class Recorder:
         return NodeStats(
             requests=self.requests,
             hits=self.hits,
+            coalesced=self.coalesced,
             load_successes=self.load_successes,
             load_failures=self.load_failures,
             load_time_ns=self.load_time_ns,
@@ -71,6 +76,7 @@ class NodeStats:
 
     requests: int = 0
     hits: int = 0
+    coalesced: int = 0
     load_successes: int = 0
     load_failures: int = 0
     load_time_ns: int = 0
@@ -93,6 +99,9 @@ class NodeStats:
 
     def miss_rate(self) -> float:
         return self.miss_count() / self.requests if self.requests else 0.0
+
+    def coalesced_count(self) -> int:
+        return self.coalesced
 
     def load_success_count(self) -> int:
         return self.load_successes

@@ -98,10 +98,18 @@ async def main(db: Path) -> None:
 
     s = cacheme.stats(UserNode)
     print("\nstats(UserNode):")
-    print(f"  requests {s.request_count()}, hits {s.hit_count()}, misses {s.miss_count()}, "
-          f"hit rate {s.hit_rate():.1%}")
-    print(f"  loads {s.load_count()} (failed {s.load_failure_count()}), "
-          f"average load {s.average_load_time() / 1e6:.1f} ms")
+    print(
+        f"  requests {s.request_count()}, hits {s.hit_count()}, misses {s.miss_count()}, "
+        f"hit rate {s.hit_rate():.1%}"
+    )
+    print(
+        f"  {s.coalesced_count()} of the misses joined a load already under way "
+        "(singleflight) instead of starting their own"
+    )
+    print(
+        f"  loads {s.load_count()} (failed {s.load_failure_count()}), "
+        f"average load {s.average_load_time() / 1e6:.1f} ms"
+    )
     print(f"source was called {source_calls} times for {s.request_count()} requests")
     await cacheme.close_storages()
 

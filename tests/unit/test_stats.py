@@ -133,6 +133,7 @@ async def test_coalesced_waiters_are_misses_when_the_flight_loaded() -> None:
     await asyncio.gather(*tasks)
     c = counts(cacheme.stats(node_cls))
     assert (c["request_count"], c["hit_count"], c["miss_count"], c["load_count"]) == (10, 0, 10, 1)
+    assert cacheme.stats(node_cls).coalesced_count() == 9
 
 
 async def test_a_flight_that_finds_the_value_in_a_tier_is_a_hit() -> None:
@@ -153,6 +154,7 @@ async def test_get_all_counts_like_get_duplicates_included() -> None:
     await cacheme.get_all([a, a, b])
     c = counts(cacheme.stats(node_cls))
     assert (c["request_count"], c["hit_count"], c["load_count"]) == (3, 0, 2)
+    assert cacheme.stats(node_cls).coalesced_count() == 1  # the duplicate a
     await cacheme.get_all([a, b, b])
     c = counts(cacheme.stats(node_cls))
     assert (c["request_count"], c["hit_count"], c["load_count"]) == (6, 3, 2)
