@@ -4,9 +4,11 @@
 --
 -- key     the full cache key {prefix}:{key}:{version}, as in Redis; utf8mb4_bin makes it
 --         case-sensitive. Keys over 255 characters (the most an index takes in utf8mb4),
---         or ending in a space (which utf8mb4_bin would ignore), are stored as their first
---         183 characters + ':sha256:' + the SHA-256 hex digest of the whole key.
--- value   the serializer's bytes; one value must fit in max_allowed_packet.
+--         ending in a space (which utf8mb4_bin would ignore) or holding a NUL are stored as
+--         their first 183 characters + ':sha256:' + the SHA-256 hex digest of the whole
+--         key, the same on every SQL backend (see cacheme/storages/sql.py).
+-- value   the serializer's bytes; values are sent as hex, so one must stay under half of
+--         the server's max_allowed_packet (8 MiB with MariaDB's default of 16 MiB).
 -- expire  when the entry expires, in UTC (compare with UTC_TIMESTAMP(6), not NOW());
 --         NULL = never. Reads skip expired rows; the storage deletes them in the
 --         background.

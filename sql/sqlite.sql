@@ -3,8 +3,9 @@
 -- To use another table name, replace every cacheme_data below with it.
 --
 -- key     the full cache key {prefix}:{key}:{version}, as in Redis; keys over 255
---         characters (or ending in a space) are stored as their first 183 characters
---         + ':sha256:' + the SHA-256 hex digest of the whole key
+--         characters (or ending in a space, or holding a NUL) are stored as their first
+--         183 characters + ':sha256:' + the SHA-256 hex digest of the whole key, the same
+--         on every SQL backend (see cacheme/storages/sql.py)
 -- value   the serializer's bytes
 -- expire  when the entry expires, UTC, as 'YYYY-MM-DD HH:MM:SS.ffffff'; NULL = never.
 --         Reads skip expired rows; the storage deletes them in the background.

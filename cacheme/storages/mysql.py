@@ -6,15 +6,16 @@ is ``LONGBLOB``, ``expire`` is ``DATETIME(6)`` in UTC. ``mysql+asyncmy://`` is a
 too; the only query parameter is ``unix_socket=/path/to/mysqld.sock``.
 
 The driver: asyncmy
-    Both asyncio drivers were checked on this project's machines (MariaDB 10.11) with
-    values holding NUL and 0xFF bytes, invalid UTF-8, an empty value and a 1 MiB value, and
-    with utf8mb4 keys (emoji, ``Case``/``case``): both round-trip them all. asyncmy was
-    chosen because aiomysql 0.3.2 breaks on ``bytes`` parameters with PyMySQL >= 1.2 (so it
-    needs a ``PyMySQL<1.2`` pin that would hold users back), while asyncmy is
-    self-contained (a compiled protocol, no PyMySQL); it also answered a one-key read in
-    about half aiomysql's time (126 µs against 238 µs median). Values are sent as
-    ``_binary'...'`` literals (``binary_prefix``), so MySQL 8 does not warn about bytes that
-    are not valid UTF-8.
+    Both asyncio drivers were checked on this project's machines (MariaDB 10.11; asyncmy
+    0.2.18, aiomysql 0.3.2 on PyMySQL 1.1.3) with values holding NUL and 0xFF bytes,
+    invalid UTF-8, an empty value and a 1 MiB value, and with utf8mb4 keys (emoji,
+    ``Case``/``case``): both round-trip them all. asyncmy was chosen because aiomysql 0.3.2
+    breaks on ``bytes`` parameters with PyMySQL >= 1.2 (so it needs a ``PyMySQL<1.2`` pin
+    that would hold users' other code back), while asyncmy is self-contained (a compiled
+    protocol, no PyMySQL); it also answered a one-key read in about half aiomysql's time
+    (126 µs against 238 µs median). The connection sets ``binary_prefix`` so that any bytes
+    parameter goes as ``_binary'...'`` (MySQL 8 warns about plain literals that are not
+    valid UTF-8); values themselves go as hex literals, below.
 
 Statements (each one round trip)
     read    ``SELECT ... WHERE `key` IN (...) AND (expire IS NULL OR
@@ -22,10 +23,14 @@ Statements (each one round trip)
     write   one multi-row ``INSERT ... ON DUPLICATE KEY UPDATE``, rows sorted by key so
             concurrent batches lock rows in the same order. A batch larger than the
             server's ``max_allowed_packet`` (read at connect; 16 MiB on MariaDB 10.11,
-            64 MiB on MySQL 8) is split into several statements on one connection: a
-            single value must fit in it. On MariaDB the update uses ``VALUES(col)``; on
-            MySQL >= 8.0.19 the row alias ``AS new`` (``VALUES()`` there is deprecated and
-            would make the server attach a warning to every write).
+            64 MiB on MySQL 8) is split into several statements on one connection.
+            Values travel as hex literals (``X'...'``: nothing to escape, about 5x faster
+            than asyncmy's escaping of binary data), so one value must stay under half of
+            ``max_allowed_packet`` (8 MiB on MariaDB's default); a larger one fails with a
+            clear error while the rest of its batch is still written. On MariaDB the
+            update uses ``VALUES(col)``; on MySQL >= 8.0.19 the row alias ``AS new``
+            (``VALUES()`` there is deprecated and would make the server attach a warning
+            to every write).
     remove  ``DELETE ... WHERE `key` IN (...)``
 
 Expiry
@@ -41,6 +46,7 @@ the rest of an old answer.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -154,7 +160,13 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
-            await pool.wait_closed()
+            try:  # a graceful close talks to the server: bounded, then cut
+                await asyncio.wait_for(pool.wait_closed(), self.options.timeout)
+            except Exception:
+                pool.terminate()
+            except BaseException:
+                pool.terminate()
+                raise
 
     async def _run(
         self, statements: Sequence[tuple[str, Sequence[Any]]], *, fetch: bool = False
@@ -197,16 +209,29 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
         budget = self.max_packet - _STATEMENT_OVERHEAD
         statements: list[tuple[str, Sequence[Any]]] = []
         chunk: list[tuple[str, str, int | None]] = []
+        too_big: list[tuple[str, int]] = []
         size = 0
         for row in rows:
             row_size = len(row[1]) + 8 * len(row[0]) + _ROW_OVERHEAD
+            if row_size > budget:
+                too_big.append((row[0], len(row[1]) // 2))
+                continue
             if chunk and size + row_size > budget:
                 statements.append(self._upsert(chunk))
                 chunk, size = [], 0
             chunk.append(row)
             size += row_size
-        statements.append(self._upsert(chunk))
-        await self._run(statements)
+        if chunk:
+            statements.append(self._upsert(chunk))
+        if statements:
+            await self._run(statements)
+        if too_big:  # the others are written; these would make the server drop the connection
+            key, length = too_big[0]
+            raise ValueError(
+                f"{len(too_big)} value(s) too large for this server, e.g. {length} bytes for "
+                f"key {key[:80]!r}: values travel as hex, so one must stay under half of "
+                f"max_allowed_packet ({self.max_packet} bytes); raise max_allowed_packet"
+            )
 
     def _upsert(self, rows: list[tuple[str, str, int | None]]) -> tuple[str, list[Any]]:
         # The value goes in as a hex literal written here: hex digits need no escaping

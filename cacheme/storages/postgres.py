@@ -19,11 +19,22 @@ Expiry
     Expired rows are purged in the background (see ``cacheme.storages.sql``) with
     ``FOR UPDATE SKIP LOCKED``, so purges from several processes do not wait for each other.
 
-Behind PgBouncer in transaction mode, pass ``statement_cache_size=0``.
+Durability
+    A cache can be refilled, so sessions run with ``synchronous_commit = off`` unless the
+    ``synchronous_commit=True`` option says otherwise: a write returns without waiting for
+    its WAL flush (a crash may lose the last fraction of a second of cache writes; the
+    table is never corrupted), which makes single-row writes several times faster. An
+    ``UNLOGGED`` table (see ``sql/postgresql.sql``) goes further.
+
+Behind PgBouncer, pass ``synchronous_commit=True`` (the setting travels as a startup
+parameter, which PgBouncer refuses unless listed in its ``ignore_startup_parameters``), and
+in transaction mode also ``statement_cache_size=0``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 from collections.abc import Sequence
 from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
@@ -38,6 +49,11 @@ from .sql import SQLOptions, SQLStorage, stored_key, stored_keys
 class PostgresOptions(SQLOptions):
     """Options of ``postgresql://`` storages."""
 
+    synchronous_commit: bool = Field(
+        default=False,
+        description="wait for the WAL flush on every write; off: a crash may lose the last "
+        "fraction of a second of cache writes (never corrupt the table), writes ~5x faster",
+    )
     statement_cache_size: int = Field(
         default=100,
         ge=0,
@@ -48,6 +64,15 @@ class PostgresOptions(SQLOptions):
 
 def _first(row: tuple[str, bytes, int | None]) -> str:
     return row[0]
+
+
+# asyncpg >= 0.30 lets the pool skip its reset on release (a round trip per operation: this
+# tier keeps no session state to reset: no transactions, LISTEN, advisory locks or SETs).
+_POOL_TAKES_RESET = "reset" in inspect.signature(asyncpg.create_pool).parameters
+
+
+async def _keep_session(connection: Any) -> None:
+    """The pool's reset hook: nothing to undo (see ``_POOL_TAKES_RESET``)."""
 
 
 def dsn_of(url: str) -> str:
@@ -88,46 +113,80 @@ class PostgresStorage(SQLStorage[PostgresOptions]):
 
     async def _open(self) -> None:
         size = self.options.pool_size
+        extra: dict[str, Any] = {}
+        if _POOL_TAKES_RESET:
+            extra["reset"] = _keep_session
         self._pool = await asyncpg.create_pool(
             dsn_of(self.url),
             min_size=min(2, size),
             max_size=size,
             timeout=self.options.timeout,
             statement_cache_size=self.options.statement_cache_size,
+            server_settings={
+                "synchronous_commit": "on" if self.options.synchronous_commit else "off"
+            },
+            **extra,
         )
         try:
-            await self._pool.execute(f'SELECT "key", "value", "expire" FROM "{self.table}" LIMIT 0')
+            await self._using(
+                "execute", f'SELECT "key", "value", "expire" FROM "{self.table}" LIMIT 0'
+            )
         except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as exc:
             raise self._missing_table(exc) from exc
 
     async def _shutdown(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
-            try:
-                await pool.close()
+            try:  # a graceful close talks to the server: bounded, then cut
+                await asyncio.wait_for(pool.close(), self.options.timeout)
+            except Exception:
+                pool.terminate()
             except BaseException:
                 pool.terminate()
                 raise
 
+    async def _using(self, method: str, query: str, *args: Any) -> Any:
+        """``connection.<method>(query, *args)`` on a pooled connection.
+
+        A call that does not end with an answer from the server (cancelled by the storage
+        timeout, or a network error) terminates its connection instead of handing it back:
+        asyncpg would otherwise send a CancelRequest and reset the connection before the
+        caller gets control back, which over a black-holed network never ends.
+        """
+        if self._pool is None:
+            raise ConnectionError("PostgreSQL storage is not connected")
+        pool = self._pool
+        con = await pool.acquire()
+        try:
+            return await getattr(con, method)(query, *args)
+        except asyncpg.PostgresError:
+            raise  # the server answered: the connection is fine
+        except BaseException:
+            con.terminate()
+            raise
+        finally:
+            await pool.release(con)
+
     @property
     def pool(self) -> Any:
+        """The asyncpg pool (for inspection and tests; operations go through ``_using``)."""
         if self._pool is None:
             raise ConnectionError("PostgreSQL storage is not connected")
         return self._pool
 
     async def _get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         wanted = stored_keys(keys)
-        rows = await self.pool.fetch(self._select, list(wanted))
+        rows = await self._using("fetch", self._select, list(wanted))
         return {wanted[key]: value for key, value in rows}
 
     async def _set_many(self, entries: Sequence[Entry]) -> None:
         rows = sorted(((stored_key(e.key), e.value, e.ttl_ms) for e in entries), key=_first)
         keys, values, ttls = zip(*rows, strict=True)
-        await self.pool.execute(self._upsert, keys, values, ttls)
+        await self._using("execute", self._upsert, keys, values, ttls)
 
     async def _remove_many(self, keys: Sequence[str]) -> None:
-        await self.pool.execute(self._delete, sorted(stored_keys(keys)))
+        await self._using("execute", self._delete, sorted(stored_keys(keys)))
 
     async def _purge(self, limit: int) -> int:
-        status: str = await self.pool.execute(self._purge_sql, limit)
+        status: str = await self._using("execute", self._purge_sql, limit)
         return int(status.rsplit(" ", 1)[-1])

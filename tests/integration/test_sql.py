@@ -14,6 +14,7 @@ import pytest
 from cacheme.errors import ConfigurationError, StorageError
 from cacheme.storages.base import Entry
 from cacheme.storages.mysql import MySQLStorage, connect_args, row_alias_supported
+from cacheme.storages.postgres import PostgresStorage
 from cacheme.storages.registry import Storage
 from cacheme.storages.sql import MAX_KEY_LENGTH, stored_key
 from cacheme.storages.sqlite import database_of
@@ -274,6 +275,14 @@ async def test_sqlite_writes_do_not_block_the_loop(tmp_path: Path) -> None:
         assert max(gaps) < max(0.1, elapsed / 4)
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize(("option", "expected"), [(False, "off"), (True, "on")])
+async def test_postgres_synchronous_commit(option: bool, expected: str, tmp_path: Path) -> None:
+    async with sql_storage("postgres", tmp_path, "sync", synchronous_commit=option) as (s, _):
+        assert isinstance(s, PostgresStorage)
+        assert await s.pool.fetchval("SHOW synchronous_commit") == expected
+
+
 def test_mysql_url_and_server_flavour() -> None:
     args = connect_args("mysql://u%40x:p%2Fw@db.example:3307/cache?unix_socket=/tmp/m.sock")
     assert args == {
@@ -293,6 +302,20 @@ def test_mysql_url_and_server_flavour() -> None:
     assert row_alias_supported("8.0.19")
     assert row_alias_supported("8.4.3-commercial")
     assert not row_alias_supported("5.7.44-log")
+
+
+@pytest.mark.mysql
+async def test_mysql_value_over_the_packet_limit(tmp_path: Path) -> None:
+    async with sql_storage("mysql", tmp_path, "packet") as (storage, _):
+        assert isinstance(storage, MySQLStorage)
+        huge = b"\x00" * (storage.max_packet // 2 + 1)
+        with pytest.raises(StorageError, match="max_allowed_packet"):
+            await storage.set_many(
+                [Entry("cacheme:huge:v1", huge, None), Entry("cacheme:small:v1", b"s", None)]
+            )
+        assert await storage.get_many(["cacheme:huge:v1", "cacheme:small:v1"]) == {
+            "cacheme:small:v1": b"s"
+        }
 
 
 @pytest.mark.mysql
