@@ -88,6 +88,9 @@ async def test_purge_interval_zero_runs_no_task(backend: str, tmp_path: Path) ->
 # -- keys --------------------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite
+@pytest.mark.postgres
+@pytest.mark.mysql
 def test_stored_key_mapping() -> None:
     short = "cacheme:" + "k" * (MAX_KEY_LENGTH - 8)
     assert len(short) == MAX_KEY_LENGTH and stored_key(short) == short
@@ -229,6 +232,7 @@ async def test_missing_table_names_the_schema_file(backend: str, tmp_path: Path)
         await storage.close()
 
 
+@pytest.mark.sqlite
 def test_sqlite_urls() -> None:
     assert database_of("sqlite:///relative/cache.db") == "relative/cache.db"
     assert database_of("sqlite:////abs/cache.db") == "/abs/cache.db"
@@ -283,6 +287,7 @@ async def test_postgres_synchronous_commit(option: bool, expected: str, tmp_path
         assert await s.pool.fetchval("SHOW synchronous_commit") == expected
 
 
+@pytest.mark.mysql
 def test_mysql_url_and_server_flavour() -> None:
     args = connect_args("mysql://u%40x:p%2Fw@db.example:3307/cache?unix_socket=/tmp/m.sock")
     assert args == {
