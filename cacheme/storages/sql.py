@@ -37,8 +37,8 @@ Expiry
     When a purge deletes a full ``purge_limit``, the next one runs after a second, so a
     backlog drains quickly. The first purge runs at a random point of the first interval, so
     a fleet of processes started together does not purge in lockstep. Purge failures are
-    logged (password redacted) and never reach callers. ``purge_expired()`` runs one purge
-    now and returns the number of rows it deleted.
+    logged (password and query values masked) and never reach callers.
+    ``purge_expired()`` runs one purge now and returns the number of rows it deleted.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ import re
 from abc import abstractmethod
 from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar, TypeVar
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
 
@@ -70,6 +71,17 @@ _KEPT_PREFIX = MAX_KEY_LENGTH - len(_HASH_MARK) - _HASH_HEX_LENGTH  # 183 charac
 
 # Seconds until the next purge when the last one deleted a full purge_limit.
 _BACKLOG_PAUSE = 1.0
+
+
+def shown_url(url: str) -> str:
+    """``url`` safe to print: ``redact``-ed, and every query value masked too (drivers take
+    ``?password=...``, which ``redact`` leaves alone)."""
+    text = redact(url)
+    parts = urlsplit(text)
+    if not parts.query:
+        return text
+    query = "&".join(f"{name}=***" for name, _ in parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
 
 
 def validate_identifier(option: str, value: str) -> str:
@@ -199,13 +211,13 @@ class SQLStorage(RemoteStorage[SO]):
                 logger.warning(
                     "cacheme: storage %r (%s): purge of expired rows failed: %s",
                     self.name,
-                    redact(self.url),
+                    shown_url(self.url),
                     describe(exc, self.url),
                 )
 
     def _missing_table(self, exc: BaseException) -> StorageError:
         return StorageError(
-            f"storage {self.name!r} ({redact(self.url)}): table {self.table!r} with columns "
+            f"storage {self.name!r} ({shown_url(self.url)}): table {self.table!r} with columns "
             f"key, value, expire not found ({describe(exc, self.url)}); create it first with "
             f"{self.schema_file} (replace cacheme_data with {self.table})"
         )

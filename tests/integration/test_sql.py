@@ -16,7 +16,7 @@ from cacheme.storages.base import Entry
 from cacheme.storages.mysql import MySQLStorage, connect_args, row_alias_supported
 from cacheme.storages.postgres import PostgresStorage
 from cacheme.storages.registry import Storage
-from cacheme.storages.sql import MAX_KEY_LENGTH, stored_key
+from cacheme.storages.sql import MAX_KEY_LENGTH, shown_url, stored_key
 from cacheme.storages.sqlite import database_of
 
 from .backend_sql import SQL_BACKENDS, sql_storage, sql_table
@@ -86,6 +86,19 @@ async def test_purge_interval_zero_runs_no_task(backend: str, tmp_path: Path) ->
 
 
 # -- keys --------------------------------------------------------------------------------------
+
+
+@pytest.mark.sqlite
+@pytest.mark.postgres
+@pytest.mark.mysql
+def test_query_values_never_shown() -> None:
+    for url in (f"mysql://u@h/db?password={SECRET}", f"sqlite:///x.db?password={SECRET}"):
+        with pytest.raises(ConfigurationError) as info:
+            Storage(url).build("query")
+        assert SECRET not in str(info.value) and "password=***" in str(info.value)
+    assert shown_url(f"postgresql://u:{SECRET}@h/db?sslmode=require&password={SECRET}") == (
+        "postgresql://u:***@h/db?sslmode=***&password=***"
+    )
 
 
 @pytest.mark.sqlite
