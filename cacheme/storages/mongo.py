@@ -1,0 +1,275 @@
+"""MongoDB tier: ``mongodb://user:password@host:27017/authdb?options`` and ``mongodb+srv://``.
+
+Built on PyMongo's native asyncio client, ``pymongo.AsyncMongoClient`` (PyMongo >= 4.13.2).
+Motor, the older asyncio wrapper around PyMongo, is deprecated (since May 2026) in favour of
+this client and is not used.
+
+One document per cache key::
+
+    {key: "<prefix>:<key>:<version>", value: BinData(0, ...), expire: ISODate(...) | null}
+
+``key`` holds the full cache key, as in Redis, so an operator can find or delete an entry by
+hand (``db.cacheme_data.deleteOne({key: "..."})``). ``expire`` is the absolute expiry time in
+UTC (``null``: no expiry). BSON dates have millisecond precision, which is what TTLs arrive
+in. Expiry times are computed from this process's clock, and reads compare against it too.
+
+Round trips: a batch read is one ``find({key: {$in: [...]}, <live>})`` whose first batch holds
+every hit; a batch write is one unordered ``bulk_write`` of ``UpdateOne(..., upsert=True)``;
+a batch remove is one ``delete_many({key: {$in: [...]}})``.
+
+Reads return only live entries: ``expire`` is ``null`` (or absent) or later than now. MongoDB's TTL
+monitor deletes expired documents only about once a minute, so the read filter, not the
+index, is what makes a TTL exact; the TTL index just reclaims the space.
+
+The collection needs two indexes, created once by an operator (``sql/mongo.js``)::
+
+    db.cacheme_data.createIndex({key: 1}, {unique: true})
+    db.cacheme_data.createIndex({expire: 1}, {expireAfterSeconds: 0})
+
+Without the unique index every read scans the collection and concurrent upserts of a new key
+can insert it twice; without the TTL index expired documents are never deleted. ``connect``
+logs a warning when either is missing (it does not create them: that needs privileges a cache
+user should not have).
+
+Options (besides ``RemoteOptions``): ``database`` (default: the database named in the URL's
+path, else ``"cacheme"``), ``collection`` (default ``"cacheme_data"``), ``pool_size``
+(``maxPoolSize``, default 50). Any other client setting (TLS, ``authSource``, ``replicaSet``,
+``w``, ``readPreference``, ...) goes in the URL's query string.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from bson.binary import Binary
+from pydantic import Field, field_validator
+from pymongo import AsyncMongoClient, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import BulkWriteError, OperationFailure
+
+from ..errors import ConfigurationError
+from .base import Entry, RemoteOptions, RemoteStorage
+from .url import redact
+
+__all__ = ["DEFAULT_DATABASE", "MongoOptions", "MongoStorage"]
+
+logger = logging.getLogger("cacheme")
+
+DEFAULT_DATABASE = "cacheme"
+
+# mongod rejects these in database names (the Windows set, so a name works everywhere).
+_DATABASE_FORBIDDEN = frozenset('/\\. "$*<>:|?\x00')
+_DUPLICATE_KEY = 11000
+
+Document = dict[str, Any]
+
+
+def check_database_name(name: str) -> str:
+    """``name`` if MongoDB accepts it as a database name; ``ValueError`` saying why not."""
+    if not name:
+        raise ValueError("database name must not be empty")
+    bad = sorted(set(name) & _DATABASE_FORBIDDEN)
+    if bad:
+        raise ValueError(
+            f"database name {name!r} may not contain {', '.join(repr(c) for c in bad)}"
+        )
+    if len(name.encode()) >= 64:
+        raise ValueError(f"database name {name!r} is longer than 63 bytes")
+    return name
+
+
+def check_collection_name(name: str) -> str:
+    """``name`` if MongoDB accepts it as a collection name; ``ValueError`` saying why not."""
+    if not name:
+        raise ValueError("collection name must not be empty")
+    for char in ("$", "\x00"):
+        if char in name:
+            raise ValueError(f"collection name {name!r} may not contain {char!r}")
+    if name.startswith(".") or name.endswith(".") or ".." in name:
+        raise ValueError(f"collection name {name!r} may not start or end with '.' or contain '..'")
+    if name.startswith("system."):
+        raise ValueError(f"collection name {name!r} may not start with 'system.'")
+    if len(name.encode()) > 200:
+        raise ValueError(f"collection name {name!r} is longer than 200 bytes")
+    return name
+
+
+class MongoOptions(RemoteOptions):
+    """Options of a MongoDB storage (on top of ``RemoteOptions``)."""
+
+    database: str | None = Field(
+        default=None,
+        description="database holding the collection; default: the database in the URL's "
+        f"path, else {DEFAULT_DATABASE!r}",
+    )
+    collection: str = Field(default="cacheme_data", description="collection of the entries")
+    pool_size: int = Field(
+        default=50, ge=1, description="most connections open at once (maxPoolSize)"
+    )
+
+    @field_validator("database")
+    @classmethod
+    def _database(cls, value: str | None) -> str | None:
+        return None if value is None else check_database_name(value)
+
+    @field_validator("collection")
+    @classmethod
+    def _collection(cls, value: str) -> str:
+        return check_collection_name(value)
+
+
+class MongoStorage(RemoteStorage[MongoOptions]):
+    """A MongoDB tier."""
+
+    options_model = MongoOptions
+    options: MongoOptions
+
+    def __init__(self, name: str, url: str, options: MongoOptions) -> None:
+        super().__init__(name, url, options)
+        database = options.database or unquote(urlsplit(url).path.lstrip("/"))
+        try:
+            self.database = check_database_name(database or DEFAULT_DATABASE)
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"storage {name!r} ({redact(url)}): database from the URL: {exc}"
+            ) from None
+        self.collection = options.collection
+        self._client: AsyncMongoClient[Document] | None = None
+        self._coll: AsyncCollection[Document] | None = None
+
+    # -- connect / close ------------------------------------------------------------------
+
+    async def _connect(self) -> None:
+        # A backstop: the base class's timeout fires first on every operation.
+        backstop_ms = round(self.options.timeout * 2 * 1000)
+        client: AsyncMongoClient[Document] = AsyncMongoClient(
+            self.url,
+            maxPoolSize=self.options.pool_size,
+            serverSelectionTimeoutMS=backstop_ms,
+            connectTimeoutMS=backstop_ms,
+            appname="cacheme",
+        )
+        try:
+            # The client connects lazily; a ping proves the server is there (and the
+            # credentials work).
+            await client.admin.command("ping")
+            coll = client[self.database][self.collection]
+            await self._check_indexes(coll)
+        except BaseException:
+            await client.close()
+            raise
+        self._client = client
+        self._coll = coll
+
+    async def _check_indexes(self, coll: AsyncCollection[Document]) -> None:
+        try:
+            indexes = await coll.index_information()
+        except OperationFailure:  # e.g. not authorized to list indexes: not our business
+            return
+        by_key = {tuple(spec["key"]): spec for spec in indexes.values()}
+        missing = []
+        if not by_key.get((("key", 1),), {}).get("unique", False):
+            missing.append(
+                "a unique index on 'key' (without it reads scan the collection "
+                "and two first writes of a key can store it twice)"
+            )
+        if by_key.get((("expire", 1),), {}).get("expireAfterSeconds") is None:
+            missing.append("a TTL index on 'expire' (without it expired entries stay forever)")
+        if missing:
+            logger.warning(
+                "cacheme: storage %r: collection %s.%s lacks %s; create them with sql/mongo.js",
+                self.name,
+                self.database,
+                self.collection,
+                " and ".join(missing),
+            )
+
+    async def _close(self) -> None:
+        client, self._client, self._coll = self._client, None, None
+        if client is not None:
+            await client.close()
+
+    @property
+    def _collection(self) -> AsyncCollection[Document]:
+        if self._coll is None:
+            raise RuntimeError(f"storage {self.name!r} is not connected")
+        return self._coll
+
+    # -- raw operations ---------------------------------------------------------------------
+
+    async def _get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        now = datetime.now(timezone.utc)
+        cursor = self._collection.find(
+            # Live: `expire` null (or absent) or later than now. Written as one `$not` on the
+            # field rather than `$or: [{expire: null}, {expire: {$gt: now}}]`: the same
+            # documents, but SecantusDB answers a query with a top-level `$or` by scanning the
+            # whole collection. MongoDB reads both through the unique index on `key`.
+            {"key": {"$in": list(keys)}, "expire": {"$not": {"$lte": now}}},
+            {"_id": 0, "key": 1, "value": 1},
+            # Every hit in the first reply (up to the server's 16 MiB per batch), and room for
+            # one more: a batch the hits fill exactly would leave the cursor open, costing a
+            # second round trip (a getMore) to learn there is nothing else.
+            batch_size=len(keys) + 1,
+        )
+        found: dict[str, bytes] = {}
+        for doc in await cursor.to_list():
+            value = doc["value"]  # bytes for BinData subtype 0; another subtype: a Binary
+            found[doc["key"]] = value if type(value) is bytes else bytes(value)
+        return found
+
+    async def _set_many(self, entries: Sequence[Entry]) -> None:
+        now = datetime.now(timezone.utc)
+        ops = [
+            UpdateOne(
+                {"key": key},
+                {
+                    "$set": {
+                        "value": Binary(value),
+                        "expire": None if ttl_ms is None else now + timedelta(milliseconds=ttl_ms),
+                    }
+                },
+                upsert=True,
+            )
+            for key, value, ttl_ms in entries
+        ]
+        failed = await self._bulk_upsert(ops)
+        if failed and all(code == _DUPLICATE_KEY for _, code, _ in failed):
+            # Two first writes of one key raced (another process, or a concurrent batch):
+            # the loser's upsert hit the unique index. MongoDB >= 4.2 retries this itself;
+            # older servers (and look-alikes) do not. Now the key exists, so it updates.
+            failed = await self._bulk_upsert([ops[i] for i, _, _ in failed])
+        if failed:
+            _, code, message = failed[0]
+            raise OperationFailure(
+                f"{len(failed)} of {len(entries)} upsert(s) failed; first: error {code}: {message}",
+                code,
+            )
+
+    async def _bulk_upsert(self, ops: list[UpdateOne]) -> list[tuple[int, int, str]]:
+        """Run ``ops``; ``(index, code, message)`` of each failed one.
+
+        PyMongo's ``BulkWriteError`` text quotes every failed operation, values included
+        (up to megabytes each); only the codes and messages are kept.
+        """
+        try:
+            await self._collection.bulk_write(ops, ordered=False)
+        except BulkWriteError as exc:
+            details = exc.details
+            if details.get("writeConcernErrors"):
+                error = details["writeConcernErrors"][0]
+                raise OperationFailure(
+                    f"write concern error {error.get('code')}: {error.get('errmsg')}",
+                    error.get("code"),
+                ) from None
+            return [
+                (err["index"], err.get("code", 0), str(err.get("errmsg", "")))
+                for err in details.get("writeErrors", ())
+            ]
+        return []
+
+    async def _remove_many(self, keys: Sequence[str]) -> None:
+        await self._collection.delete_many({"key": {"$in": list(keys)}})
