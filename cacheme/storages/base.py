@@ -16,6 +16,7 @@ whole milliseconds; values are the node serializer's bytes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import time
@@ -24,12 +25,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
-from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import StorageError, StorageTimeoutError, StorageUnavailableError
-from .url import redact
+from .url import redact, scrub
 
 logger = logging.getLogger("cacheme")
 
@@ -158,7 +158,9 @@ class RemoteStorage(BaseStorage[OptionsT]):
         self._writes: _Pending[Entry, None] = _Pending()
         self._removes: _Pending[str, None] = _Pending()
         self._flush_scheduled = False
-        self._writes_in_progress: set[asyncio.Future[Any]] = set()
+        # The latest write task of each key with a write under way: later writes and removes
+        # of the key wait for it, so what lands last on the server is what was issued last.
+        self._key_writes: dict[str, asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._flushing: set[_Pending[Any, Any]] = set()  # handed to runner tasks, not settled
@@ -191,6 +193,14 @@ class RemoteStorage(BaseStorage[OptionsT]):
     # -- what the framework calls ---------------------------------------------------------
 
     async def connect(self) -> None:
+        try:
+            await self._connect_or_raise()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._close()  # release whatever _connect built before it failed
+            raise
+
+    async def _connect_or_raise(self) -> None:
         try:
             await asyncio.wait_for(self._connect(), self.options.timeout * 3)
         except asyncio.TimeoutError as exc:
@@ -244,8 +254,10 @@ class RemoteStorage(BaseStorage[OptionsT]):
         if not entries:
             return
         if not self.options.coalesce:
-            await self._tracked_write(
-                self._call(self._set_many, _last_per_key(entries), len(entries), "write")
+            unique = _last_per_key(entries)
+            await self._ordered_write(
+                [e.key for e in unique],
+                lambda: self._call(self._set_many, unique, len(unique), "write"),
             )
             return
         await self._submit(self._writes, entries)
@@ -255,8 +267,9 @@ class RemoteStorage(BaseStorage[OptionsT]):
         if not keys:
             return
         if not self.options.coalesce:
-            await self._after_writes()
-            await self._call(self._remove_many, _unique(keys), len(keys), "remove")
+            unique_keys = _unique(keys)
+            await self._after_writes(unique_keys)
+            await self._call(self._remove_many, unique_keys, len(unique_keys), "remove")
             return
         await self._submit(self._removes, keys)
 
@@ -339,43 +352,58 @@ class RemoteStorage(BaseStorage[OptionsT]):
     ) -> None:
         if writes.calls:
             entries = _last_per_key([e for items, _ in writes.calls for e in items])
-            done = asyncio.ensure_future(self._chunked(self._set_many, entries, "write"))
-            await self._tracked_write(done)
+            results = await self._ordered_write(
+                [e.key for e in entries], lambda: self._chunked(self._set_many, entries, "write")
+            )
             failed = {
-                e.key: r
-                for chunk, r in done.result()
-                if isinstance(r, BaseException)
-                for e in chunk
+                e.key: r for chunk, r in results if isinstance(r, BaseException) for e in chunk
             }
             _settle(
                 writes, lambda items: next((failed[e.key] for e in items if e.key in failed), None)
             )
         if removes.calls:
-            await self._after_writes()
             keys = _unique([k for items, _ in removes.calls for k in items])
-            results = await self._chunked(self._remove_many, keys, "remove")
+            await self._after_writes(keys)
+            removed = await self._chunked(self._remove_many, keys, "remove")
             failed_keys = {
-                k: r for chunk, r in results if isinstance(r, BaseException) for k in chunk
+                k: r for chunk, r in removed if isinstance(r, BaseException) for k in chunk
             }
             _settle(
                 removes,
                 lambda items: next((failed_keys[k] for k in items if k in failed_keys), None),
             )
 
-    async def _tracked_write(self, fut: Awaitable[T]) -> T:
-        task = asyncio.ensure_future(fut)
-        self._writes_in_progress.add(task)
-        try:
-            return await asyncio.shield(task)
-        finally:
-            if task.done():
-                self._writes_in_progress.discard(task)
-            else:
-                task.add_done_callback(self._writes_in_progress.discard)
+    async def _ordered_write(self, keys: list[str], op: Callable[[], Awaitable[T]]) -> T:
+        """Run ``op`` (a write of ``keys``) after the writes already issued for those keys.
 
-    async def _after_writes(self) -> None:
-        if self._writes_in_progress:
-            await asyncio.gather(*self._writes_in_progress, return_exceptions=True)
+        The task is registered before this coroutine first awaits, so issue order is kept;
+        it is shielded, so a cancelled caller does not leave a half-known write behind.
+        """
+        before = {id(f): f for k in keys if (f := self._key_writes.get(k)) is not None}
+
+        async def run() -> T:
+            if before:
+                await asyncio.gather(*before.values(), return_exceptions=True)
+            return await op()
+
+        task = asyncio.ensure_future(run())
+        key_writes = self._key_writes
+        for key in keys:
+            key_writes[key] = task
+
+        def forget(done: asyncio.Future[Any]) -> None:
+            for key in keys:
+                if key_writes.get(key) is done:
+                    del key_writes[key]
+
+        task.add_done_callback(forget)
+        return await asyncio.shield(task)
+
+    async def _after_writes(self, keys: Sequence[str]) -> None:
+        """Wait for the writes already issued for ``keys``."""
+        pending = {id(f): f for k in keys if (f := self._key_writes.get(k)) is not None}
+        if pending:
+            await asyncio.gather(*pending.values(), return_exceptions=True)
 
     async def _chunked(
         self, op: Callable[[Sequence[T]], Awaitable[R]], items: list[T], kind: str
@@ -464,13 +492,8 @@ def _last_per_key(entries: Sequence[Entry]) -> list[Entry]:
 
 
 def describe(exc: BaseException, url: str) -> str:
-    """``exc`` as text, with the URL's password (raw and percent-decoded) scrubbed out."""
-    text = f"{type(exc).__name__}: {exc}"
-    password = urlsplit(url).password
-    if password:
-        for form in {password, unquote(password)}:
-            text = text.replace(form, "***")
-    return text
+    """``exc`` as text, with every credential of ``url`` scrubbed out."""
+    return scrub(f"{type(exc).__name__}: {exc}", url)
 
 
 _describe = describe  # the name the first backends imported

@@ -67,7 +67,8 @@ class Storage:
             options = cls.options_model(**self.options)
         except ValidationError as exc:
             problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}"
+                f"{'.'.join(str(p) for p in err['loc']) or 'options'}: "
+                f"{err['msg'].removeprefix('Value error, ')}"
                 for err in exc.errors()
             )
             raise ConfigurationError(

@@ -52,7 +52,6 @@ import re
 from abc import abstractmethod
 from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
 
@@ -74,14 +73,8 @@ _BACKLOG_PAUSE = 1.0
 
 
 def shown_url(url: str) -> str:
-    """``url`` safe to print: ``redact``-ed, and every query value masked too (drivers take
-    ``?password=...``, which ``redact`` leaves alone)."""
-    text = redact(url)
-    parts = urlsplit(text)
-    if not parts.query:
-        return text
-    query = "&".join(f"{name}=***" for name, _ in parse_qsl(parts.query, keep_blank_values=True))
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
+    """``url`` safe to print (see ``url.redact``)."""
+    return redact(url)
 
 
 def validate_identifier(option: str, value: str) -> str:

@@ -97,7 +97,7 @@ def test_query_values_never_shown() -> None:
             Storage(url).build("query")
         assert SECRET not in str(info.value) and "password=***" in str(info.value)
     assert shown_url(f"postgresql://u:{SECRET}@h/db?sslmode=require&password={SECRET}") == (
-        "postgresql://u:***@h/db?sslmode=***&password=***"
+        "postgresql://u:***@h/db?sslmode=require&password=***"
     )
 
 

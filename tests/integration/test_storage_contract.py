@@ -134,3 +134,27 @@ async def test_close_fails_pending_operations_and_is_idempotent(remote: Remote) 
     except StorageError as exc:
         assert "closed" in str(exc)
     await remote.close()  # a second close is harmless
+
+
+async def test_writes_land_in_issue_order(remote: Remote) -> None:
+    """A write issued after another (next loop turn) of the same key is the one that stays."""
+    for i in range(30):
+        key = f"cacheme:order:{i}:v1"
+        first = asyncio.ensure_future(remote.set_many([Entry(key, b"old", None)]))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(remote.set_many([Entry(key, b"new", None)]))
+        removal = asyncio.ensure_future(remote.remove_many([f"{key}:gone"]))
+        await asyncio.gather(first, second, removal)
+        assert await remote.get(key) == b"new"
+
+
+async def test_remove_waits_for_an_earlier_write(remote: Remote) -> None:
+    for i in range(30):
+        key = f"cacheme:rm-order:{i}:v1"
+        write = asyncio.ensure_future(remote.set_many([Entry(key, b"v", None)]))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        await remote.remove_many([key])
+        await write
+        assert await remote.get(key) is None
