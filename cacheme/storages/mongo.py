@@ -45,7 +45,6 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from bson.binary import Binary
 from pydantic import Field, field_validator
 from pymongo import AsyncMongoClient, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
@@ -228,7 +227,7 @@ class MongoStorage(RemoteStorage[MongoOptions]):
                 {"key": key},
                 {
                     "$set": {
-                        "value": Binary(value),
+                        "value": value,  # bytes: BSON binary, subtype 0 (no copy)
                         "expire": None if ttl_ms is None else now + timedelta(milliseconds=ttl_ms),
                     }
                 },

@@ -122,6 +122,8 @@ async def test_key_field_is_the_full_key() -> None:
         assert doc is not None
         assert set(doc) == {"_id", "key", "value", "expire"}
         assert doc["value"] == b"\x00value"
+        binary = {"key": "cacheme:user:42:v3", "value": {"$type": "binData"}}
+        assert await coll.count_documents(binary) == 1
         assert isinstance(doc["expire"], datetime)
         await coll.delete_one({"key": "cacheme:user:42:v3"})
         assert await storage.get("cacheme:user:42:v3") is None
