@@ -27,22 +27,23 @@ def secrets_of(url: str) -> set[str]:
 
 
 def redact(url: str) -> str:
-    """``url`` with its password and secret query values replaced by ``***``."""
+    """``url`` with its password and secret query values replaced by ``***``.
+
+    Works on multi-host URLs too (``mongodb://u:pw@h1:27017,h2:27018/db``); the rest of the
+    URL is kept exactly as written.
+    """
     parts = urlsplit(url)
     netloc = parts.netloc
-    if parts.password is not None:
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = f"{parts.username or ''}:***@{host}"
-        if parts.port is not None:
-            netloc += f":{parts.port}"
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{hosts}"
     query = parts.query
     if query:
-        query = "&".join(
-            f"{name}=***" if _SECRET_PARAM.search(name) else f"{name}={value}"
-            for name, value in parse_qsl(query, keep_blank_values=True)
-        )
+        pieces = []
+        for piece in query.split("&"):
+            name, eq, _ = piece.partition("=")
+            pieces.append(f"{name}=***" if eq and _SECRET_PARAM.search(unquote(name)) else piece)
+        query = "&".join(pieces)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
