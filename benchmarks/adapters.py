@@ -132,18 +132,18 @@ class Cacheme(Adapter):
         return await self._get_all([node(n) for n in ns])
 
     def stats(self) -> dict[str, Any]:
-        s = self._cacheme.stats(self._node)
-        out: dict[str, Any] = {
-            "requests": s.request_count(),
-            "hits": s.hit_count(),
-            "loads": s.load_count(),
-        }
+        """The node's counters and each storage's, as cacheme reports them."""
+        import dataclasses
+
+        snap = self._cacheme.stats(self._node)
+        out: dict[str, Any] = {}
+        if dataclasses.is_dataclass(snap):
+            out.update(dataclasses.asdict(snap))
         for name, storage in self._cacheme.storages().items():
             st = getattr(storage, "stats", None)
-            if st is not None and hasattr(st, "round_trips"):
-                out[f"{name}_round_trips"] = st.round_trips
-                out[f"{name}_keys_read"] = st.keys_read
-                out[f"{name}_errors"] = st.errors + st.timeouts
+            if dataclasses.is_dataclass(st):
+                for field, value in dataclasses.asdict(st).items():
+                    out[f"{name}_{field}"] = value
         return out
 
     async def close(self) -> None:

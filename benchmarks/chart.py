@@ -35,7 +35,7 @@ def main(src: str, dst: str) -> None:
 
     panels = [
         ("Time (s)", lambda r: r["seconds"]),
-        ("Redis GET + MGET" if redis else "SQL reads (round trips)", reads),
+        ("Redis GET + MGET" if redis else "SQLite round trips (reads + writes)", reads),
         ("Load calls / unique keys", lambda r: r["load_calls"] / max(r["unique_keys"], 1)),
         ("Peak RSS (MiB)", lambda r: r["peak_rss_mb"]),
     ]

@@ -1,17 +1,19 @@
 """The trace benchmark: cacheme against aiocache, cashews and the original cacheme 0.3.0.
 
-    python benchmarks/trace.py                      # the whole comparison, Redis on :6379/15
+    python benchmarks/trace.py                      # the whole comparison
     python benchmarks/trace.py --workers 1000,10000,100000
     python benchmarks/trace.py --quick              # 20k requests, 0.01 s loads (smoke run)
     python benchmarks/trace.py --embedded           # no Redis: cacheme [local tlfu, sqlite]
-    python benchmarks/trace.py --frameworks cacheme,aiocache --private-redis
+    python benchmarks/trace.py --frameworks cacheme,aiocache --redis-url redis://127.0.0.1:6379/15
 
 A Zipf stream of 200k keys (about 55k unique; see ``workload.py``) goes into one asyncio
 queue; N workers take keys from it and ask the framework for each key's value. A miss calls the
 load function, which sleeps 0.1 s, counts its calls and returns the key, so every answer can be
 checked. Every framework talks to the same Redis through a blocking pool of 100 connections.
 Each run is a fresh interpreter (``child.py``) against an emptied database whose server
-statistics were just reset, so ``INFO commandstats`` counts that run's GET and MGET only.
+statistics were just reset, so ``INFO commandstats`` counts that run's GET and MGET only. The
+server is a throw-away ``redis-server`` started for the benchmark (``--redis-url`` to use
+another: its database is flushed and its statistics reset before each run).
 The batch workload (cacheme only) asks ``get_all`` for 20 distinct keys per request.
 
 Writes ``trace[-embedded][-quick].json``, ``.md`` and ``.png`` into ``--out``. The peers
@@ -53,7 +55,8 @@ EMBEDDED_FAMILIES: dict[str, list[str]] = {
     "cacheme": ["cacheme-sqlite", "cacheme-local-sqlite", "cacheme-sqlite-batch"],
 }
 PEERS = {"aiocache", "aiocache-stampede", "cashews", "cashews-lock"}
-BATCH_MAX_WORKERS = 10_000  # as in the original: get_all x 100k workers is not run
+BATCH_MAX_WORKERS = 10_000
+SHARED_REDIS = "redis://127.0.0.1:6379/15"  # as in the original: get_all x 100k workers is not run
 
 
 def log(msg: str = "") -> None:
@@ -87,7 +90,7 @@ class PrivateRedis:
     def __init__(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise SystemExit("--private-redis needs redis-server on PATH")
+            raise SystemExit("redis-server is not on PATH")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -133,8 +136,8 @@ def check_redis(url: str) -> None:
         redis.Redis.from_url(url, socket_connect_timeout=2).ping()
     except Exception as exc:
         raise SystemExit(
-            f"cannot reach Redis at {url} ({exc}); start one, pass --redis-url, use "
-            "--private-redis (starts redis-server itself) or run --embedded (no Redis)"
+            f"cannot reach Redis at {url} ({exc}); start one and pass --redis-url, "
+            "install redis-server (the benchmark then starts its own) or run --embedded"
         ) from None
 
 
@@ -238,7 +241,7 @@ def describe(r: dict[str, Any]) -> str:
     reads = (
         f"GET {r['redis_get']:>6}  MGET {r['redis_mget']:>5}"
         if r["backend"] == "redis"
-        else f"SQL reads {sqlite_reads(r):>6}"
+        else f"SQL trips {sqlite_reads(r):>6}"
     )
     extra = f"  errors {r['errors']} ({r['first_error']})" if r["errors"] else ""
     return (
@@ -280,7 +283,7 @@ def markdown(meta: dict[str, Any], runs: list[dict[str, Any]], checks: list[str]
             "GET, MGET: from Redis INFO commandstats for this run only. "
             "Reads/req: (GET + MGET) / requests. "
             if meta["kind"] == "redis"
-            else "SQL reads: SELECT round trips (cacheme storage counters). "
+            else "SQL trips: SQLite round trips, reads and writes (cacheme storage counters). "
         )
         + "Loads: calls of the load function. Wrong: answers not equal to the key's value "
         "(errors count as wrong). CPU: user + system seconds of the run's process (less "
@@ -304,7 +307,7 @@ def markdown(meta: dict[str, Any], runs: list[dict[str, Any]], checks: list[str]
         if meta["kind"] == "redis":
             head = "| Framework | Version | Time (s) | x limit | CPU (s) | Redis GET | Redis MGET | Reads/req | Loads | Wrong | Peak RSS (MiB) |"  # noqa: E501
         else:
-            head = "| Framework | Version | Time (s) | x limit | CPU (s) | SQL reads | Reads/req | Loads | Wrong | Peak RSS (MiB) |"  # noqa: E501
+            head = "| Framework | Version | Time (s) | x limit | CPU (s) | SQL trips | Trips/req | Loads | Wrong | Peak RSS (MiB) |"  # noqa: E501
         out.append(head)
         out.append("|" + "---|" * (head.count("|") - 1))
         for r in rows:
@@ -474,14 +477,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument(
         "--redis-url",
-        default="redis://127.0.0.1:6379/15",
-        help="a database the benchmark may FLUSHDB (and CONFIG RESETSTAT the server)",
-    )
-    p.add_argument(
-        "--private-redis",
-        action="store_true",
-        help="start a throw-away redis-server for the benchmark: counts that other "
-        "clients of a shared server cannot disturb",
+        default=None,
+        help="use this Redis database (it is FLUSHDBed and the server's stats reset before "
+        "each run); default: a throw-away redis-server started for the benchmark, or "
+        f"{SHARED_REDIS} when redis-server is not installed",
     )
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--no-chart", action="store_true")
@@ -554,9 +553,19 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
     }
     if kind == "redis":
-        if args.private_redis:
-            private = PrivateRedis()
-            args.redis_url = private.url
+        # INFO commandstats is server-wide and other clients of a shared server (tests that
+        # SCAN, FLUSHALL...) would be counted, or empty the run's keys: by default the
+        # benchmark gets a server of its own.
+        if args.redis_url is None:
+            if shutil.which("redis-server"):
+                private = PrivateRedis()
+                args.redis_url = private.url
+            else:
+                log(
+                    f"redis-server not found: using {SHARED_REDIS} (a shared server's other "
+                    "clients are counted in INFO commandstats)"
+                )
+                args.redis_url = SHARED_REDIS
         check_redis(args.redis_url)
         meta["redis_url"] = args.redis_url
         meta["private_redis"] = bool(private)
