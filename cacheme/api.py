@@ -158,20 +158,39 @@ def _backfill_front(cfg: Config, key: str, value: Any, found_in: Any) -> None:
 
 
 async def invalidate(node: Node) -> None:
-    """Remove the node's key from every tier; a load in flight will not write it back."""
+    """Remove the node's key from every tier; a load in flight will not write it back.
+
+    Every tier is tried. If a remote tier could not remove the key, ``StorageError`` is
+    raised afterwards, whatever ``fail_open`` says: a lost invalidation would let the old
+    value be served again once the tier is back, so the caller must know.
+    """
     cfg = config_of(type(node))
     key = full_key(cfg, node)
     flights.forget(key)
     cfg.last_good.pop(key, None)
+    removals = []
     for tier in cfg.tiers:
         storage = tier.storage
         if isinstance(storage, RemoteStorage):
-            try:
-                await storage.remove_many((key,))
-            except StorageError as exc:
-                _storage_failed(cfg, storage, exc, "remove")
+            removals.append((storage, storage.remove_many((key,))))
         else:
             storage.remove(key)  # type: ignore[attr-defined]
+    if not removals:
+        return
+    outcomes = await asyncio.gather(*(op for _, op in removals), return_exceptions=True)
+    failed: list[tuple[RemoteStorage[Any], StorageError]] = []
+    for (storage, _), outcome in zip(removals, outcomes, strict=True):
+        if isinstance(outcome, StorageError):
+            _count_storage_failure(cfg, outcome)
+            failed.append((storage, outcome))
+        elif isinstance(outcome, BaseException):
+            raise outcome
+    if failed:
+        names = ", ".join(repr(storage.name) for storage, _ in failed)
+        raise StorageError(
+            f"invalidate of node {cfg.name} key {key!r}: storage {names} could not remove it "
+            f"({failed[0][1]})"
+        ) from failed[0][1]
 
 
 async def refresh(node: Node) -> Any:
@@ -433,10 +452,7 @@ async def _timed(cfg: Config, fn: Callable[[], Awaitable[Any]], count: int) -> A
 
 def _storage_failed(cfg: Config, storage: RemoteStorage[Any], exc: StorageError, op: str) -> None:
     """Count a tier failure for the node; re-raise it if the tier fails closed."""
-    if isinstance(exc, StorageTimeoutError):
-        cfg.stats.storage_timeouts += 1
-    else:
-        cfg.stats.storage_errors += 1
+    _count_storage_failure(cfg, exc)
     if not storage.options.fail_open:
         raise exc
     _warn(
@@ -446,6 +462,13 @@ def _storage_failed(cfg: Config, storage: RemoteStorage[Any], exc: StorageError,
         f"cacheme: node {cfg.name}: {op} on storage {storage.name!r} failed, going on "
         f"without it: {exc}",
     )
+
+
+def _count_storage_failure(cfg: Config, exc: StorageError) -> None:
+    if isinstance(exc, StorageTimeoutError):
+        cfg.stats.storage_timeouts += 1
+    else:
+        cfg.stats.storage_errors += 1
 
 
 _last_warned: dict[tuple[str, str, str], float] = {}

@@ -100,12 +100,31 @@ class MsgPackSerializer(Serializer):
     def loads(self, data: bytes, value_type: Any = _ANY) -> Any:
         try:
             # strict_map_key=False: JSON-able dicts may have int keys after to_jsonable_python.
-            raw = msgpack.unpackb(data, raw=False, strict_map_key=False)
+            raw = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_refuse_ext)
             if value_type is _ANY:
+                _refuse_timestamps(raw)
                 return raw
             return _adapter(value_type).validate_python(raw)
         except Exception as exc:
             raise DecodeError(f"{self!r} cannot decode {len(data)} bytes: {exc!r}") from exc
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    # dumps() never writes extension types: any found were written by someone else.
+    raise ValueError(f"MessagePack extension type {code} is not accepted")
+
+
+def _refuse_timestamps(value: Any) -> None:
+    """msgpack decodes its timestamp extension itself, before ``ext_hook``: refuse it here."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, msgpack.Timestamp):
+            raise ValueError("MessagePack timestamp extension is not accepted")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 class _Compressed(Serializer):

@@ -203,17 +203,17 @@ class RemoteStorage(BaseStorage[OptionsT]):
     async def _connect_or_raise(self) -> None:
         try:
             await asyncio.wait_for(self._connect(), self.options.timeout * 3)
-        except asyncio.TimeoutError as exc:
-            raise StorageTimeoutError(
-                f"storage {self.name!r} ({redact(self.url)}): no connection within "
-                f"{self.options.timeout * 3:g}s"
-            ) from exc
         except StorageError:
             raise
         except Exception as exc:
+            if isinstance(exc, (asyncio.TimeoutError, TimeoutError, *self.timeout_errors)):
+                raise StorageTimeoutError(
+                    f"storage {self.name!r} ({redact(self.url)}): no connection within "
+                    f"{self.options.timeout * 3:g}s"
+                ) from exc
             raise StorageError(
                 f"storage {self.name!r} ({redact(self.url)}): cannot connect: "
-                f"{describe(exc, self.url)}"
+                f"{_shorten(describe(exc, self.url))}"
             ) from exc
 
     async def close(self) -> None:
@@ -494,6 +494,11 @@ def _last_per_key(entries: Sequence[Entry]) -> list[Entry]:
 def describe(exc: BaseException, url: str) -> str:
     """``exc`` as text, with every credential of ``url`` scrubbed out."""
     return scrub(f"{type(exc).__name__}: {exc}", url)
+
+
+def _shorten(text: str, limit: int = 400) -> str:
+    """Driver messages can embed whole topologies or values; keep errors readable."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more chars)"
 
 
 _describe = describe  # the name the first backends imported

@@ -48,7 +48,13 @@ from urllib.parse import unquote, urlsplit
 from pydantic import Field, field_validator
 from pymongo import AsyncMongoClient, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import BulkWriteError, OperationFailure
+from pymongo.errors import (
+    BulkWriteError,
+    ExecutionTimeout,
+    NetworkTimeout,
+    OperationFailure,
+    ServerSelectionTimeoutError,
+)
 
 from ..errors import ConfigurationError
 from .base import Entry, RemoteOptions, RemoteStorage
@@ -126,6 +132,7 @@ class MongoStorage(RemoteStorage[MongoOptions]):
 
     options_model = MongoOptions
     options: MongoOptions
+    timeout_errors = (NetworkTimeout, ServerSelectionTimeoutError, ExecutionTimeout)
 
     def __init__(self, name: str, url: str, options: MongoOptions) -> None:
         super().__init__(name, url, options)

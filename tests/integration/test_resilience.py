@@ -443,13 +443,6 @@ HANGING_URLS = {
         "mysql",
         pytest.param(
             "mongo",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: MongoStorage connect: PyMongo's ServerSelectionTimeoutError is "
-                "wrapped as a plain StorageError ('cannot connect'), not StorageTimeoutError: "
-                "RemoteStorage._connect_or_raise ignores timeout_errors, and MongoStorage "
-                "declares none",
-            ),
         ),
     ],
 )
@@ -614,12 +607,6 @@ async def test_reset_connections_are_replaced(backend: str, tmp_path: Path) -> N
 
 
 @pytest.mark.redis
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: api.invalidate swallows a remote tier's remove failure when fail_open "
-    "(_storage_failed only logs it), so invalidate() returns normally and the old value is "
-    "served again once the tier is back",
-)
 async def test_invalidate_while_the_tier_is_unreachable_is_not_lost(tmp_path: Path) -> None:
     """``invalidate`` during a partition must not let the old value come back after it."""
     async with real_server("redis", tmp_path) as (url, port, _), Proxy(port) as proxy:
@@ -1129,12 +1116,6 @@ async def test_crafted_json_entry_runs_no_code(
     [
         pytest.param(
             "any",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: MsgPackSerializer.loads with no value type returns msgpack "
-                "ExtType/Timestamp objects built from stored bytes (it never writes ext "
-                "types, so they can only be foreign): they should be a DecodeError",
-            ),
         ),
         "str",
     ],
