@@ -28,5 +28,3 @@ def factory(name: str) -> Callable[[Factory], Factory]:
         return fn
 
     return register
-
-

@@ -21,9 +21,9 @@ for _module in ("backend_redis", "backend_sql", "backend_mongo"):
 
 
 @pytest.fixture(params=[pytest.param(b, marks=getattr(pytest.mark, b)) for b in BACKENDS])
-async def remote(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[
-    RemoteStorage[Any]
-]:
+async def remote(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[RemoteStorage[Any]]:
     """A connected, empty remote storage, once per backend."""
     name: str = request.param
     if name not in FACTORIES:
