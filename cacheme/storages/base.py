@@ -208,8 +208,8 @@ class RemoteStorage(BaseStorage[OptionsT]):
         except Exception as exc:
             if isinstance(exc, (asyncio.TimeoutError, TimeoutError, *self.timeout_errors)):
                 raise StorageTimeoutError(
-                    f"storage {self.name!r} ({redact(self.url)}): no connection within "
-                    f"{self.options.timeout * 3:g}s"
+                    f"storage {self.name!r} ({redact(self.url)}): cannot connect within "
+                    f"{self.options.timeout * 3:g}s: {_shorten(describe(exc, self.url))}"
                 ) from exc
             raise StorageError(
                 f"storage {self.name!r} ({redact(self.url)}): cannot connect: "
