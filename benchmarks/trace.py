@@ -174,13 +174,13 @@ def run_one(name: str, workers: int, args: argparse.Namespace, tmp: str) -> dict
         str(args.load_delay),
         "--seed",
         str(args.seed),
-        "--redis-url",
-        args.redis_url,
         "--heartbeat",
         str(args.heartbeat),
     ]
     if adapter.backend == "sqlite":
         cmd += ["--sqlite-path", fresh_sqlite(tmp, f"{name}-{workers}")]
+    else:
+        cmd += ["--redis-url", args.redis_url]
     if args.profile:
         os.makedirs(args.out, exist_ok=True)
         cmd += ["--profile", os.path.join(args.out, f"{name}-{workers}.prof")]
