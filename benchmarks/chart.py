@@ -15,6 +15,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
+def _short(v: float) -> str:
+    if v >= 10_000:
+        return f"{v / 1000:.0f}k"
+    if v >= 100:
+        return f"{v:.0f}"
+    return f"{v:.3g}"
+
+
 def main(src: str, dst: str) -> None:
     with open(src) as f:
         data = json.load(f)
@@ -50,7 +58,7 @@ def main(src: str, dst: str) -> None:
                     xs.append(i + (j - (len(workers) - 1) / 2) * width)
                     ys.append(value(r))
             bars = ax.bar(xs, ys, width, label=f"{w:,} workers")
-            ax.bar_label(bars, fmt="%.3g", fontsize=7, rotation=90, padding=2)
+            ax.bar_label(bars, fmt=_short, fontsize=7, rotation=90, padding=2)
         ax.set_title(title)
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
