@@ -200,7 +200,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=20)
     p.add_argument("--load-delay", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=2024)
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/13")
     p.add_argument("--sqlite-path", default="")
     p.add_argument("--heartbeat", type=float, default=5.0, help="seconds; 0 = none")
     p.add_argument("--profile", default="", help="write a cProfile of the run to this file")

@@ -4,7 +4,7 @@
     python benchmarks/trace.py --workers 1000,10000,100000
     python benchmarks/trace.py --quick              # 20k requests, 0.01 s loads (smoke run)
     python benchmarks/trace.py --embedded           # no Redis: cacheme [local tlfu, sqlite]
-    python benchmarks/trace.py --frameworks cacheme,aiocache --redis-url redis://127.0.0.1:6379/15
+    python benchmarks/trace.py --frameworks cacheme,aiocache --redis-url redis://127.0.0.1:6379/13
 
 A Zipf stream of 200k keys (about 55k unique; see ``workload.py``) goes into one asyncio
 queue; N workers take keys from it and ask the framework for each key's value. A miss calls the
@@ -55,8 +55,8 @@ EMBEDDED_FAMILIES: dict[str, list[str]] = {
     "cacheme": ["cacheme-sqlite", "cacheme-local-sqlite", "cacheme-sqlite-batch"],
 }
 PEERS = {"aiocache", "aiocache-stampede", "cashews", "cashews-lock"}
-BATCH_MAX_WORKERS = 10_000
-SHARED_REDIS = "redis://127.0.0.1:6379/15"  # as in the original: get_all x 100k workers is not run
+BATCH_MAX_WORKERS = 10_000  # as in the original: get_all x 100k workers is not run
+SHARED_REDIS = "redis://127.0.0.1:6379/13"  # the tests use 0 and 15, test_micro.py 14
 
 
 def log(msg: str = "") -> None:
@@ -160,7 +160,18 @@ def fresh_sqlite(directory: str, name: str) -> str:
 
 def run_one(name: str, workers: int, args: argparse.Namespace, tmp: str) -> dict[str, Any]:
     adapter = ADAPTERS[name]
-    python = envs.ensure(adapter.env, log=lambda m: log("  " + m))
+    try:
+        python = envs.ensure(adapter.env, log=lambda m: log("  " + m))
+    except Exception as exc:  # e.g. no network for pip: report the run, go on
+        log(f"  cannot prepare the {adapter.env} venv: {exc}")
+        return {
+            "framework": name,
+            "label": adapter.label,
+            "mode": "batch" if adapter.batch else "trace",
+            "backend": adapter.backend,
+            "workers": workers,
+            "failed": f"cannot prepare the {adapter.env} venv: {exc}",
+        }
     cmd = [
         python,
         os.path.join(HERE, "child.py"),
