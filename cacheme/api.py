@@ -26,7 +26,7 @@ from .errors import (
     StorageError,
     StorageTimeoutError,
 )
-from .flight import Call, flights, wait
+from .flight import Call, flights
 from .node import Config, Node, Tier
 from .stats import NodeStats
 from .storages import registry
@@ -85,7 +85,7 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None) -> Any:
         flights.run(_flight(cfg, {key: node}, {key: call}, loader))
     else:
         rec.coalesced += 1
-    value, hit = await wait(call)
+    value, hit = await call.join()
     if hit:
         rec.hits += 1
     return value
@@ -140,7 +140,8 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
         calls[key] = call
     if started:
         flights.run(_flight(cfg, started, {k: calls[k] for k in started}, None))
-    outcomes = await asyncio.gather(*(wait(calls[k]) for k in pending))
+    # Plain futures: gather wraps none of them in a task.
+    outcomes = await asyncio.gather(*[calls[k].join() for k in pending])
     for where, (value, hit) in zip(pending.values(), outcomes, strict=True):
         for i in where:
             results[i] = value
@@ -200,7 +201,7 @@ async def refresh(node: Node) -> Any:
     flights.forget(key)
     call = flights.start(key)
     flights.run(_flight(cfg, {key: node}, {key: call}, None, read=False))
-    value, _ = await wait(call)
+    value, _ = await call.join()
     return value
 
 
@@ -254,7 +255,8 @@ async def _flight(
             for j in range(len(cfg.tiers)):
                 if j not in failed_tiers:
                     backfill.setdefault(j, []).extend(admitted)
-        errors.update(await _write_back(cfg, backfill, values, calls))
+        if backfill:
+            errors.update(await _write_back(cfg, backfill, values, calls))
         for key, call in calls.items():
             if key in errors:
                 flights.fail(key, call, errors[key])
@@ -331,7 +333,9 @@ async def _write_back(
         else:
             for key in live:
                 storage.set(key, values[key], tier.ttl)  # type: ignore[attr-defined]
-    if remote_writes:
+    if len(remote_writes) == 1:
+        await remote_writes[0]
+    elif remote_writes:
         await asyncio.gather(*remote_writes)
     return errors
 
@@ -364,6 +368,9 @@ async def _load(
             outcomes = dict.fromkeys(nodes, batch)
         else:
             outcomes = _match(cfg, cls, nodes, batch)
+    elif len(nodes) == 1:
+        key, node = next(iter(nodes.items()))
+        outcomes[key] = await _timed(cfg, node.load, 1)
     else:
         results = await asyncio.gather(*(_timed(cfg, n.load, 1) for n in nodes.values()))
         outcomes = dict(zip(nodes, results, strict=True))

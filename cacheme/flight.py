@@ -1,11 +1,12 @@
 """Singleflight: at most one load per key per burst of concurrent requests.
 
 The first caller for a key registers a ``Call`` and starts one task that fetches the value;
-later callers await the same ``Call``. The task, not any caller, owns the work: a caller's
-cancellation never cancels it, and every waiter gets its result or its exception. The entry
-leaves the table when the task settles it, and only if it is still the same entry, so no
-entry outlives its load. ``forget`` detaches an entry (``invalidate``/``refresh``): its
-waiters still get its result, but it is marked stale and must not be written back.
+later callers join the same ``Call``. The task, not any caller, owns the work. Each waiter
+awaits a future of its own, so a cancelled waiter cancels only that future: never the fetch,
+never another waiter. Every waiter still pending gets the outcome, value or exception. The
+entry leaves the table when the task settles it, and only if it is still the same entry, so
+no entry outlives its fetch. ``forget`` detaches an entry (``invalidate``/``refresh``): its
+waiters still get its outcome, but it is marked stale and must not be written back.
 """
 
 from __future__ import annotations
@@ -14,21 +15,39 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
+Outcome = tuple[Any, bool]  # (value, was_hit)
+
 
 class Call:
-    """One in-flight fetch of one key. ``future`` gets ``(value, was_hit)``."""
+    """One in-flight fetch of one key, and the futures of its waiters."""
 
-    __slots__ = ("future", "stale")
+    __slots__ = ("stale", "waiters")
 
-    def __init__(self, future: asyncio.Future[tuple[Any, bool]]) -> None:
-        self.future = future
+    def __init__(self) -> None:
+        self.waiters: list[asyncio.Future[Outcome]] = []
         self.stale = False  # set by forget(): the result must not be written to the tiers
 
+    def join(self) -> asyncio.Future[Outcome]:
+        """A new future that gets this call's outcome; cancelling it affects nobody else."""
+        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        return fut
 
-def _consume(fut: asyncio.Future[Any]) -> None:
-    # An exception nobody is left to await is expected here, not a bug to log.
-    if not fut.cancelled():
-        fut.exception()
+    def resolve(self, outcome: Outcome) -> None:
+        for fut in self.waiters:
+            if not fut.done():
+                fut.set_result(outcome)
+        self.waiters.clear()
+
+    def reject(self, error: BaseException) -> None:
+        cancelled = isinstance(error, asyncio.CancelledError)
+        for fut in self.waiters:
+            if not fut.done():
+                if cancelled:
+                    fut.cancel()
+                else:
+                    fut.set_exception(error)
+        self.waiters.clear()
 
 
 class Flights:
@@ -46,23 +65,15 @@ class Flights:
 
     def start(self, key: str) -> Call:
         """Register a new call for ``key`` (replacing none: check ``get`` first)."""
-        fut: asyncio.Future[tuple[Any, bool]] = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(_consume)
-        call = Call(fut)
-        self._calls[key] = call
+        call = self._calls[key] = Call()
         return call
 
-    def settle(self, key: str, call: Call, result: tuple[Any, bool]) -> None:
-        if not call.future.done():
-            call.future.set_result(result)
+    def settle(self, key: str, call: Call, outcome: Outcome) -> None:
+        call.resolve(outcome)
         self._drop(key, call)
 
     def fail(self, key: str, call: Call, error: BaseException) -> None:
-        if not call.future.done():
-            if isinstance(error, asyncio.CancelledError):
-                call.future.cancel()
-            else:
-                call.future.set_exception(error)
+        call.reject(error)
         self._drop(key, call)
 
     def forget(self, key: str) -> None:
@@ -80,11 +91,6 @@ class Flights:
     def _drop(self, key: str, call: Call) -> None:
         if self._calls.get(key) is call:
             del self._calls[key]
-
-
-async def wait(call: Call) -> tuple[Any, bool]:
-    """Await ``call``'s outcome; cancelling the waiter leaves the fetch running."""
-    return await asyncio.shield(call.future)
 
 
 flights = Flights()

@@ -238,29 +238,37 @@ class RemoteStorage(BaseStorage[OptionsT]):
                 fut.set_exception(error)
         pending.calls.clear()
 
-    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+    # get_many and set_many hand back the batch's own future when coalescing: no coroutine
+    # frame between the caller and the flush (they sit on every remote read and write).
+
+    def get_many(self, keys: Sequence[str]) -> Awaitable[dict[str, bytes]]:
         """Values found for ``keys``; raises ``StorageError`` on failure or timeout."""
+        if keys and self.options.coalesce:
+            return self._submit(self._reads, keys)
+        return self._get_many_now(keys)
+
+    async def _get_many_now(self, keys: Sequence[str]) -> dict[str, bytes]:
         if not keys:
             return {}
-        if not self.options.coalesce:
-            return await self._call(self._get_many, _unique(keys), len(keys), "read")
-        return await self._submit(self._reads, keys)
+        return await self._call(self._get_many, _unique(keys), len(keys), "read")
 
     async def get(self, key: str) -> bytes | None:
         return (await self.get_many((key,))).get(key)
 
-    async def set_many(self, entries: Sequence[Entry]) -> None:
+    def set_many(self, entries: Sequence[Entry]) -> Awaitable[None]:
         """Write ``entries``; raises ``StorageError`` on failure or timeout."""
+        if entries and self.options.coalesce:
+            return self._submit(self._writes, entries)
+        return self._set_many_now(entries)
+
+    async def _set_many_now(self, entries: Sequence[Entry]) -> None:
         if not entries:
             return
-        if not self.options.coalesce:
-            unique = _last_per_key(entries)
-            await self._ordered_write(
-                [e.key for e in unique],
-                lambda: self._call(self._set_many, unique, len(unique), "write"),
-            )
-            return
-        await self._submit(self._writes, entries)
+        unique = _last_per_key(entries)
+        await self._ordered_write(
+            [e.key for e in unique],
+            lambda: self._call(self._set_many, unique, len(unique), "write"),
+        )
 
     async def remove_many(self, keys: Sequence[str]) -> None:
         """Delete ``keys``; ordered after every write already issued to this storage."""
@@ -409,6 +417,11 @@ class RemoteStorage(BaseStorage[OptionsT]):
         self, op: Callable[[Sequence[T]], Awaitable[R]], items: list[T], kind: str
     ) -> list[tuple[list[T], R | BaseException]]:
         size = self.options.batch_size
+        if len(items) <= size:  # the common case: no task for a lone chunk
+            try:
+                return [(items, await self._call(op, items, len(items), kind))]
+            except Exception as exc:
+                return [(items, exc)]
         chunks = [items[i : i + size] for i in range(0, len(items), size)]
         results = await asyncio.gather(
             *(self._call(op, chunk, len(chunk), kind) for chunk in chunks),
