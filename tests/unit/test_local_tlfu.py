@@ -1,0 +1,64 @@
+"""The W-TinyLFU tier: bounded, frequency-aware, per-entry TTLs, collisions handled."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+from cacheme.storages.local import LocalOptions, TinyLFUStorage
+
+
+def tlfu(size: int) -> TinyLFUStorage:
+    return TinyLFUStorage("t", "local://tlfu", LocalOptions(size=size))
+
+
+def test_get_set_remove_and_none_values() -> None:
+    store = tlfu(10)
+    assert store.get("a") == (None, False)
+    store.set("a", None, None)
+    assert store.get("a") == (None, True)
+    store.remove("a")
+    assert store.get("a") == (None, False)
+    store.remove("a")  # absent: fine
+
+
+def test_size_is_a_bound() -> None:
+    store = tlfu(100)
+    for i in range(5_000):
+        store.set(f"k{i}", i, None)
+        assert len(store) <= 100
+
+
+def test_frequently_read_keys_survive_a_scan() -> None:
+    store = tlfu(100)
+    hot = [f"hot{i}" for i in range(20)]
+    for key in hot:
+        store.set(key, key, None)
+    for _ in range(30):
+        for key in hot:
+            assert store.get(key) == (key, True)
+    for i in range(2_000):  # one-hit wonders
+        store.set(f"scan{i}", i, None)
+    kept = sum(store.get(key)[1] for key in hot)
+    assert kept == len(hot)
+
+
+def test_entries_expire_per_entry() -> None:
+    store = tlfu(10)
+    store.set("short", 1, timedelta(milliseconds=30))
+    store.set("long", 2, timedelta(seconds=30))
+    store.set("never", 3, None)
+    assert store.get("short") == (1, True)
+    time.sleep(0.06)
+    assert store.get("short") == (None, False)
+    assert store.get("long") == (2, True)
+    assert store.get("never") == (3, True)
+
+
+def test_overwrite_changes_value_and_ttl() -> None:
+    store = tlfu(10)
+    store.set("k", 1, timedelta(milliseconds=20))
+    store.set("k", 2, None)
+    time.sleep(0.04)
+    assert store.get("k") == (2, True)
+    assert len(store) == 1
