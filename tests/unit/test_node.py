@@ -226,9 +226,7 @@ async def test_unregistered_storage_with_nothing_registered() -> None:
         await cacheme.get(Lonely())
 
 
-@pytest.mark.skip(reason="needs a remote tier; tests/integration covers the missing serializer")
-async def test_remote_tier_without_serializer_is_a_clear_error() -> None:
-    pass
+# A remote tier without a serializer: tests/integration/test_chains.py, against real servers.
 
 
 # -- each class has its own config and stats ---------------------------------------------
