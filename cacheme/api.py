@@ -61,7 +61,7 @@ async def get(node: Node, load_fn: Loader | None = None) -> Any:
 
     ``load_fn`` (a zero-argument coroutine function) replaces ``node.load`` for this call.
     """
-    return await fetch(node, config_of(type(node)), load_fn)
+    return await fetch(node, type(node)._cacheme_config, load_fn)
 
 
 async def fetch(node: Node, cfg: Config, loader: Loader | None) -> Any:
@@ -71,12 +71,9 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None) -> Any:
     key = full_key(cfg, node)
     rec = cfg.stats
     rec.requests += 1
-    front = cfg.front
-    for local in front:
-        value, found = local.get(key)
-        if found:
-            if local is not front[0]:
-                _backfill_front(cfg, key, value, local)
+    if cfg.front:
+        value = _front_get(cfg, key)
+        if value is not _MISS:
             rec.hits += 1
             return value
     call = flights.get(key)
@@ -113,18 +110,13 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
     rec.requests += len(nodes)
     results: list[Any] = [None] * len(nodes)
     pending: dict[str, list[int]] = {}
-    front = cfg.front
     for i, key in enumerate(keys):
-        for local in front:
-            value, found = local.get(key)
-            if found:
-                if local is not front[0]:
-                    _backfill_front(cfg, key, value, local)
-                rec.hits += 1
-                results[i] = value
-                break
-        else:
+        value = _front_get(cfg, key) if cfg.front else _MISS
+        if value is _MISS:
             pending.setdefault(key, []).append(i)
+        else:
+            rec.hits += 1
+            results[i] = value
     if not pending:
         return results
     calls: dict[str, Call] = {}
@@ -150,12 +142,23 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
     return results
 
 
-def _backfill_front(cfg: Config, key: str, value: Any, found_in: Any) -> None:
-    """Copy a hit in a later leading local tier into the local tiers before it."""
-    for tier in cfg.tiers:
-        if tier.storage is found_in:
-            return
-        tier.storage.set(key, value, tier.ttl)  # type: ignore[attr-defined]
+_MISS: Any = object()
+
+
+def _front_get(cfg: Config, key: str) -> Any:
+    """The value of ``key`` in the leading local tiers (copied into the ones before the tier
+    that had it), or ``_MISS``. Synchronous: this is the hot path."""
+    front = cfg.front
+    for local in front:
+        value, found = local.get(key)
+        if found:
+            if local is not front[0]:
+                for tier in cfg.tiers:
+                    if tier.storage is local:
+                        break
+                    tier.storage.set(key, value, tier.ttl)  # type: ignore[attr-defined]
+            return value
+    return _MISS
 
 
 async def invalidate(node: Node) -> None:
