@@ -82,7 +82,7 @@ async def main(db: Path) -> None:
         asyncio.gather(*(cacheme.get(UserNode(2)) for _ in range(1000))),
     )
 
-    print("4. get_all: hits, misses and duplicates in one call, one SQLite round trip:")
+    print("4. get_all: hits, misses and duplicates in one call (one SQLite read, one write):")
     users = await timed(
         "get_all([1, 2, 3, 4, 3])", cacheme.get_all([UserNode(i) for i in (1, 2, 3, 4, 3)])
     )
