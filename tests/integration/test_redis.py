@@ -236,3 +236,12 @@ async def test_factory_leaves_no_test_keys(cluster: bool) -> None:
         await storage.set_many([Entry(k, b"x", None) for k in keys])
         assert len(await storage.get_many(keys)) == 50
     assert await _test_keys_left(cluster) == []
+
+
+@pytest.mark.redis
+async def test_coalesced_reads_respect_batch_size_on_a_real_server() -> None:
+    async with open_redis("bounded", batch_size=10) as storage:
+        before = storage.stats.round_trips
+        values = await asyncio.gather(*(storage.get(f"cacheme:bound:{i}:v1") for i in range(25)))
+        assert values == [None] * 25
+        assert storage.stats.round_trips - before == 3  # 10 + 10 + 5 keys
