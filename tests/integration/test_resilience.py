@@ -61,6 +61,15 @@ MSGPACK = MsgPackSerializer()
 MARGIN = 0.35  # seconds of slack on top of a timeout, for a loaded 2-core CI machine
 
 
+# The servers every fault test runs against, each under its own marker.
+SERVER_BACKENDS = [
+    pytest.param("redis", marks=pytest.mark.redis),
+    pytest.param("postgres", marks=pytest.mark.postgres),
+    pytest.param("mysql", marks=pytest.mark.mysql),
+    pytest.param("mongo", marks=pytest.mark.mongo),
+]
+
+
 # -- fixtures and helpers -------------------------------------------------------------------
 
 
@@ -507,15 +516,7 @@ async def real_server(
         raise ValueError(backend)
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        pytest.param("redis", marks=pytest.mark.redis),
-        pytest.param("postgres", marks=pytest.mark.postgres),
-        pytest.param("mysql", marks=pytest.mark.mysql),
-        pytest.param("mongo", marks=pytest.mark.mongo),
-    ],
-)
+@pytest.mark.parametrize("backend", SERVER_BACKENDS)
 async def test_black_holed_tier_answers_within_timeout(backend: str, tmp_path: Path) -> None:
     """The network to a working server starts swallowing every byte (no RST, no reply)."""
     timeout = 0.3
@@ -563,15 +564,7 @@ async def test_black_holed_tier_answers_within_timeout(backend: str, tmp_path: P
         await assert_hit_without_load(node, key)
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        pytest.param("redis", marks=pytest.mark.redis),
-        pytest.param("postgres", marks=pytest.mark.postgres),
-        pytest.param("mysql", marks=pytest.mark.mysql),
-        pytest.param("mongo", marks=pytest.mark.mongo),
-    ],
-)
+@pytest.mark.parametrize("backend", SERVER_BACKENDS)
 async def test_reset_connections_are_replaced(backend: str, tmp_path: Path) -> None:
     """Every open connection to the tier is reset (RST), twice, once in mid-burst."""
     async with real_server(backend, tmp_path) as (url, port, options), Proxy(port) as proxy:
