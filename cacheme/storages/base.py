@@ -514,9 +514,6 @@ def _shorten(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more chars)"
 
 
-_describe = describe  # the name the first backends imported
-
-
 if sys.version_info >= (3, 11):
 
     async def _with_timeout(aw: Awaitable[T], seconds: float) -> T:

@@ -57,7 +57,8 @@ from asyncmy import errors as mysql_errors
 
 from ..errors import ConfigurationError
 from .base import Entry
-from .sql import SQLOptions, SQLStorage, shown_url, stored_key, stored_keys
+from .sql import SQLOptions, SQLStorage, stored_key, stored_keys
+from .url import redact
 
 # Bytes reserved in each statement for everything but the rows.
 _STATEMENT_OVERHEAD = 4096
@@ -76,7 +77,7 @@ def connect_args(url: str) -> dict[str, Any]:
     database = unquote(parts.path.lstrip("/"))
     if not database or "/" in database:
         raise ConfigurationError(
-            f"MySQL URL {shown_url(url)!r} must name one database: mysql://user:pw@host:3306/db"
+            f"MySQL URL {redact(url)!r} must name one database: mysql://user:pw@host:3306/db"
         )
     args: dict[str, Any] = {
         "host": parts.hostname or "127.0.0.1",
@@ -90,7 +91,7 @@ def connect_args(url: str) -> dict[str, Any]:
             args["unix_socket"] = value
         else:
             raise ConfigurationError(
-                f"MySQL URL {shown_url(url)!r}: unknown query parameter {name!r} "
+                f"MySQL URL {redact(url)!r}: unknown query parameter {name!r} "
                 f"(supported: unix_socket)"
             )
     return args

@@ -29,7 +29,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from ..errors import ConfigurationError
-from .base import Entry, RemoteOptions, RemoteStorage, _describe
+from .base import Entry, RemoteOptions, RemoteStorage, describe
 from .url import redact
 
 __all__ = ["RedisOptions", "RedisStorage"]
@@ -73,7 +73,7 @@ class RedisStorage(RemoteStorage[RedisOptions]):
             params: dict[str, Any] = dict(parse_url(url))
         except ValueError as exc:
             raise ConfigurationError(
-                f"storage {name!r} ({redact(url)}): bad Redis URL: {_describe(exc, url)}"
+                f"storage {name!r} ({redact(url)}): bad Redis URL: {describe(exc, url)}"
             ) from None
         if options.cluster and params.get("db", 0) != 0:
             raise ConfigurationError(

@@ -72,11 +72,6 @@ _KEPT_PREFIX = MAX_KEY_LENGTH - len(_HASH_MARK) - _HASH_HEX_LENGTH  # 183 charac
 _BACKLOG_PAUSE = 1.0
 
 
-def shown_url(url: str) -> str:
-    """``url`` safe to print (see ``url.redact``)."""
-    return redact(url)
-
-
 def validate_identifier(option: str, value: str) -> str:
     """``value`` if it is a plain SQL identifier, else ``ConfigurationError`` naming ``option``."""
     if not isinstance(value, str) or not IDENTIFIER.fullmatch(value):
@@ -204,13 +199,13 @@ class SQLStorage(RemoteStorage[SO]):
                 logger.warning(
                     "cacheme: storage %r (%s): purge of expired rows failed: %s",
                     self.name,
-                    shown_url(self.url),
+                    redact(self.url),
                     describe(exc, self.url),
                 )
 
     def _missing_table(self, exc: BaseException) -> StorageError:
         return StorageError(
-            f"storage {self.name!r} ({shown_url(self.url)}): table {self.table!r} with columns "
+            f"storage {self.name!r} ({redact(self.url)}): table {self.table!r} with columns "
             f"key, value, expire not found ({describe(exc, self.url)}); create it first with "
             f"{self.schema_file} (replace cacheme_data with {self.table})"
         )

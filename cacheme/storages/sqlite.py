@@ -42,7 +42,8 @@ import aiosqlite
 
 from ..errors import ConfigurationError
 from .base import Entry
-from .sql import SQLOptions, SQLStorage, expire_at, shown_url, stored_key, stored_keys, utc_now
+from .sql import SQLOptions, SQLStorage, expire_at, stored_key, stored_keys, utc_now
+from .url import redact
 
 # Bound values one statement may carry (SQLITE_MAX_VARIABLE_NUMBER's default).
 MAX_VARIABLES = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
@@ -60,17 +61,17 @@ def database_of(url: str) -> str:
     parts = urlsplit(url)
     if parts.netloc:
         raise ConfigurationError(
-            f"SQLite URL {shown_url(url)!r} names a host; use sqlite:///relative/path.db or "
+            f"SQLite URL {redact(url)!r} names a host; use sqlite:///relative/path.db or "
             f"sqlite:////absolute/path.db"
         )
     if parts.query or parts.fragment:
-        raise ConfigurationError(f"SQLite URL {shown_url(url)!r}: no query or fragment allowed")
+        raise ConfigurationError(f"SQLite URL {redact(url)!r}: no query or fragment allowed")
     path = unquote(parts.path)
     if path.startswith("/"):
         path = path[1:]  # sqlite:///rel -> "rel"; sqlite:////abs -> "/abs"
     if not path or path == ":memory:" or path.startswith("file:"):
         raise ConfigurationError(
-            f"SQLite URL {shown_url(url)!r} must name a database file, like "
+            f"SQLite URL {redact(url)!r} must name a database file, like "
             f"sqlite:///relative/path.db or sqlite:////absolute/path.db (an in-memory "
             f"database would have no table; use a local:// tier for an in-process cache)"
         )

@@ -16,8 +16,9 @@ from cacheme.storages.base import Entry
 from cacheme.storages.mysql import MySQLStorage, connect_args, row_alias_supported
 from cacheme.storages.postgres import PostgresStorage
 from cacheme.storages.registry import Storage
-from cacheme.storages.sql import MAX_KEY_LENGTH, shown_url, stored_key
+from cacheme.storages.sql import MAX_KEY_LENGTH, stored_key
 from cacheme.storages.sqlite import database_of
+from cacheme.storages.url import redact
 
 from .backend_sql import SQL_BACKENDS, sql_storage, sql_table
 
@@ -96,7 +97,7 @@ def test_query_values_never_shown() -> None:
         with pytest.raises(ConfigurationError) as info:
             Storage(url).build("query")
         assert SECRET not in str(info.value) and "password=***" in str(info.value)
-    assert shown_url(f"postgresql://u:{SECRET}@h/db?sslmode=require&password={SECRET}") == (
+    assert redact(f"postgresql://u:{SECRET}@h/db?sslmode=require&password={SECRET}") == (
         "postgresql://u:***@h/db?sslmode=require&password=***"
     )
 
