@@ -5,7 +5,8 @@ connections), the same key names ``uid:{n}`` and the same load function (given b
 it counts its calls and sleeps), and exposes ``get(n)`` (and ``get_all([n, ...])`` for the
 batch workload). Framework imports happen inside ``setup`` only, because each adapter runs in
 its own interpreter: ours in the repo's venv, the peers in ``benchmarks/.venv-peers``, the
-original cacheme 0.3.0 in ``benchmarks/.venv-original`` (it shares our import name).
+original cacheme 0.3.0 in ``benchmarks/.venv-original`` (it shares our import name). The
+references (``floor``: no Redis at all; ``lean``: ``lean.py``) are written for the benchmark.
 
 Standard library only at import time.
 """
@@ -37,7 +38,7 @@ class Adapter:
     label: str = ""  # as shown in tables
     package: str = ""  # distribution whose version is reported
     env: str = "ours"  # ours | peers | original
-    backend: str = "redis"  # redis | sqlite
+    backend: str = "redis"  # redis | sqlite | memory (no storage: runs in either mode)
     batch: bool = False  # runs the get_all workload
 
     async def setup(self, ctx: Context) -> None:
@@ -188,6 +189,128 @@ class CachemeSQLiteBatch(Cacheme):
     label = "cacheme [local tlfu 3000, sqlite] get_all x20"
     chain = ("local", "sqlite")
     backend = "sqlite"
+    batch = True
+
+
+# -- references: the floor (no framework, no Redis) and a lean Redis cache --------------------
+
+
+class Floor(Adapter):
+    """The ideal in-process cache: a dict of values plus one future per key being loaded.
+
+    The first caller of a key creates its future and runs the load in its own coroutine;
+    the others await that future. No Redis, no serializer: the least time and CPU any cache
+    framework can take on this workload (the benchmark's own work, the loads' sleeps).
+    """
+
+    name = "floor"
+    label = "floor [dict + future per key]"
+    env = "ours"
+    backend = "memory"  # no server: runs with and without --embedded
+
+    def version(self) -> str:
+        return "reference"
+
+    async def setup(self, ctx: Context) -> None:
+        import asyncio
+
+        self._loop = asyncio.get_running_loop()
+        self._load = ctx.load
+        self._values: dict[str, Any] = {}
+        self._flights: dict[str, Any] = {}  # key -> asyncio.Future
+        self._tasks: set[Any] = set()
+
+    async def get(self, n: int) -> Any:
+        key = f"uid:{n}"
+        try:
+            return self._values[key]
+        except KeyError:
+            pass
+        fut = self._flights.get(key)
+        if fut is not None:
+            return await fut
+        fut = self._flights[key] = self._loop.create_future()
+        await self._fill(key, n, fut)
+        return fut.result()
+
+    async def _fill(self, key: str, n: int, fut: Any) -> None:
+        try:
+            value = await self._load(n)
+        except BaseException as exc:  # the waiters get it too, and nobody waits forever
+            del self._flights[key]
+            fut.set_exception(exc)
+            raise
+        self._values[key] = value
+        del self._flights[key]
+        fut.set_result(value)
+
+    async def get_all(self, ns: list[int]) -> list[Any]:
+        values = self._values
+        flights = self._flights
+        out: list[Any] = []
+        waits: list[tuple[int, Any]] = []
+        for i, n in enumerate(ns):
+            key = f"uid:{n}"
+            if key in values:
+                out.append(values[key])
+                continue
+            out.append(None)
+            fut = flights.get(key)
+            if fut is None:
+                # several misses load at once: a task each
+                fut = flights[key] = self._loop.create_future()
+                task = self._loop.create_task(self._fill(key, n, fut))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            waits.append((i, fut))
+        for i, fut in waits:
+            out[i] = await fut
+        return out
+
+
+class FloorBatch(Floor):
+    name = "floor-batch"
+    label = "floor [dict + future per key] get_all x20"
+    batch = True
+
+
+class Lean(Adapter):
+    """``benchmarks/lean.py``: a future per key, one MGET per loop turn, one SET pipeline
+    per loop turn, a task per load, MsgPack, redis-py asyncio (+ hiredis); nothing else."""
+
+    name = "lean"
+    label = "lean [redis]"
+    env = "ours"
+
+    def version(self) -> str:
+        import redis
+
+        try:
+            import hiredis
+
+            parser = f"hiredis {hiredis.__version__}"
+        except ImportError:
+            parser = "no hiredis"
+        return f"redis-py {redis.__version__}, {parser}"
+
+    async def setup(self, ctx: Context) -> None:
+        import lean  # benchmarks/lean.py, beside this file
+
+        self._lean = lean.Lean(ctx.redis_url, ctx.load, pool_size=ctx.pool_size)
+
+    async def get(self, n: int) -> Any:
+        return await self._lean.get(n)
+
+    async def get_all(self, ns: list[int]) -> list[Any]:
+        return await self._lean.get_all(ns)
+
+    async def close(self) -> None:
+        await self._lean.close()
+
+
+class LeanBatch(Lean):
+    name = "lean-batch"
+    label = "lean [redis] get_all x20"
     batch = True
 
 
@@ -367,6 +490,10 @@ class CashewsLock(Cashews):
 ADAPTERS: dict[str, type[Adapter]] = {
     cls.name: cls
     for cls in (
+        Floor,
+        FloorBatch,
+        Lean,
+        LeanBatch,
         CachemeRedis,
         CachemeLocalRedis,
         CachemeRedisBatch,

@@ -1,10 +1,12 @@
-"""The trace benchmark: cacheme against aiocache, cashews and the original cacheme 0.3.0.
+"""The trace benchmark: cacheme against aiocache, cashews, the original cacheme 0.3.0 and two
+references (an ideal in-process floor and a lean Redis cache).
 
     python benchmarks/trace.py                      # the whole comparison
     python benchmarks/trace.py --workers 1000,10000,100000
     python benchmarks/trace.py --quick              # 20k requests, 0.01 s loads (smoke run)
     python benchmarks/trace.py --embedded           # no Redis: cacheme [local tlfu, sqlite]
     python benchmarks/trace.py --frameworks cacheme,aiocache --redis-url redis://127.0.0.1:6379/13
+    python benchmarks/trace.py --frameworks reference,cacheme   # floor, lean and cacheme
 
 A Zipf stream of 200k keys (about 55k unique; see ``workload.py``) goes into one asyncio
 queue; N workers take keys from it and ask the framework for each key's value. A miss calls the
@@ -14,7 +16,13 @@ Each run is a fresh interpreter (``child.py``) against an emptied database whose
 statistics were just reset, so ``INFO commandstats`` counts that run's GET and MGET only. The
 server is a throw-away ``redis-server`` started for the benchmark (``--redis-url`` to use
 another: its database is flushed and its statistics reset before each run).
-The batch workload (cacheme only) asks ``get_all`` for 20 distinct keys per request.
+The batch workload (both cachemes and the references) asks ``get_all`` for 20 distinct keys per
+request.
+
+Two reference runs, written for the benchmark only (family ``reference``): ``floor``, an ideal
+in-process cache (a dict and a future per key, no Redis, no serializer), and ``lean``, a lean
+Redis-backed cache (``lean.py``). Every run's time and CPU are also given as a ratio to the
+floor's at the same workload and worker count (``x floor``), beside the ratio to the load limit.
 
 Writes ``trace[-embedded][-quick].json``, ``.md`` and ``.png`` into ``--out``. The peers
 and the original cacheme run in venvs of their own, created on first use (see ``envs.py``);
@@ -46,15 +54,21 @@ import envs  # noqa: E402
 from adapters import ADAPTERS  # noqa: E402
 
 FAMILIES: dict[str, list[str]] = {
+    "reference": ["floor", "lean", "floor-batch", "lean-batch"],
     "cacheme": ["cacheme", "cacheme-local", "cacheme-batch"],
     "original": ["original", "original-local", "original-batch"],
     "aiocache": ["aiocache", "aiocache-stampede"],
     "cashews": ["cashews", "cashews-lock"],
 }
 EMBEDDED_FAMILIES: dict[str, list[str]] = {
+    "reference": ["floor", "floor-batch"],
     "cacheme": ["cacheme-sqlite", "cacheme-local-sqlite", "cacheme-sqlite-batch"],
 }
 PEERS = {"aiocache", "aiocache-stampede", "cashews", "cashews-lock"}
+# The reference runs (benchmarks only, see docs/benchmarks.md): the floor every run's time and
+# CPU are divided by (per workload and worker count), and a lean Redis-backed cache.
+FLOORS = {"floor", "floor-batch"}
+REFERENCES = FLOORS | {"lean", "lean-batch"}
 BATCH_MAX_WORKERS = 10_000  # as in the original: get_all x 100k workers is not run
 SHARED_REDIS = "redis://127.0.0.1:6379/13"  # the tests use 0 and 15, test_micro.py 14
 
@@ -72,13 +86,15 @@ def select(tokens: list[str], embedded: bool, batch: bool) -> list[str]:
             known = ", ".join(sorted(families) + sorted(n for f in families.values() for n in f))
             raise SystemExit(f"unknown framework {token!r}; choose from: {known}")
         for name in names:
-            if (ADAPTERS[name].backend == "sqlite") != embedded:
+            backend = ADAPTERS[name].backend
+            if backend != "memory" and (backend == "sqlite") != embedded:
                 raise SystemExit(f"{name} runs {'without' if embedded else 'with'} --embedded only")
             if not batch and ADAPTERS[name].batch:
                 continue
             if name not in chosen:
                 chosen.append(name)
-    return chosen
+    # the floors first: each later run of a worker count is printed with its ratio to them
+    return sorted(chosen, key=lambda name: name not in FLOORS)
 
 
 # -- Redis ------------------------------------------------------------------------------------
@@ -190,7 +206,7 @@ def run_one(name: str, workers: int, args: argparse.Namespace, tmp: str) -> dict
     ]
     if adapter.backend == "sqlite":
         cmd += ["--sqlite-path", fresh_sqlite(tmp, f"{name}-{workers}")]
-    else:
+    elif adapter.backend == "redis":
         cmd += ["--redis-url", args.redis_url]
     if args.profile:
         os.makedirs(args.out, exist_ok=True)
@@ -249,16 +265,50 @@ def run_one(name: str, workers: int, args: argparse.Namespace, tmp: str) -> dict
 def describe(r: dict[str, Any]) -> str:
     if "failed" in r:
         return f"FAILED: {r['failed']}"
-    reads = (
-        f"GET {r['redis_get']:>6}  MGET {r['redis_mget']:>5}"
-        if r["backend"] == "redis"
-        else f"SQL trips {sqlite_reads(r):>6}"
-    )
+    if r["backend"] == "redis":
+        reads = f"GET {r['redis_get']:>6}  MGET {r['redis_mget']:>5}"
+    elif r["backend"] == "sqlite":
+        reads = f"SQL trips {sqlite_reads(r):>6}"
+    else:
+        reads = "in memory"
     extra = f"  errors {r['errors']} ({r['first_error']})" if r["errors"] else ""
-    return (
-        f"{r['seconds']:7.2f}s  {reads}  loads {r['load_calls']:>6}/{r['unique_keys']} unique"
-        f"  wrong {r['wrong']}  peak RSS {r['peak_rss_mb']:.0f} MiB{extra}"
+    floor = (
+        f"  x floor {r['seconds_x_floor']:.2f} (CPU x floor {r['cpu_x_floor']:.2f})"
+        if "seconds_x_floor" in r
+        else ""
     )
+    return (
+        f"{r['seconds']:7.2f}s  x limit {r['seconds'] / (r['load_limit_seconds'] or 1e-9):.1f}"
+        f"{floor}  CPU {r['cpu_seconds']:.1f}s  {reads}  loads {r['load_calls']:>6}/"
+        f"{r['unique_keys']} unique  wrong {r['wrong']}  peak RSS {r['peak_rss_mb']:.0f} MiB"
+        f"{extra}"
+    )
+
+
+def floor_of(r: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The floor run of ``r``'s workload and worker count, if it ran and finished."""
+    return next(
+        (
+            f
+            for f in runs
+            if f["framework"] in FLOORS
+            and "failed" not in f
+            and f["mode"] == r["mode"]
+            and f["workers"] == r["workers"]
+        ),
+        None,
+    )
+
+
+def add_floor_ratios(r: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    """Set ``seconds_x_floor`` and ``cpu_x_floor``: time and CPU over the floor's."""
+    floor = None if "failed" in r else floor_of(r, runs)
+    if floor is None:
+        return
+    r["floor_seconds"] = floor["seconds"]
+    r["floor_cpu_seconds"] = floor["cpu_seconds"]
+    r["seconds_x_floor"] = round(r["seconds"] / (floor["seconds"] or 1e-9), 3)
+    r["cpu_x_floor"] = round(r["cpu_seconds"] / (floor["cpu_seconds"] or 1e-9), 3)
 
 
 def sqlite_reads(r: dict[str, Any]) -> int:
@@ -289,7 +339,9 @@ def markdown(meta: dict[str, Any], runs: list[dict[str, Any]], checks: list[str]
     out.append("")
     out.append(
         "Time: seconds for the whole queue. x limit: time / (unique keys x load delay / "
-        "workers), the least any cache that loads each key once can take. "
+        "workers), the least any cache that loads each key once can take. x floor, CPU x "
+        "floor: time and CPU over those of the floor run (a dict and a future per key, no "
+        "Redis: see docs/benchmarks.md) of the same workload and worker count. "
         + (
             "GET, MGET: from Redis INFO commandstats for this run only. "
             "Reads/req: (GET + MGET) / requests. "
@@ -309,16 +361,22 @@ def markdown(meta: dict[str, Any], runs: list[dict[str, Any]], checks: list[str]
         what = "get" if mode == "trace" else "get_all of 20 distinct keys"
         out += ["", f"## {what}, {workers:,} workers"]
         if first is not None:
+            floor = floor_of(first, runs)
             out.append(
                 f"{first['requests']:,} requests, {first['keys']:,} keys, "
                 f"{first['unique_keys']:,} unique; load limit "
                 f"{first['load_limit_seconds']:.2f} s"
+                + (
+                    f"; floor {floor['seconds']:.2f} s, CPU {floor['cpu_seconds']:.2f} s"
+                    if floor is not None
+                    else ""
+                )
             )
         out.append("")
         if meta["kind"] == "redis":
-            head = "| Framework | Version | Time (s) | x limit | CPU (s) | Redis GET | Redis MGET | Reads/req | Loads | Wrong | Peak RSS (MiB) |"  # noqa: E501
+            head = "| Framework | Version | Time (s) | x limit | x floor | CPU (s) | CPU x floor | Redis GET | Redis MGET | Reads/req | Loads | Wrong | Peak RSS (MiB) |"  # noqa: E501
         else:
-            head = "| Framework | Version | Time (s) | x limit | CPU (s) | SQL trips | Trips/req | Loads | Wrong | Peak RSS (MiB) |"  # noqa: E501
+            head = "| Framework | Version | Time (s) | x limit | x floor | CPU (s) | CPU x floor | SQL trips | Trips/req | Loads | Wrong | Peak RSS (MiB) |"  # noqa: E501
         out.append(head)
         out.append("|" + "---|" * (head.count("|") - 1))
         for r in rows:
@@ -327,12 +385,15 @@ def markdown(meta: dict[str, Any], runs: list[dict[str, Any]], checks: list[str]
                 continue
             limit = r["load_limit_seconds"] or 1e-9
             reads = f"{remote_reads(r) / r['requests']:.2f}"
+            floor = "seconds_x_floor" in r
             cells = [
                 r["label"],
                 r["version"],
                 f"{r['seconds']:.1f}",
                 f"{r['seconds'] / limit:.1f}",
+                f"{r['seconds_x_floor']:.2f}" if floor else "",
                 f"{r['cpu_seconds']:.1f}",
+                f"{r['cpu_x_floor']:.2f}" if floor else "",
             ]
             if meta["kind"] == "redis":
                 cells += [f"{r['redis_get']:,}", f"{r['redis_mget']:,}", reads]
@@ -359,7 +420,7 @@ def target_checks(runs: list[dict[str, Any]]) -> list[str]:
 
     checks: list[str] = []
     mark = {True: "MET", False: "MISSED"}
-    ours = [r for r in ok if r["env"] == "ours"]
+    ours = [r for r in ok if r["env"] == "ours" and r["framework"] not in REFERENCES]
     for r in ours:
         good = r["load_calls"] == r["unique_keys"]
         checks.append(
@@ -408,7 +469,7 @@ def embedded_checks(runs: list[dict[str, Any]]) -> list[str]:
         f"{r['workers']:,} workers loads each key once: {r['load_calls']:,} loads for "
         f"{r['unique_keys']:,} unique keys"
         for r in runs
-        if "failed" not in r
+        if "failed" not in r and r["framework"] not in REFERENCES
     ]
 
 
@@ -471,8 +532,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--frameworks",
         default=None,
-        help="comma-separated: families (cacheme, original, aiocache, cashews) "
-        "or run names (e.g. cacheme-local, cashews-lock); default: all",
+        help="comma-separated: families (reference, cacheme, original, aiocache, cashews) "
+        "or run names (e.g. floor, lean, cacheme-local, cashews-lock); default: all",
     )
     p.add_argument(
         "--quick", action="store_true", help="smoke run: 20k requests, 0.01 s loads, 1000 workers"
@@ -521,7 +582,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.worker_counts = [int(w.replace("_", "")) for w in args.workers.split(",") if w]
     if args.huge and 100_000 not in args.worker_counts:
         args.worker_counts.append(100_000)
-    default = "cacheme" if args.embedded else "cacheme,original,aiocache,cashews"
+    default = (
+        "reference,cacheme" if args.embedded else "reference,cacheme,original,aiocache,cashews"
+    )
     args.names = select((args.frameworks or default).split(","), args.embedded, not args.no_batch)
     return args
 
@@ -530,6 +593,8 @@ def rerender(path: str, no_chart: bool) -> int:
     with open(path) as f:
         data = json.load(f)
     runs = data["runs"]
+    for r in runs:
+        add_floor_ratios(r, runs)
     checks = target_checks(runs) if data["meta"]["kind"] == "redis" else embedded_checks(runs)
     data["targets"] = checks
     with open(path, "w") as f:
@@ -601,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"[{i}/{len(plan)}] {adapter.label}: {what}, {workers:,} workers ...")
                 r = run_one(name, workers, args, tmp)
                 runs.append(r)
+                add_floor_ratios(r, runs)
                 log(f"[{i}/{len(plan)}] {adapter.label}, {workers:,} workers: {describe(r)}")
     finally:
         if private is not None:
