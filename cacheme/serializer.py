@@ -1,19 +1,77 @@
 """Serializers: how a value becomes bytes for a remote tier, and back.
 
-- ``PickleSerializer``: any picklable object, stored as raw pickle bytes. Unpickling runs code
-  named by the data: use it only with storages that untrusted parties cannot write.
-- ``JSONSerializer`` / ``MsgPackSerializer``: primitives, dataclasses, pydantic v2 models,
-  datetimes, UUIDs, Decimals, sets... encoded with pydantic-core. Decoding never imports or
-  builds a class named in the data: it rebuilds the node's value type (the return annotation
-  of ``load()``) with pydantic's ``TypeAdapter``, or returns plain JSON types when there is none.
-- ``Compressed*``: the same, compressed with zlib level 3.
+A node's value is decoded either *typed*, when its ``load()`` has a return annotation (the
+node's ``value_type``; pydantic's ``TypeAdapter`` rebuilds that type from the decoded data), or
+*untyped*, when it has none (or ``Any``). Decoding never imports or builds a class named in the
+stored data. Local tiers hold Python objects and use no serializer.
 
-Encoding failures raise ``EncodeError``; decoding failures raise ``DecodeError`` and nothing
+- ``PickleSerializer``: raw pickle bytes (highest protocol). Unpickling runs code named by the
+  data: use it only with storages that untrusted parties cannot write.
+- ``JSONSerializer``: UTF-8 JSON text written by pydantic-core.
+- ``MsgPackSerializer``: MessagePack, with the bin type for bytes (``use_bin_type=True``) and
+  str for text; types MessagePack lacks are written in their JSON form.
+- ``Compressed*``: the same bytes, compressed with zlib level 3; they round-trip exactly
+  what their inner serializer does.
+
+What comes back
+---------------
+
+A value "round-trips" when the decoded value equals it and has its type (so a hit returns what
+the miss returned; NaN counts as equal to NaN).
+
+Pickle, typed or untyped: every picklable value. ``memoryview``, lambdas, open files, locks...
+raise ``EncodeError``.
+
+JSON and MsgPack, **typed**: every value pydantic can validate back into the annotation: None,
+bool, int, float (NaN and +-inf included), str, bytes, list, tuple (and
+NamedTuple), dict, set, frozenset, datetime (naive or aware), date, time, timedelta, Decimal
+(NaN and +-Infinity included, except inside a model or dataclass whose config refuses them),
+UUID, Enum/IntEnum/StrEnum, dataclasses, pydantic v2 models, and any nesting of these. Limits:
+
+- JSON writes bytes as UTF-8 text: bytes that are not valid UTF-8 raise ``EncodeError``
+  (use MsgPack or Pickle for binary data).
+- JSON writes NaN and +-inf as ``NaN``/``Infinity``, except inside a pydantic model whose
+  ``ser_json_inf_nan`` is ``'null'`` (pydantic's default), which writes ``null`` and then
+  fails to decode into a float field (``DecodeError``; the entry is reloaded). MsgPack keeps
+  them in models too.
+- JSON object keys are text: int, float, bool, Enum, UUID, Decimal and date/time keys come
+  back typed, but a tuple key is written as ``"1,2"`` and fails to decode (``DecodeError``;
+  the entry is reloaded). MsgPack keeps keys as they are.
+- MsgPack integers are 64-bit: an int outside ``[-2**63, 2**64 - 1]`` raises ``EncodeError``
+  (JSON keeps ints of any size).
+- A str holding a lone surrogate (``"\\ud800"``) is not UTF-8: JSON and MsgPack raise
+  ``EncodeError``; only Pickle stores it.
+- ``bytearray`` and ``memoryview`` are written as bytes and come back as ``bytes``: annotate
+  ``bytes`` (pydantic cannot validate into either type, so such an annotation fails to decode
+  with ``DecodeError`` and the entry is reloaded). JSON (like Pickle) raises ``EncodeError``
+  for a ``memoryview``.
+
+JSON and MsgPack, **untyped**: the decoded value is the format's own data model, and only
+values inside that model round-trip:
+
+- JSON: None, bool, int (any size), float (NaN and +-inf included), str, list, and dict with
+  str keys. A tuple comes back as a list, a dict's int keys as str, bytes as str (their UTF-8
+  text).
+- MsgPack: None, bool, int (64-bit), float (NaN and +-inf included), str, bytes, list, and
+  dict with keys of these types or tuples of them (a tuple key comes back as a tuple). A tuple
+  value comes back as a list, a bytearray as bytes.
+- For both: set and frozenset come back as a list; datetime, date, time and timedelta as
+  ISO 8601 str; Decimal and UUID as str; an Enum member as its value; a dataclass or pydantic
+  model as a dict of its fields (by alias).
+
+So a hit returns a value equal to, and of the type of, what the miss returned for every typed
+node, and for an untyped node whose values stay inside the data model above; annotate
+``load()`` (or use Pickle) to get other types back.
+
+Errors: a value a serializer cannot encode raises ``EncodeError`` (also a ``TypeError``) whose
+message names the serializer and the value's type; decoding raises ``DecodeError`` and nothing
 else, whatever the bytes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import pickle
 import zlib
@@ -21,21 +79,42 @@ from functools import lru_cache
 from typing import Any
 
 import msgpack
-from pydantic import TypeAdapter
+from pydantic import BaseModel, ConfigDict, PydanticUserError, TypeAdapter
 from pydantic_core import to_json, to_jsonable_python
 
 from .errors import DecodeError, EncodeError
 
 _ANY: Any = Any
+_PYTHON_FORM: TypeAdapter[Any] = TypeAdapter(Any)
+_ALLOW_INF_NAN = ConfigDict(allow_inf_nan=True)
 
 
 @lru_cache(maxsize=1024)
 def _adapter(tp: Any) -> TypeAdapter[Any]:
-    return TypeAdapter(tp)
+    # pydantic refuses Decimal NaN/Infinity by default. A config can only be given to types
+    # that have none of their own: models, dataclasses and TypedDicts keep theirs.
+    try:
+        return TypeAdapter(tp, config=_ALLOW_INF_NAN)
+    except PydanticUserError:
+        return TypeAdapter(tp)
+
+
+def _encode_error(serializer: Serializer, value: Any, exc: Exception) -> EncodeError:
+    message = f"{serializer!r} cannot encode {type(value).__name__}: {exc}"
+    if "utf-8" in str(exc).lower():
+        message += " (JSON and MessagePack text must be valid UTF-8"
+        if isinstance(serializer, JSONSerializer):
+            message += "; JSON stores bytes as UTF-8 text: use MsgPackSerializer for binary"
+        message += ")"
+    return EncodeError(message)
 
 
 class Serializer:
-    """Turns values into bytes and back. ``value_type`` is the type to rebuild (or ``Any``)."""
+    """Turns values into bytes and back. ``value_type`` is the type to rebuild (or ``Any``).
+
+    ``dumps`` raises ``EncodeError`` for a value it cannot encode; ``loads`` raises
+    ``DecodeError`` for bytes it cannot decode into ``value_type``, and nothing else.
+    """
 
     def dumps(self, value: Any) -> bytes:
         raise NotImplementedError
@@ -54,13 +133,13 @@ class Serializer:
 
 
 class PickleSerializer(Serializer):
-    """Any picklable value; trusted storages only."""
+    """Any picklable value, typed or untyped; trusted storages only."""
 
     def dumps(self, value: Any) -> bytes:
         try:
             return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
-            raise EncodeError(f"{self!r} cannot encode {type(value).__name__}: {exc}") from exc
+            raise _encode_error(self, value, exc) from exc
 
     def loads(self, data: bytes, value_type: Any = _ANY) -> Any:
         try:
@@ -70,13 +149,13 @@ class PickleSerializer(Serializer):
 
 
 class JSONSerializer(Serializer):
-    """JSON text, typed on the way back by pydantic."""
+    """UTF-8 JSON, typed on the way back by pydantic (see the module docstring for the types)."""
 
     def dumps(self, value: Any) -> bytes:
         try:
-            return to_json(value)
+            return to_json(value, inf_nan_mode="constants")
         except Exception as exc:
-            raise EncodeError(f"{self!r} cannot encode {type(value).__name__}: {exc}") from exc
+            raise _encode_error(self, value, exc) from exc
 
     def loads(self, data: bytes, value_type: Any = _ANY) -> Any:
         try:
@@ -88,25 +167,68 @@ class JSONSerializer(Serializer):
 
 
 class MsgPackSerializer(Serializer):
-    """MessagePack of the JSON-able form, typed on the way back by pydantic."""
+    """MessagePack with bin for bytes, typed on the way back by pydantic (see the module
+    docstring for the types)."""
 
     def dumps(self, value: Any) -> bytes:
         try:
-            packed: bytes = msgpack.packb(to_jsonable_python(value), use_bin_type=True)
+            packed: bytes = msgpack.packb(value, use_bin_type=True, default=_msgpack_form)
         except Exception as exc:
-            raise EncodeError(f"{self!r} cannot encode {type(value).__name__}: {exc}") from exc
+            raise _encode_error(self, value, exc) from exc
         return packed
 
     def loads(self, data: bytes, value_type: Any = _ANY) -> Any:
         try:
-            # strict_map_key=False: JSON-able dicts may have int keys after to_jsonable_python.
-            raw = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_refuse_ext)
+            raw = _unpack(data)
             if value_type is _ANY:
                 _refuse_timestamps(raw)
                 return raw
-            return _adapter(value_type).validate_python(raw)
+            # strict=False: the JSON forms (ISO str, lists) are valid input for strict models.
+            return _adapter(value_type).validate_python(raw, strict=False)
         except Exception as exc:
             raise DecodeError(f"{self!r} cannot decode {len(data)} bytes: {exc!r}") from exc
+
+
+def _msgpack_form(value: Any) -> Any:
+    """What to pack for a value MessagePack has no type for (msgpack's ``default`` hook)."""
+    if isinstance(value, int):  # msgpack packs every int that fits in 64 bits itself
+        raise OverflowError(f"int {value} is outside MessagePack's 64-bit integer range")
+    if isinstance(value, (set, frozenset)):
+        return list(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, BaseModel) or (
+        dataclasses.is_dataclass(value) and not isinstance(value, type)
+    ):
+        # The python form keeps bytes as bytes; msgpack calls back here for what is inside.
+        return _PYTHON_FORM.dump_python(value, mode="python", by_alias=True)
+    form = to_jsonable_python(value)  # datetimes, Decimal, UUID...: their JSON form
+    if type(form) is type(value):
+        raise TypeError(f"cannot encode {type(value).__name__}")
+    return form
+
+
+def _unpack(data: bytes) -> Any:
+    try:
+        # strict_map_key=False: dicts may have int (or bytes, tuple...) keys.
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_refuse_ext)
+    except TypeError:
+        # A key packed from a tuple arrives as an (unhashable) list: make it a tuple again.
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=False,
+            ext_hook=_refuse_ext,
+            object_pairs_hook=_dict_with_hashable_keys,
+        )
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(item) for item in key) if isinstance(key, list) else key
+
+
+def _dict_with_hashable_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    return {_hashable(key): value for key, value in pairs}
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:
@@ -122,8 +244,9 @@ def _refuse_timestamps(value: Any) -> None:
         if isinstance(item, msgpack.Timestamp):
             raise ValueError("MessagePack timestamp extension is not accepted")
         if isinstance(item, dict):
+            stack.extend(item.keys())
             stack.extend(item.values())
-        elif isinstance(item, list):
+        elif isinstance(item, (list, tuple)):
             stack.extend(item)
 
 
@@ -151,14 +274,20 @@ class _Compressed(Serializer):
 
 
 class CompressedPickleSerializer(_Compressed):
+    """``PickleSerializer`` bytes compressed with zlib level 3; trusted storages only."""
+
     inner = PickleSerializer()
 
 
 class CompressedJSONSerializer(_Compressed):
+    """``JSONSerializer`` bytes compressed with zlib level 3."""
+
     inner = JSONSerializer()
 
 
 class CompressedMsgPackSerializer(_Compressed):
+    """``MsgPackSerializer`` bytes compressed with zlib level 3."""
+
     inner = MsgPackSerializer()
 
 
