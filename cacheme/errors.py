@@ -9,7 +9,8 @@ Every exception cacheme raises on purpose is a ``CachemeError``::
     │   └── MissingDriverError (also ImportError)  the backend's driver is not installed
     ├── StorageError                            a tier failed (connection, protocol, server)
     │   ├── StorageTimeoutError (also TimeoutError)  a tier did not answer within its timeout
-    │   └── StorageUnavailableError             the tier's circuit breaker is open
+    │   ├── StorageUnavailableError             the tier's circuit breaker is open
+    │   └── InvalidKeyError (also ValueError)   one key no driver can send (e.g. not UTF-8)
     ├── SerializationError
     │   ├── EncodeError (also TypeError)        a value the node's serializer cannot encode
     │   └── DecodeError                         stored bytes that cannot be decoded
@@ -52,6 +53,14 @@ class StorageTimeoutError(StorageError, TimeoutError):
 
 class StorageUnavailableError(StorageError):
     """A storage tier is skipped because its circuit breaker is open."""
+
+
+class InvalidKeyError(StorageError, ValueError):
+    """A key that no remote tier can store (it does not encode as UTF-8).
+
+    It fails only the operation that carries the key, never its neighbours in a batch, and
+    never counts toward the circuit breaker: the server was not at fault.
+    """
 
 
 class SerializationError(CachemeError):

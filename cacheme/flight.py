@@ -1,21 +1,26 @@
-"""Singleflight: at most one load per key per burst of concurrent requests.
+"""Singleflight: at most one fetch per key per burst of concurrent requests, per event loop.
 
-The first caller for a key registers a ``Call`` and starts one task that fetches the value;
-later callers join the same ``Call``. The task, not any caller, owns the work. Each waiter
-awaits a future of its own, so a cancelled waiter cancels only that future: never the fetch,
-never another waiter. Every waiter still pending gets the outcome, value or exception. The
-entry leaves the table when the task settles it, and only if it is still the same entry, so
-no entry outlives its fetch. ``forget`` detaches an entry (``invalidate``/``refresh``): its
-waiters still get its outcome, but it is marked stale and must not be written back.
+The first caller of a key registers a ``Call``; later callers join it. The walk over the tiers
+(see ``walk``), not any caller, owns the fetch: it settles the call with the outcome, value or
+exception, and every waiter gets it. Each waiter awaits a future of its own, so a cancelled
+waiter cancels only that future: never the fetch, never another waiter. The entry leaves the
+table when the walk settles it, and only if it is still the same entry, so no entry outlives
+its fetch. ``forget`` detaches an entry (``invalidate``/``refresh``): its waiters still get its
+outcome, but the call is marked stale and nothing it produces is written or remembered.
+
+A table belongs to one event loop (``runtime.Runtime``): futures never cross loops.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
 from typing import Any
 
-Outcome = tuple[Any, bool]  # (value, was_hit)
+# Where a value came from: the index of the tier that held it, or one of these.
+LOADED = -1  # load() ran (a miss)
+STALE = -2  # load() failed; a stale value was served (a miss)
+
+Outcome = tuple[Any, int]  # (value, source)
 
 
 class Call:
@@ -25,7 +30,7 @@ class Call:
 
     def __init__(self) -> None:
         self.waiters: list[asyncio.Future[Outcome]] = []
-        self.stale = False  # set by forget(): the result must not be written to the tiers
+        self.stale = False  # set by forget(): the result must not be written or remembered
 
     def join(self) -> asyncio.Future[Outcome]:
         """A new future that gets this call's outcome; cancelling it affects nobody else."""
@@ -51,11 +56,12 @@ class Call:
 
 
 class Flights:
-    """The table of in-flight calls by full cache key (guarded by the event loop: one thread)."""
+    """The table of in-flight calls by full cache key (one loop's: one thread touches it)."""
+
+    __slots__ = ("_calls",)
 
     def __init__(self) -> None:
         self._calls: dict[str, Call] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -82,15 +88,13 @@ class Flights:
         if call is not None:
             call.stale = True
 
-    def run(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run a fetch task that owns its calls; it is kept alive until done."""
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def abandon(self) -> None:
+        """The loop is shutting down: cancel every waiter and empty the table."""
+        calls, self._calls = self._calls, {}
+        for call in calls.values():
+            call.stale = True
+            call.reject(asyncio.CancelledError())
 
     def _drop(self, key: str, call: Call) -> None:
         if self._calls.get(key) is call:
             del self._calls[key]
-
-
-flights = Flights()

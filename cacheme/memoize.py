@@ -1,8 +1,11 @@
 """``@Memoize(NodeCls)``: cache an async function (or method) through a node class.
 
 The decorated function is the loader; ``.to_node`` maps the same arguments to a node, whose
-key is used. The node class given to ``Memoize`` supplies the configuration and the stats;
-``to_node`` may return an instance of that class or a plain ``DynamicNode(key=...)``.
+key is used. The node class given to ``Memoize`` supplies the tiers, TTLs and stats; values
+decode to the memoized function's return annotation (each memoized function keeps its own,
+so two functions memoized with one node class never decode each other's values). ``to_node``
+may return an instance of that class or a plain ``DynamicNode(key=...)``; ``.node(...)``,
+``.invalidate(...)`` and ``.refresh(...)`` take the function's arguments.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import functools
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
-from .api import fetch
+from .api import fetch, invalidate, reload
 from .errors import ConfigurationError
 from .node import Config, DynamicNode, Node
 
@@ -40,9 +43,8 @@ class Memoized(Generic[P, R]):
         self._fn = fn
         self._node_cls = node_cls
         self._to_node: Callable[P, Node] | None = None
-        self._config: Config = node_cls._cacheme_config
-        # A node without a typed load() decodes to the memoized function's return type.
-        self._config.type_from(fn)
+        # Our own view of the node class's configuration: its value type is this function's.
+        self._config: Config = node_cls._cacheme_config.for_function(fn)
         functools.update_wrapper(self, fn)
 
     def to_node(self, fn: Callable[P, Node]) -> Callable[P, Node]:
@@ -50,7 +52,14 @@ class Memoized(Generic[P, R]):
         self._to_node = fn
         return fn
 
-    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+    def node(self, *args: P.args, **kwargs: P.kwargs) -> Node:
+        """The node these arguments map to, as an instance of the memoizing node class.
+
+        A plain ``DynamicNode(key=...)`` from ``to_node`` becomes an instance of the class
+        given to ``Memoize`` (when that class takes ``key=``, as ``build_node``'s do), so it
+        can be passed to ``cacheme.invalidate`` or ``cacheme.get``. Raises
+        ``ConfigurationError`` when ``to_node`` is missing or returns another class.
+        """
         to_node = self._to_node
         if to_node is None:
             raise ConfigurationError(
@@ -59,12 +68,31 @@ class Memoized(Generic[P, R]):
                 f"{self._fn.__name__}.to_node"
             )
         node = to_node(*args, **kwargs)
-        if not isinstance(node, self._node_cls) and type(node) is not DynamicNode:
-            raise ConfigurationError(
-                f"{to_node.__qualname__} must return a {self._node_cls.__qualname__} or a "
-                f"DynamicNode, got {type(node).__qualname__}"
-            )
+        if isinstance(node, self._node_cls):
+            return node
+        if type(node) is DynamicNode:
+            if issubclass(self._node_cls, DynamicNode):
+                return self._node_cls(key=node.key())
+            return node
+        raise ConfigurationError(
+            f"{to_node.__qualname__} must return a {self._node_cls.__qualname__} or a "
+            f"DynamicNode, got {type(node).__qualname__}"
+        )
+
+    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        node = self.node(*args, **kwargs)
         value: R = await fetch(node, self._config, lambda: self._fn(*args, **kwargs))
+        return value
+
+    async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
+        """``cacheme.invalidate`` of the node these arguments map to."""
+        node = self.node(*args, **kwargs)
+        await invalidate(node, self._config)
+
+    async def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call the function again for these arguments, store and return its value."""
+        node = self.node(*args, **kwargs)
+        value: R = await reload(node, self._config, lambda: self._fn(*args, **kwargs))
         return value
 
     @overload

@@ -10,6 +10,7 @@ Every node class has its own configuration and its own stats: a subclass without
 
 from __future__ import annotations
 
+import copy
 import logging
 import typing
 from collections import OrderedDict
@@ -23,7 +24,7 @@ from .errors import ConfigurationError
 from .serializer import Serializer
 from .stats import Recorder
 from .storages import registry
-from .storages.base import BaseStorage, LocalStorage, RemoteStorage, ttl_to_ms
+from .tiers import Tier, make_tier
 
 logger = logging.getLogger("cacheme")
 
@@ -47,11 +48,16 @@ class Cache:
     """One tier of a node: the registered storage's name and the TTL of entries there.
 
     Checked with the node that uses it (so errors name the node): ``storage`` a non-empty
-    string, ``ttl`` a positive ``timedelta`` or ``None`` (no expiry).
+    string, ``ttl`` a positive ``timedelta`` or ``None`` (no expiry). A TTL longer than the
+    storage can hold (``max_ttl`` of its backend: about 292 years for local tiers, until the
+    year 9999 for SQL and MongoDB) also means no expiry. ``fail_open`` (remote tiers only)
+    overrides the storage's own option for this node: ``True`` makes an error or timeout of
+    the tier a miss of that tier, ``False`` sends it to the caller.
     """
 
     storage: str
     ttl: timedelta | None = None
+    fail_open: bool | None = None
 
 
 def _check_cache(name: str, i: int, cache: object) -> None:
@@ -70,18 +76,10 @@ def _check_cache(name: str, i: int, cache: object) -> None:
             )
         if cache.ttl <= timedelta(0):
             raise ConfigurationError(f"{where}.ttl must be positive, got {cache.ttl!r}")
-
-
-class Tier:
-    """A ``Cache`` resolved to its registered storage."""
-
-    __slots__ = ("local", "storage", "ttl", "ttl_ms")
-
-    def __init__(self, storage: BaseStorage[Any], ttl: timedelta | None) -> None:
-        self.storage = storage
-        self.local = storage.local
-        self.ttl = ttl
-        self.ttl_ms = ttl_to_ms(ttl)
+    if cache.fail_open is not None and not isinstance(cache.fail_open, bool):
+        raise ConfigurationError(
+            f"{where}.fail_open must be True, False or None, got {cache.fail_open!r}"
+        )
 
 
 _META_OPTIONS = (
@@ -135,44 +133,47 @@ class Config:
         if owner is not None and owner.load is not Node.load:
             self._type_sources.append(owner.load)
         self._typed = False
-        self.stats = Recorder()
+        self.stats = Recorder(tuple(c.storage for c in self.caches))
         self.generation = -1
         self.tiers: tuple[Tier, ...] = ()
-        self.front: tuple[LocalStorage[Any], ...] = ()  # the leading local tiers
+        self.front: tuple[Tier, ...] = ()  # the leading tiers that answer without waiting
         # Last loaded values for stale-if-error: key -> (value, monotonic deadline).
         self.last_good: OrderedDict[str, tuple[Any, float]] = OrderedDict()
 
-    def type_from(self, fn: Callable[..., Any]) -> None:
-        """Use ``fn``'s return annotation as the value type if ``load()`` gives none."""
-        self._type_sources.append(fn)
-        self._typed = False
+    def for_function(self, fn: Callable[..., Any]) -> Config:
+        """This configuration as ``Memoize`` uses it for ``fn``: the same tiers, stats and
+        stale values, but values decode to ``fn``'s return annotation (else ``load()``'s).
+        The node class's own configuration is left as it is."""
+        derived = copy.copy(self)
+        derived._type_sources = [fn, *self._type_sources]
+        derived._typed = False
+        derived.generation = -1
+        derived.tiers = ()
+        derived.front = ()
+        return derived
 
     def resolve(self) -> None:
         """Look the tier names up in the storage registry (again, if it changed)."""
+        if self.owner is not None and self.owner.__dict__.get("_cacheme_abstract", False):
+            raise ConfigurationError(
+                f"{self.name} has no tiers of its own: use the class build_node returned "
+                f"(its instances take key=...), or the node class your Memoize was given"
+            )
         if not self._typed:
             self.value_type = _value_type(self.name, self._type_sources)
             self._typed = True
         tiers = tuple(
-            Tier(registry.get_storage(c.storage, user=f"node {self.name}"), c.ttl)
-            for c in self.caches
+            make_tier(self, i, registry.get_storage(c.storage, user=f"node {self.name}"), c)
+            for i, c in enumerate(self.caches)
         )
+        front: list[Tier] = []
         for tier in tiers:
-            if not tier.local and self.serializer is None:
-                raise ConfigurationError(
-                    f"node {self.name} caches in remote storage {tier.storage.name!r} but has "
-                    f"no Meta.serializer; set one (e.g. cacheme.serializer.MsgPackSerializer())"
-                )
-        front: list[LocalStorage[Any]] = []
-        for tier in tiers:
-            if not isinstance(tier.storage, LocalStorage):
+            if not tier.immediate:
                 break
-            front.append(tier.storage)
+            front.append(tier)
         self.tiers = tiers
         self.front = tuple(front)
         self.generation = registry.generation
-
-    def remote_tiers(self) -> list[tuple[Tier, RemoteStorage[Any]]]:
-        return [(t, t.storage) for t in self.tiers if isinstance(t.storage, RemoteStorage)]
 
     def same_settings(self, other: Config) -> bool:
         return (

@@ -6,7 +6,8 @@ in ``get_all`` included):
 - request: every node asked for.
 - hit: the value came from a cache tier, local or remote, without calling ``load``. A caller
   that joins another caller's flight counts as whatever that flight was: a hit if the flight
-  found the value in a remote tier, a miss if it had to load.
+  found the value in a remote tier, a miss if it had to load. ``tier_hits`` splits the hits
+  by the tier (storage name) that held the value.
 - miss: ``request_count - hit_count``: every request answered by a load, or by an error.
 - coalesced: requests that joined a flight already under way for their key (or a duplicate
   within one ``get_all``) instead of starting their own; each is also a hit or a miss.
@@ -24,7 +25,7 @@ with nothing loaded ``load_failure_rate()`` and ``average_load_time()`` are 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class Recorder:
@@ -41,9 +42,13 @@ class Recorder:
         "stale",
         "storage_errors",
         "storage_timeouts",
+        "tier_hits",
+        "tier_names",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, tier_names: tuple[str, ...] = ()) -> None:
+        self.tier_names = tier_names
+        self.tier_hits = [0] * len(tier_names)  # by tier index
         self.requests = 0
         self.hits = 0
         self.coalesced = 0
@@ -56,7 +61,11 @@ class Recorder:
         self.stale = 0
 
     def snapshot(self) -> NodeStats:
+        by_name: dict[str, int] = {}
+        for name, count in zip(self.tier_names, self.tier_hits, strict=True):
+            by_name[name] = by_name.get(name, 0) + count
         return NodeStats(
+            tier_hits=by_name,
             requests=self.requests,
             hits=self.hits,
             coalesced=self.coalesced,
@@ -84,6 +93,7 @@ class NodeStats:
     storage_timeouts: int = 0
     decode_errors: int = 0
     stale: int = 0
+    tier_hits: dict[str, int] = field(default_factory=dict)  # storage name -> hits there
 
     def request_count(self) -> int:
         return self.requests
@@ -136,3 +146,7 @@ class NodeStats:
 
     def stale_count(self) -> int:
         return self.stale
+
+    def tier_hit_count(self, storage: str) -> int:
+        """Hits served by the tier on the registered storage ``storage``."""
+        return self.tier_hits.get(storage, 0)

@@ -20,21 +20,39 @@ import contextlib
 import logging
 import sys
 import time
+import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import StorageError, StorageTimeoutError, StorageUnavailableError
+from .. import runtime
+from ..errors import (
+    InvalidKeyError,
+    StorageError,
+    StorageTimeoutError,
+    StorageUnavailableError,
+)
 from .url import redact, scrub
 
 logger = logging.getLogger("cacheme")
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+class _Miss:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISS"
+
+
+MISS: Any = _Miss()  # what a local tier's get returns for a key it does not hold
 
 
 class Entry(NamedTuple):
@@ -119,21 +137,58 @@ class BaseStorage(ABC, Generic[OptionsT]):
 
 
 class LocalStorage(BaseStorage[OptionsT]):
-    """An in-process tier: Python objects, synchronous, no serializer."""
+    """An in-process tier: Python objects, synchronous, no serializer.
+
+    One local storage serves every event loop and thread of the process (values are plain
+    objects). ``get``, ``set`` and ``remove`` run on the caller's thread; another thread (the
+    backplane's) hands removals over with ``discard_threadsafe`` and ``clear_threadsafe``,
+    which take effect before the storage's next operation.
+    """
 
     local = True
+    # The longest TTL an entry can carry; a longer one means no expiry (see ``Cache``).
+    max_ttl: ClassVar[timedelta] = timedelta(microseconds=(2**63 - 1) // 1000)
+
+    def __init__(self, name: str, url: str, options: OptionsT) -> None:
+        super().__init__(name, url, options)
+        self._handoff: deque[str | None] = deque()  # keys to drop; None: drop everything
 
     @abstractmethod
-    def get(self, key: str) -> tuple[Any, bool]:
-        """``(value, True)`` on a live hit, ``(None, False)`` otherwise."""
+    def get(self, key: str) -> Any:
+        """The live value of ``key``, or ``MISS``."""
 
     @abstractmethod
-    def set(self, key: str, value: Any, ttl: timedelta | None) -> None:
-        """Store ``value`` under ``key`` for ``ttl`` (``None``: until evicted)."""
+    def set(self, key: str, value: Any, ttl: float | None) -> None:
+        """Store ``value`` under ``key`` for ``ttl`` seconds (``None``: until evicted)."""
 
     @abstractmethod
     def remove(self, key: str) -> None:
         """Drop ``key`` if present."""
+
+    @abstractmethod
+    def clear(self) -> None:
+        """Drop every entry."""
+
+    @abstractmethod
+    def remaining(self, keys: Sequence[str]) -> dict[str, float]:
+        """Seconds each live entry of ``keys`` has left (``math.inf``: no expiry)."""
+
+    def discard_threadsafe(self, keys: Iterable[str]) -> None:
+        """From any thread: drop ``keys`` before this storage's next operation."""
+        self._handoff.extend(keys)
+
+    def clear_threadsafe(self) -> None:
+        """From any thread: drop every entry before this storage's next operation."""
+        self._handoff.append(None)
+
+    def _apply_handoff(self) -> None:
+        handoff = self._handoff
+        keys = [handoff.popleft() for _ in range(len(handoff))]
+        for key in keys:
+            if key is None:
+                self.clear()
+            else:
+                self.remove(key)
 
 
 @dataclass(eq=False)
@@ -143,17 +198,46 @@ class _Pending(Generic[T, R]):
     calls: list[tuple[Sequence[T], asyncio.Future[R]]] = field(default_factory=list)
 
 
+class Breaker:
+    """Consecutive failures of one storage, shared by its drivers in every event loop."""
+
+    __slots__ = ("failures", "open_until")
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.open_until = 0.0  # time.monotonic() until which calls are refused; 0: closed
+
+
 class RemoteStorage(BaseStorage[OptionsT]):
-    """A tier behind the network (or a file): bytes in, bytes out, asynchronous."""
+    """A tier behind the network (or a file): bytes in, bytes out, asynchronous.
+
+    The registered object serves every event loop of the process. Driver connections, queued
+    operations and their tasks belong to one loop, so each loop that uses the storage gets a
+    driver of its own, connected lazily at its first operation: the registered object itself
+    for the first loop that takes it, a fresh instance of the same class (sharing the
+    counters and the circuit breaker) for any other. When a loop shuts down, its driver is
+    closed (see ``runtime``) and the registered object is free for the next loop.
+    """
 
     local = False
     options_model: ClassVar[type[StorageOptions]] = RemoteOptions
     options: RemoteOptions  # type: ignore[assignment]
 
-    def __init__(self, name: str, url: str, options: OptionsT) -> None:
+    def __init__(
+        self, name: str, url: str, options: OptionsT, *, origin: RemoteStorage[Any] | None = None
+    ) -> None:
         super().__init__(name, url, options)
-        self._failures = 0
-        self._open_until = 0.0
+        self._origin = origin  # the registered storage this driver serves a loop for
+        self._breaker: Breaker = Breaker() if origin is None else origin._breaker
+        if origin is not None:
+            self.stats = origin.stats
+        self._dead = False  # closed for good (close_storages / replaced)
+        self._home: weakref.ref[runtime.Runtime] | None = None  # the loop this driver serves
+        self._connected = False
+        self._connecting: asyncio.Future[None] | None = None
+        self._reset_loop_state()
+
+    def _reset_loop_state(self) -> None:
         self._reads: _Pending[str, dict[str, bytes]] = _Pending()
         self._writes: _Pending[Entry, None] = _Pending()
         self._removes: _Pending[str, None] = _Pending()
@@ -167,16 +251,18 @@ class RemoteStorage(BaseStorage[OptionsT]):
 
     # Driver exceptions that mean "the server did not answer in time"; counted as timeouts.
     timeout_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    # The longest TTL an entry can carry; a longer one means no expiry (see ``Cache``).
+    max_ttl: ClassVar[timedelta] = timedelta.max
 
     # -- what backends implement -------------------------------------------------------
 
     @abstractmethod
     async def _connect(self) -> None:
-        """Create the client or pool."""
+        """Create the client or pool (in the running loop)."""
 
     @abstractmethod
     async def _close(self) -> None:
-        """Close the client or pool."""
+        """Close the client or pool; safe to call when ``_connect`` never ran or failed."""
 
     @abstractmethod
     async def _get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
@@ -190,34 +276,122 @@ class RemoteStorage(BaseStorage[OptionsT]):
     async def _remove_many(self, keys: Sequence[str]) -> None:
         """Delete ``keys`` (distinct) in one round trip; absent keys are fine."""
 
-    # -- what the framework calls ---------------------------------------------------------
+    # -- the driver of the running loop ---------------------------------------------------
 
-    async def connect(self) -> None:
-        try:
-            await self._connect_or_raise()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await self._close()  # release whatever _connect built before it failed
-            raise
+    def here(self) -> RemoteStorage[OptionsT]:
+        """This storage's driver for the running event loop (created at first use)."""
+        rt = runtime.current()
+        home = self._home
+        if home is not None and home() is rt:
+            return self
+        driver = rt.instances.get(self)
+        if driver is not None:
+            return driver
+        return self._attach(rt)
 
-    async def _connect_or_raise(self) -> None:
+    def _attach(self, rt: runtime.Runtime) -> RemoteStorage[OptionsT]:
+        if self._dead:
+            raise StorageError(f"storage {self.name!r} is closed")
+        if self._home is None and self._origin is None:
+            driver = self  # free: the registered object serves this loop
+            self._reset_loop_state()
+        else:
+            driver = type(self)(self.name, self.url, self.options, origin=self)  # type: ignore[arg-type]
+        driver._home = weakref.ref(rt)
+        rt.instances[self] = driver
+        return driver
+
+    async def _ensure_connected(self) -> None:
+        """Connect this loop's driver once; concurrent callers share the attempt."""
+        if self._connected:
+            return
+        attempt = self._connecting
+        if attempt is None:
+            attempt = self._connecting = asyncio.ensure_future(self._connect_once())
+            attempt.add_done_callback(self._connect_done)
+        await asyncio.shield(attempt)
+
+    def _connect_done(self, attempt: asyncio.Future[None]) -> None:
+        self._connecting = None
+        if not attempt.cancelled() and attempt.exception() is None:
+            self._connected = True
+
+    async def _connect_once(self) -> None:
+        timeout = self.options.timeout
         try:
-            await asyncio.wait_for(self._connect(), self.options.timeout * 3)
-        except StorageError:
-            raise
-        except Exception as exc:
+            await asyncio.wait_for(self._connect(), timeout)
+        except BaseException as exc:
+            # Release whatever _connect built before it failed, within the timeout too.
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(self._close(), timeout)
+            if isinstance(exc, StorageError) or not isinstance(exc, Exception):
+                raise
             if isinstance(exc, (asyncio.TimeoutError, TimeoutError, *self.timeout_errors)):
                 raise StorageTimeoutError(
                     f"storage {self.name!r} ({redact(self.url)}): cannot connect within "
-                    f"{self.options.timeout * 3:g}s: {_shorten(describe(exc, self.url))}"
+                    f"{timeout:g}s: {_shorten(describe(exc, self.url))}"
                 ) from exc
             raise StorageError(
                 f"storage {self.name!r} ({redact(self.url)}): cannot connect: "
                 f"{_shorten(describe(exc, self.url))}"
             ) from exc
 
+    # -- what the framework calls ---------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Connect in the running loop (``register_storage`` calls it).
+
+        Takes at most twice ``timeout``: the attempt, then the cleanup of a failed attempt.
+        Raises ``StorageError`` (``StorageTimeoutError`` when the server does not answer).
+        """
+        driver = self.here()
+        try:
+            await driver._ensure_connected()
+        except BaseException:
+            if driver is not self:
+                await driver.close_loop()
+            raise
+
+    def note_unreachable(self, exc: StorageError) -> None:
+        """Count a failed connect at registration toward the breaker, as an operation would."""
+        self.stats.errors += 1
+        self._breaker.failures = max(self._breaker.failures, self.options.breaker_threshold - 1)
+        self._failed()
+
     async def close(self) -> None:
-        """Fail queued and running operations with ``StorageError``, then close the driver."""
+        """Close this storage for good, in every event loop that has a driver for it.
+
+        The running loop's driver is closed here; a driver of a loop running in another thread
+        is closed in that loop (waiting at most ``timeout`` for it); a driver of a loop that is
+        no longer running is dropped, its sockets left to the garbage collector. Queued and
+        running operations fail with ``StorageError``. Raises ``StorageError`` naming the
+        storage if a driver could not be closed.
+        """
+        self._dead = True
+        current = runtime.current()
+        failures: list[BaseException] = []
+        for rt in runtime.live():
+            driver = rt.instances.get(self)
+            if driver is None:
+                continue
+            try:
+                if rt is current:
+                    await driver.close_loop()
+                elif rt.loop.is_running() and not rt.loop.is_closed():
+                    handed = asyncio.run_coroutine_threadsafe(driver.close_loop(), rt.loop)
+                    await asyncio.wait_for(asyncio.wrap_future(handed), self.options.timeout)
+                else:
+                    driver.drop_loop()
+            except Exception as exc:
+                failures.append(exc)
+        if failures:
+            raise StorageError(
+                f"storage {self.name!r}: {len(failures)} event loop(s) could not close their "
+                f"connections: {describe(failures[0], self.url)}"
+            ) from failures[0]
+
+    async def close_loop(self) -> None:
+        """Close this loop's driver: fail queued and running operations, close the client."""
         self._closed = True
         for pending in (self._reads, self._writes, self._removes):
             self._abandon(pending)
@@ -229,7 +403,24 @@ class RemoteStorage(BaseStorage[OptionsT]):
         for pending in self._flushing:
             self._abandon(pending)
         self._flushing.clear()
-        await self._close()
+        attempt = self._connecting
+        if attempt is not None:
+            attempt.cancel()
+        try:
+            await self._close()
+        finally:
+            self._connected = False
+            self.drop_loop()
+
+    def drop_loop(self) -> None:
+        """Forget the loop this driver served (its connections are closed or abandoned)."""
+        home = self._home() if self._home is not None else None
+        self._home = None
+        self._connected = False
+        if home is not None:
+            origin = self._origin if self._origin is not None else self
+            if home.instances.get(origin) is self:
+                del home.instances[origin]
 
     def _abandon(self, pending: _Pending[Any, Any]) -> None:
         error = StorageError(f"storage {self.name!r} was closed before the operation finished")
@@ -242,28 +433,51 @@ class RemoteStorage(BaseStorage[OptionsT]):
     # frame between the caller and the flush (they sit on every remote read and write).
 
     def get_many(self, keys: Sequence[str]) -> Awaitable[dict[str, bytes]]:
-        """Values found for ``keys``; raises ``StorageError`` on failure or timeout."""
-        if keys and self.options.coalesce:
-            return self._submit(self._reads, keys)
-        return self._get_many_now(keys)
+        """Values found for ``keys``; raises ``StorageError`` on failure or timeout.
+
+        A key no driver can send (not encodable as UTF-8, e.g. a lone surrogate) fails only
+        its own call, with ``InvalidKeyError``, and never counts toward the breaker.
+        """
+        driver = self.here()
+        if keys and driver.options.coalesce:
+            return driver._submit(driver._reads, keys)
+        return driver._get_many_now(keys)
 
     async def _get_many_now(self, keys: Sequence[str]) -> dict[str, bytes]:
         if not keys:
             return {}
+        _check_keys(self.name, keys)
         return await self._call(self._get_many, _unique(keys), len(keys), "read")
 
     async def get(self, key: str) -> bytes | None:
         return (await self.get_many((key,))).get(key)
 
+    async def remaining_ttl(self, keys: Sequence[str]) -> dict[str, float]:
+        """Seconds each stored entry of ``keys`` has left (``math.inf``: no expiry), in one
+        round trip; keys not stored, or whose lifetime the backend cannot tell, are left
+        out. Raises ``StorageError`` like a read."""
+        if not keys:
+            return {}
+        driver = self.here()
+        _check_keys(self.name, keys)
+        unique = _unique(keys)
+        return await driver._call(driver._ttl_many, unique, len(unique), "read")
+
+    async def _ttl_many(self, keys: Sequence[str]) -> dict[str, float]:
+        """Backends that can tell an entry's remaining lifetime override this."""
+        return {}
+
     def set_many(self, entries: Sequence[Entry]) -> Awaitable[None]:
         """Write ``entries``; raises ``StorageError`` on failure or timeout."""
-        if entries and self.options.coalesce:
-            return self._submit(self._writes, entries)
-        return self._set_many_now(entries)
+        driver = self.here()
+        if entries and driver.options.coalesce:
+            return driver._submit(driver._writes, entries)
+        return driver._set_many_now(entries)
 
     async def _set_many_now(self, entries: Sequence[Entry]) -> None:
         if not entries:
             return
+        _check_keys(self.name, [e.key for e in entries])
         unique = _last_per_key(entries)
         await self._ordered_write(
             [e.key for e in unique],
@@ -274,21 +488,23 @@ class RemoteStorage(BaseStorage[OptionsT]):
         """Delete ``keys``; ordered after every write already issued to this storage."""
         if not keys:
             return
-        if not self.options.coalesce:
+        driver = self.here()
+        if not driver.options.coalesce:
+            _check_keys(self.name, keys)
             unique_keys = _unique(keys)
-            await self._after_writes(unique_keys)
-            await self._call(self._remove_many, unique_keys, len(unique_keys), "remove")
+            await driver._after_writes(unique_keys)
+            await driver._call(driver._remove_many, unique_keys, len(unique_keys), "remove")
             return
-        await self._submit(self._removes, keys)
+        await driver._submit(driver._removes, keys)
 
     @property
     def breaker_open(self) -> bool:
-        return self._open_until > time.monotonic()
+        return self._breaker.open_until > time.monotonic()
 
     # -- machinery --------------------------------------------------------------------------
 
     def _submit(self, pending: _Pending[T, R], items: Sequence[T]) -> asyncio.Future[R]:
-        if self._closed:
+        if self._closed or self._dead:
             raise StorageError(f"storage {self.name!r} is closed")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[R] = loop.create_future()
@@ -305,6 +521,9 @@ class RemoteStorage(BaseStorage[OptionsT]):
         reads, self._reads = self._reads, _Pending()
         writes, self._writes = self._writes, _Pending()
         removes, self._removes = self._removes, _Pending()
+        _reject_bad_keys(self.name, reads, lambda k: k)
+        _reject_bad_keys(self.name, writes, lambda e: e.key)
+        _reject_bad_keys(self.name, removes, lambda k: k)
         if reads.calls:
             self._flushing.add(reads)
             self._spawn(self._run_reads(reads))
@@ -432,17 +651,32 @@ class RemoteStorage(BaseStorage[OptionsT]):
     async def _call(
         self, op: Callable[[Sequence[T]], Awaitable[R]], items: Sequence[T], n: int, kind: str
     ) -> R:
-        """One round trip with the timeout, the breaker, error wrapping and counting."""
+        """One round trip with the timeout, the breaker, error wrapping and counting.
+
+        The first operation of a loop's driver connects it first, within the same timeout
+        budget as an operation (a failed connect counts like a failed operation).
+        """
         stats = self.stats
-        if self._open_until:
-            if self._open_until > time.monotonic():
+        breaker = self._breaker
+        if breaker.open_until:
+            if breaker.open_until > time.monotonic():
                 stats.rejected += 1
                 raise StorageUnavailableError(
                     f"storage {self.name!r}: skipped for {self.options.breaker_cooldown:g}s "
                     f"after {self.options.breaker_threshold} consecutive failures"
                 )
             # Half-open: this call is the one trial; others stay rejected until it settles.
-            self._open_until = time.monotonic() + self.options.breaker_cooldown
+            breaker.open_until = time.monotonic() + self.options.breaker_cooldown
+        if not self._connected:
+            try:
+                await self._ensure_connected()
+            except StorageError as exc:
+                if isinstance(exc, StorageTimeoutError):
+                    stats.timeouts += 1
+                else:
+                    stats.errors += 1
+                self._failed()
+                raise
         stats.round_trips += 1
         try:
             result = await _with_timeout(op(items), self.options.timeout)
@@ -459,8 +693,8 @@ class RemoteStorage(BaseStorage[OptionsT]):
             raise StorageError(
                 f"storage {self.name!r}: {kind} of {n} key(s) failed: {describe(exc, self.url)}"
             ) from exc
-        self._failures = 0
-        self._open_until = 0.0
+        breaker.failures = 0
+        breaker.open_until = 0.0
         if kind == "read":
             stats.keys_read += n
         elif kind == "write":
@@ -470,17 +704,53 @@ class RemoteStorage(BaseStorage[OptionsT]):
         return result
 
     def _failed(self) -> None:
-        self._failures += 1
-        if self._failures >= self.options.breaker_threshold:
-            if self._failures == self.options.breaker_threshold:
+        breaker = self._breaker
+        breaker.failures += 1
+        if breaker.failures >= self.options.breaker_threshold:
+            if breaker.failures == self.options.breaker_threshold:
                 self.stats.breaker_opens += 1
                 logger.warning(
                     "cacheme: storage %r failed %d times in a row; skipping it for %gs",
                     self.name,
-                    self._failures,
+                    breaker.failures,
                     self.options.breaker_cooldown,
                 )
-            self._open_until = time.monotonic() + self.options.breaker_cooldown
+            breaker.open_until = time.monotonic() + self.options.breaker_cooldown
+
+
+def _key_error(storage: str, key: str) -> InvalidKeyError | None:
+    """Why no driver can send ``key`` (it must encode as UTF-8), or ``None``."""
+    if key.isascii():
+        return None
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return InvalidKeyError(
+            f"storage {storage!r}: key {key!r} cannot be stored: it is not valid UTF-8 ({exc})"
+        )
+    return None
+
+
+def _check_keys(storage: str, keys: Sequence[str]) -> None:
+    for key in keys:
+        error = _key_error(storage, key)
+        if error is not None:
+            raise error
+
+
+def _reject_bad_keys(storage: str, pending: _Pending[T, Any], key_of: Callable[[T], str]) -> None:
+    """Fail, alone, the calls of ``pending`` that hold a key no driver can send."""
+    bad = []
+    for entry in pending.calls:
+        for item in entry[0]:
+            error = _key_error(storage, key_of(item))
+            if error is not None:
+                bad.append((entry, error))
+                break
+    for entry, error in bad:
+        pending.calls.remove(entry)
+        if not entry[1].done():
+            entry[1].set_exception(error)
 
 
 def _settle(

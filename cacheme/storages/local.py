@@ -1,14 +1,16 @@
 """The in-process tier: ``local://tlfu`` (W-TinyLFU, theine's policy) and ``local://lru``.
 
 Local tiers hold Python objects (no serializer) and answer synchronously: a local hit never
-awaits. Every entry carries its own TTL, honoured to the nanosecond of ``time.monotonic_ns``.
+awaits. Every entry carries its own TTL (seconds, honoured to the nanosecond of
+``time.monotonic_ns``). A TTL longer than ``max_ttl`` (about 292 years, what a signed 64-bit
+count of nanoseconds holds) means no expiry.
 """
 
 from __future__ import annotations
 
-import time
+import math
 from collections import OrderedDict
-from datetime import timedelta
+from collections.abc import Sequence
 from time import monotonic_ns
 from typing import Any
 
@@ -16,12 +18,26 @@ from pydantic import Field
 from theine_core import TlfuCore, spread
 
 from ..errors import ConfigurationError
-from .base import LocalStorage, StorageOptions
+from .base import MISS, LocalStorage, StorageOptions
 from .url import scheme_of
+
+_MAX_TTL_NS = 2**63 - 1
 
 
 class LocalOptions(StorageOptions):
     size: int = Field(gt=0, description="most entries kept before the policy evicts")
+
+
+def _ttl_ns(ttl: float | None) -> int:
+    """``ttl`` seconds as nanoseconds, 0 for no expiry (also for what 64 bits cannot hold)."""
+    if not ttl:
+        return 0
+    ns = int(ttl * 1e9)
+    return ns if 0 < ns < _MAX_TTL_NS - monotonic_ns() else 0
+
+
+def _left(deadline: int, now: int) -> float:
+    return math.inf if not deadline else max(0.0, (deadline - now) / 1e9)
 
 
 class TinyLFUStorage(LocalStorage[LocalOptions]):
@@ -29,10 +45,10 @@ class TinyLFUStorage(LocalStorage[LocalOptions]):
 
     Why not ``theine.Cache`` itself: its ``get`` takes a lock, picks a shard and feeds a
     striped buffer (about 3 us here), because it serves threads and a maintenance thread of
-    its own. A tier is only ever touched from its event loop, so a plain dict lookup plus a
-    buffered access record does the same job in a fraction of that (numbers in
-    docs/benchmarks.md). The policy decisions (admission, eviction, expiry wheel) are still
-    theine's ``TlfuCore``; importing only ``theine_core`` also starts no thread.
+    its own. A plain dict lookup plus a buffered access record does the same job in a
+    fraction of that (numbers in docs/benchmarks.md). The policy decisions (admission,
+    eviction, expiry wheel) are still theine's ``TlfuCore``; importing only ``theine_core``
+    also starts no thread.
 
     Accesses are recorded in a buffer and handed to the policy every ``_DRAIN`` reads; writes
     go to the policy at once, and whatever it evicts (including, when not admitted, the new
@@ -51,23 +67,27 @@ class TinyLFUStorage(LocalStorage[LocalOptions]):
         self._reads: list[str] = []
         self._writes = 0
 
-    def get(self, key: str) -> tuple[Any, bool]:
+    def get(self, key: str) -> Any:
+        if self._handoff:
+            self._apply_handoff()
         entry = self._map.get(key)
         if entry is None:
-            return None, False
+            return MISS
         deadline = entry[1]
         if deadline and deadline <= monotonic_ns():
             self.remove(key)
-            return None, False
+            return MISS
         reads = self._reads
         reads.append(key)
         if len(reads) >= self._DRAIN:
             self._core.access([spread(hash(k)) for k in reads])
             reads.clear()
-        return entry[0], True
+        return entry[0]
 
-    def set(self, key: str, value: Any, ttl: timedelta | None) -> None:
-        ttl_ns = int(ttl.total_seconds() * 1e9) if ttl else 0
+    def set(self, key: str, value: Any, ttl: float | None) -> None:
+        if self._handoff:
+            self._apply_handoff()
+        ttl_ns = _ttl_ns(ttl)
         h = spread(hash(key))
         previous = self._keys.get(h)
         if previous is not None and previous != key:
@@ -81,11 +101,28 @@ class TinyLFUStorage(LocalStorage[LocalOptions]):
             self._drop(self._core.advance())
 
     def remove(self, key: str) -> None:
+        if self._handoff:
+            self._apply_handoff()
         if self._map.pop(key, None) is not None:
             h = spread(hash(key))
             if self._keys.get(h) == key:
                 del self._keys[h]
             self._core.remove(h)
+
+    def clear(self) -> None:
+        self._core.clear()
+        self._map.clear()
+        self._keys.clear()
+        self._reads.clear()
+
+    def remaining(self, keys: Sequence[str]) -> dict[str, float]:
+        now = monotonic_ns()
+        found = {}
+        for key in keys:
+            entry = self._map.get(key)
+            if entry is not None and (not entry[1] or entry[1] > now):
+                found[key] = _left(entry[1], now)
+        return found
 
     def _drop(self, hashes: list[int]) -> None:
         for h in hashes:
@@ -97,10 +134,7 @@ class TinyLFUStorage(LocalStorage[LocalOptions]):
         return len(self._map)
 
     async def close(self) -> None:
-        self._core.clear()
-        self._map.clear()
-        self._keys.clear()
-        self._reads.clear()
+        self.clear()
 
 
 class LRUStorage(LocalStorage[LocalOptions]):
@@ -117,19 +151,24 @@ class LRUStorage(LocalStorage[LocalOptions]):
         self._data: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self._size = options.size
 
-    def get(self, key: str) -> tuple[Any, bool]:
+    def get(self, key: str) -> Any:
+        if self._handoff:
+            self._apply_handoff()
         try:
             value, deadline = self._data[key]
         except KeyError:
-            return None, False
-        if deadline and deadline <= time.monotonic_ns():
+            return MISS
+        if deadline and deadline <= monotonic_ns():
             del self._data[key]
-            return None, False
+            return MISS
         self._data.move_to_end(key)
-        return value, True
+        return value
 
-    def set(self, key: str, value: Any, ttl: timedelta | None) -> None:
-        deadline = time.monotonic_ns() + int(ttl.total_seconds() * 1e9) if ttl else 0
+    def set(self, key: str, value: Any, ttl: float | None) -> None:
+        if self._handoff:
+            self._apply_handoff()
+        ttl_ns = _ttl_ns(ttl)
+        deadline = monotonic_ns() + ttl_ns if ttl_ns else 0
         data = self._data
         data[key] = (value, deadline)
         data.move_to_end(key)
@@ -137,10 +176,27 @@ class LRUStorage(LocalStorage[LocalOptions]):
             data.popitem(last=False)
 
     def remove(self, key: str) -> None:
+        if self._handoff:
+            self._apply_handoff()
         self._data.pop(key, None)
 
-    async def close(self) -> None:
+    def clear(self) -> None:
         self._data.clear()
+
+    def remaining(self, keys: Sequence[str]) -> dict[str, float]:
+        now = monotonic_ns()
+        found = {}
+        for key in keys:
+            entry = self._data.get(key)
+            if entry is not None and (not entry[1] or entry[1] > now):
+                found[key] = _left(entry[1], now)
+        return found
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    async def close(self) -> None:
+        self.clear()
 
 
 LOCAL_POLICIES: dict[str, type[LocalStorage[LocalOptions]]] = {

@@ -92,7 +92,8 @@ class RedisStorage(RemoteStorage[RedisOptions]):
         self._script: Any = None  # the registered _SET_MANY script (standalone only)
         # Cluster only: bounds the operations in flight, since each one takes at most one
         # connection per node and the cluster client fails instead of waiting for one.
-        self._slots = asyncio.Semaphore(options.pool_size)
+        # Made in _connect: a semaphore belongs to the loop that first waits on it.
+        self._slots: asyncio.Semaphore | None = None
 
     # -- connect / close ------------------------------------------------------------------
 
@@ -133,6 +134,7 @@ class RedisStorage(RemoteStorage[RedisOptions]):
         except BaseException:
             await client.aclose()
             raise
+        self._slots = asyncio.Semaphore(self.options.pool_size)
         self._cluster = client
 
     async def _close(self) -> None:
@@ -140,6 +142,7 @@ class RedisStorage(RemoteStorage[RedisOptions]):
         cluster, self._cluster = self._cluster, None
         if client is not None:
             await client.aclose()
+        self._script = None
         if cluster is not None:
             await cluster.aclose()
 
@@ -157,7 +160,7 @@ class RedisStorage(RemoteStorage[RedisOptions]):
             # would take a connection per slot (up to a whole batch's worth per node,
             # exhausting the per-node pool) for no gain in latency. Atomicity across keys
             # is not needed: each key is an independent cache entry.
-            async with self._slots:
+            async with self._cluster_slots:
                 values = await self._cluster.mget_nonatomic(keys)
         else:
             values = await self._standalone().mget(keys)
@@ -167,7 +170,7 @@ class RedisStorage(RemoteStorage[RedisOptions]):
         if self._cluster is not None:
             # Non-transactional cluster pipeline: commands are grouped by node, one write
             # per node, all nodes concurrently.
-            async with self._slots:
+            async with self._cluster_slots:
                 cpipe = self._cluster.pipeline()
                 for key, value, ttl_ms in entries:
                     if ttl_ms is None:
@@ -194,10 +197,16 @@ class RedisStorage(RemoteStorage[RedisOptions]):
         # (a 1 MiB value does not stall the server). On a cluster redis-py splits it by
         # slot and pipelines the parts per node.
         if self._cluster is not None:
-            async with self._slots:
+            async with self._cluster_slots:
                 await self._cluster.unlink(*keys)
             return
         await self._standalone().unlink(*keys)
+
+    @property
+    def _cluster_slots(self) -> asyncio.Semaphore:
+        if self._slots is None:
+            raise ConnectionError("not connected (connect() was not called or close() was)")
+        return self._slots
 
     @property
     def _set_script(self) -> Any:

@@ -8,6 +8,7 @@ backend's option model, connects, and publishes it under a name.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 from pydantic import ValidationError
@@ -15,11 +16,14 @@ from pydantic import ValidationError
 from ..errors import (
     ConfigurationError,
     MissingDriverError,
+    StorageError,
     StorageNotRegisteredError,
     UnknownSchemeError,
 )
-from .base import BaseStorage
+from .base import BaseStorage, RemoteStorage
 from .url import redact, scheme_of
+
+logger = logging.getLogger("cacheme")
 
 # scheme -> (module:class, the extra that installs its driver)
 SCHEMES: dict[str, tuple[str, str | None]] = {
@@ -107,8 +111,14 @@ generation = 0
 async def register_storage(name: str, storage: Storage) -> None:
     """Build, connect and publish ``storage`` as ``name``.
 
-    Registering a name again replaces the old storage (after the new one connects) and
-    closes the old one.
+    Connecting takes at most twice the storage's ``timeout`` (the attempt, then the cleanup of
+    a failed attempt). If it fails and the storage fails open (``fail_open=True``, the
+    default), the storage is registered anyway after a warning: it counts as failing (its
+    circuit breaker opens, so nodes skip it) and comes into use by itself once the server
+    answers, each event loop connecting at its first operation. With ``fail_open=False`` the
+    error is raised (``StorageError``, or ``StorageTimeoutError`` when nothing answered) and
+    nothing is registered. Registering a name again replaces the old storage (after the new
+    one connects) and closes the old one.
     """
     global generation
     if not isinstance(name, str) or not name:
@@ -118,7 +128,18 @@ async def register_storage(name: str, storage: Storage) -> None:
             f"register_storage({name!r}, ...) takes a cacheme.Storage, got {storage!r}"
         )
     backend = storage.build(name)
-    await backend.connect()
+    try:
+        await backend.connect()
+    except StorageError as exc:
+        if not isinstance(backend, RemoteStorage) or not backend.options.fail_open:
+            raise
+        logger.warning(
+            "cacheme: storage %r is unreachable at registration (%s); registered anyway "
+            "(fail_open): nodes skip it until it answers",
+            name,
+            exc,
+        )
+        backend.note_unreachable(exc)
     old = _storages.get(name)
     _storages[name] = backend
     generation += 1
@@ -145,10 +166,25 @@ def storages() -> dict[str, BaseStorage[Any]]:
 
 
 async def close_storages() -> None:
-    """Close and forget every registered storage (for app shutdown and tests)."""
+    """Close and forget every registered storage (for app shutdown and tests).
+
+    Every storage is closed in every event loop that has connections to it (see
+    ``RemoteStorage.close``), even when some fail; then one ``StorageError`` names those
+    that failed.
+    """
     global generation
     items = list(_storages.values())
     _storages.clear()
     generation += 1
+    failed: list[tuple[str, BaseException]] = []
     for backend in items:
-        await backend.close()
+        try:
+            await backend.close()
+        except Exception as exc:
+            failed.append((backend.name, exc))
+    if failed:
+        names = ", ".join(repr(n) for n, _ in failed)
+        raise StorageError(
+            f"close_storages: {len(failed)} storage(s) failed to close: {names} "
+            f"(first: {failed[0][1]})"
+        ) from failed[0][1]

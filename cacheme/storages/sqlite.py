@@ -112,9 +112,16 @@ class SQLiteStorage(SQLStorage[SQLiteOptions]):
         return self._db
 
     async def _open(self) -> None:
-        self._db = await aiosqlite.connect(
+        pending = aiosqlite.connect(
             self.database, isolation_level=None, timeout=self.options.timeout
         )
+        # aiosqlite runs each connection on a thread that is not a daemon: a connection that
+        # is never closed (a crash, a forgotten close_storages) would keep the interpreter
+        # from exiting. The file is in WAL mode; an abrupt exit loses nothing committed.
+        worker = getattr(pending, "_thread", None)
+        if worker is not None and not worker.is_alive():
+            worker.daemon = True
+        self._db = await pending
         db = self._db
         await db.execute_fetchall("PRAGMA journal_mode=WAL")
         await db.execute_fetchall("PRAGMA synchronous=NORMAL")

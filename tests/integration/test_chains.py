@@ -15,7 +15,7 @@ import pytest
 
 import cacheme
 from cacheme.serializer import MsgPackSerializer
-from cacheme.storages.base import RemoteStorage
+from cacheme.storages.base import MISS, RemoteStorage
 
 from .backends import FACTORIES
 
@@ -102,8 +102,8 @@ def full_key(node_cls: Any, item_id: int) -> str:
 async def stored(chain: Chain, tier: str, key: str) -> Item | None:
     """What ``tier`` holds for ``key``, read past cacheme's own connection."""
     if tier == "local":
-        value, found = cacheme.storages()["local"].get(key)  # type: ignore[attr-defined]
-        return value if found else None
+        value = cacheme.storages()["local"].get(key)  # type: ignore[attr-defined]
+        return None if value is MISS else value
     data = await chain.raw[tier].get(key)
     return None if data is None else MsgPackSerializer().loads(data, Item)
 

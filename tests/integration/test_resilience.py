@@ -33,7 +33,7 @@ import redis.asyncio
 from pydantic import BaseModel
 
 import cacheme
-from cacheme.flight import flights
+from cacheme import runtime
 from cacheme.node import get_prefix
 from cacheme.serializer import JSONSerializer, MsgPackSerializer, PickleSerializer, Serializer
 from cacheme.storages.base import RemoteStorage
@@ -80,10 +80,12 @@ async def _isolated() -> AsyncIterator[str]:
     cacheme.set_prefix(prefix)
     try:
         yield prefix
-        running = list(flights._tasks)
+        running = list(runtime.current().tasks)
         if running:
             await asyncio.wait_for(asyncio.gather(*running, return_exceptions=True), 10)
-        assert len(flights) == 0, f"{len(flights)} in-flight entries outlived the test"
+        assert len(runtime.current().flights) == 0, (
+            f"{len(runtime.current().flights)} in-flight entries outlived the test"
+        )
     finally:
         cacheme.set_prefix("cacheme")
         await asyncio.wait_for(cacheme.close_storages(), 10)
@@ -716,7 +718,7 @@ async def test_fail_closed_error_reaches_the_caller(redis_server: RedisServer) -
     with pytest.raises(cacheme.StorageUnavailableError):
         await bounded(cacheme.get(node(3)))
     assert node.loads == loads
-    assert len(flights) == 0
+    assert len(runtime.current().flights) == 0
     stats = cacheme.stats(node)
     assert stats.storage_error_count() + stats.storage_timeout_count() >= 3
 
@@ -831,7 +833,7 @@ async def test_failed_load_does_not_poison_the_key(shared_redis: str) -> None:
     )
     assert all(isinstance(r, RuntimeError) and str(r) == "the source is down" for r in results)
     assert node.loads == 1  # one flight for all ten
-    assert len(flights) == 0
+    assert len(runtime.current().flights) == 0
     async with raw_redis(shared_redis) as raw:
         assert await raw.get(full_key(1)) is None
 
@@ -904,7 +906,7 @@ async def test_load_timeout_fails_every_waiter_then_loads_again(shared_redis: st
         assert isinstance(result, cacheme.LoadTimeoutError), result
         assert isinstance(result, TimeoutError) and isinstance(result, cacheme.CachemeError)
     assert node.__qualname__ in str(results[0]) and "0.05" in str(results[0])
-    assert len(flights) == 0
+    assert len(runtime.current().flights) == 0
     node.delay = 0.0
     assert await bounded(cacheme.get(node(1))) == value_of(1)
     assert await bounded(cacheme.get_all([node(1), node(2)])) == [value_of(1), value_of(2)]
@@ -930,7 +932,7 @@ async def test_key_must_return_str() -> None:
         await bounded(cacheme.get(IntKeyNode()))
     message = str(caught.value)
     assert "IntKeyNode" in message and "str" in message and "int" in message
-    assert len(flights) == 0
+    assert len(runtime.current().flights) == 0
 
 
 async def test_node_used_before_its_storage_is_registered() -> None:
@@ -1012,7 +1014,7 @@ async def test_unencodable_value_names_node_and_serializer(
     message = str(caught.value)
     assert "OpaqueNode" in message and type(serializer).__name__ in message
     assert isinstance(caught.value, cacheme.CachemeError)
-    assert len(flights) == 0
+    assert len(runtime.current().flights) == 0
     with pytest.raises(cacheme.EncodeError):  # not poisoned: loaded (and refused) again
         await bounded(cacheme.get(OpaqueNode()))
     assert cacheme.stats(OpaqueNode).load_count() == 2

@@ -27,7 +27,7 @@ import pytest
 import redis.asyncio
 
 import cacheme
-from cacheme.flight import flights
+from cacheme import runtime
 from cacheme.serializer import MsgPackSerializer
 from tests.services import unavailable
 
@@ -140,7 +140,9 @@ async def run_workload(seed: int) -> tuple[Outcomes, float]:
         task.result()  # a worker that crashed fails the test here
     elapsed = time.monotonic() - started
     # The flights of cancelled callers finish on their own; give them a moment.
-    await asyncio.wait_for(asyncio.gather(*list(flights._tasks), return_exceptions=True), 10)
+    await asyncio.wait_for(
+        asyncio.gather(*list(runtime.current().tasks), return_exceptions=True), 10
+    )
     return out, elapsed
 
 
@@ -191,8 +193,10 @@ async def test_soak_local_and_redis(soak_storages: str, capsys: pytest.CaptureFi
         assert not result.wrong, result.wrong[:10]
         assert result.values > GETS * 0.8
         assert result.load_errors > 0 and result.cancelled > 0
-    assert len(flights) == 0, f"{len(flights)} in-flight entries left"
-    assert not flights._tasks
+    assert len(runtime.current().flights) == 0, (
+        f"{len(runtime.current().flights)} in-flight entries left"
+    )
+    assert not runtime.current().tasks
 
     requests = after.request_count() - before.request_count()
     loads = after.load_count() - before.load_count()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import cacheme
-from cacheme.flight import flights
+from cacheme import runtime
 from cacheme.storages.base import LocalStorage
 
 
@@ -22,10 +22,10 @@ from cacheme.storages.base import LocalStorage
 async def _reset_cacheme() -> AsyncIterator[None]:
     yield
     try:
-        running = list(flights._tasks)
+        running = list(runtime.current().tasks)
         if running:
             await asyncio.wait_for(asyncio.gather(*running, return_exceptions=True), 5)
-        leaked = len(flights)
+        leaked = len(runtime.current().flights)
     finally:
         await cacheme.close_storages()
         cacheme.set_prefix("cacheme")

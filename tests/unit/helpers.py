@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from cacheme.storages.base import LocalStorage
+from cacheme.storages.base import MISS, LocalStorage
 from cacheme.storages.registry import storages
 
 
@@ -17,7 +17,7 @@ class Counter:
         self.gate = gate
         self.calls = 0
 
-    async def __call__(self) -> Any:
+    async def __call__(self, node: Any = None) -> Any:
         self.calls += 1
         if self.gate is not None:
             await self.gate.wait()
@@ -39,4 +39,5 @@ def tier(name: str) -> LocalStorage[Any]:
 
 def stored(name: str, key: str) -> tuple[Any, bool]:
     """What the local tier ``name`` holds under the full key ``key``: ``(value, found)``."""
-    return tier(name).get(key)
+    value = tier(name).get(key)
+    return (None, False) if value is MISS else (value, True)

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 import cacheme
-from cacheme import Cache, Node, Storage
-from cacheme.flight import flights
+from cacheme import Cache, Node, Storage, runtime
 
 from .helpers import Counter, settle, stored
 
@@ -43,11 +42,11 @@ async def test_concurrent_gets_load_once() -> None:
     load = Counter("v", gate)
     tasks = [asyncio.ensure_future(cacheme.get(Key("a"), load_fn=load)) for _ in range(100)]
     await settle()
-    assert len(flights) == 1
+    assert len(runtime.current().flights) == 1
     gate.set()
     assert await asyncio.wait_for(asyncio.gather(*tasks), 2) == ["v"] * 100
     assert load.calls == 1
-    assert len(flights) == 0
+    assert len(runtime.current().flights) == 0
 
 
 async def test_concurrent_gets_of_node_load_once() -> None:
@@ -75,7 +74,7 @@ async def test_load_error_reaches_every_waiter_and_is_not_cached() -> None:
     gate = asyncio.Event()
     calls = 0
 
-    async def failing() -> str:
+    async def failing(_node: object) -> str:
         nonlocal calls
         calls += 1
         await gate.wait()
@@ -87,7 +86,7 @@ async def test_load_error_reaches_every_waiter_and_is_not_cached() -> None:
     results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 2)
     assert all(isinstance(r, Boom) and str(r) == "load 1" for r in results)
     assert calls == 1
-    assert len(flights) == 0
+    assert len(runtime.current().flights) == 0
     assert stored("local", "cacheme:flight:b:v1") == (None, False)
 
     with pytest.raises(Boom, match="load 2"):
@@ -100,7 +99,7 @@ async def test_cancelling_the_first_caller_does_not_cancel_the_load() -> None:
     gate = asyncio.Event()
     finished = False
 
-    async def load() -> str:
+    async def load(_node: object) -> str:
         nonlocal finished
         await gate.wait()
         finished = True
@@ -128,21 +127,21 @@ async def test_cancelling_every_caller_still_finishes_and_stores_the_load() -> N
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     gate.set()
-    await asyncio.wait_for(asyncio.gather(*flights._tasks), 2)
-    assert len(flights) == 0
+    await asyncio.wait_for(asyncio.gather(*runtime.current().tasks), 2)
+    assert len(runtime.current().flights) == 0
     assert stored("local", "cacheme:flight:d:v1") == ("v", True)
     assert await cacheme.get(Key("d"), load_fn=load) == "v"
     assert load.calls == 1
 
 
 async def test_a_cancelled_load_fails_its_waiters_and_frees_the_key() -> None:
-    async def cancelled() -> str:
+    async def cancelled(_node: object) -> str:
         raise asyncio.CancelledError
 
     tasks = [asyncio.ensure_future(cacheme.get(Key("e"), load_fn=cancelled)) for _ in range(3)]
     results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 2)
     assert all(isinstance(r, BaseException) for r in results)
-    assert len(flights) == 0
+    assert len(runtime.current().flights) == 0
     assert await cacheme.get(Key("e"), load_fn=Counter("after")) == "after"
 
 
@@ -161,7 +160,7 @@ async def test_no_entry_leaks_after_many_mixed_gets() -> None:
     names = [f"ok{i}" for i in range(30)] + [f"fail{i}" for i in range(30)]
 
     async def one(name: str) -> str:
-        return await cacheme.get(Key(name), load_fn=lambda: load_for(name))  # type: ignore[no-any-return]
+        return await cacheme.get(Key(name), load_fn=lambda _node: load_for(name))  # type: ignore[no-any-return]
 
     tasks = []
     for i in range(10_000):
@@ -175,9 +174,9 @@ async def test_no_entry_leaks_after_many_mixed_gets() -> None:
     outcomes = {type(r).__name__ for r in results}
     assert outcomes <= {"str", "Boom", "CancelledError"}
     assert {"str", "Boom", "CancelledError"} <= outcomes
-    await asyncio.wait_for(asyncio.gather(*flights._tasks), 5)
-    assert len(flights) == 0
-    assert not flights._tasks
+    await asyncio.wait_for(asyncio.gather(*runtime.current().tasks), 5)
+    assert len(runtime.current().flights) == 0
+    assert not runtime.current().tasks
     assert asyncio.all_tasks() == {asyncio.current_task()}
     assert 0 < loads < 10_000
 
@@ -192,7 +191,7 @@ async def test_invalidate_during_a_flight_is_not_undone() -> None:
     gate.set()
     assert await asyncio.wait_for(asyncio.gather(*tasks), 2) == ["late"] * 10
     assert stored("local", "cacheme:flight:f:v1") == (None, False)
-    assert len(flights) == 0
+    assert len(runtime.current().flights) == 0
 
 
 async def test_get_after_invalidate_starts_a_new_flight() -> None:

@@ -107,7 +107,7 @@ async def test_load_error_reaches_the_caller_unchanged_and_nothing_is_stored() -
     class Boom(Exception):
         pass
 
-    async def fail() -> str:
+    async def fail(_node: object) -> str:
         raise Boom("no")
 
     with pytest.raises(Boom, match="no"):
@@ -231,7 +231,7 @@ async def test_load_timeout_fails_every_waiter_and_frees_the_key() -> None:
     assert all(isinstance(r, TimeoutError) and "Slow" in str(r) for r in results)
     stats = cacheme.stats(Slow)
     assert (stats.load_count(), stats.load_failure_count()) == (1, 1)
-    assert await cacheme.get(Slow(), load_fn=lambda: asyncio.sleep(0, "fast")) == "fast"
+    assert await cacheme.get(Slow(), load_fn=lambda _node: asyncio.sleep(0, "fast")) == "fast"
 
 
 async def test_stale_if_error_serves_the_last_value_without_storing_it() -> None:

@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 
 import cacheme
-from cacheme import Cache, ConfigurationError, LoadError, Node, Storage
-from cacheme.flight import flights
+from cacheme import Cache, ConfigurationError, LoadError, Node, Storage, runtime
 
 from .helpers import settle, stored, tier
 
@@ -164,7 +163,7 @@ async def test_default_a_failing_node_fails_only_its_callers() -> None:
         await cacheme.get_all([Partly(1), Partly(2), Partly(3)])
     assert stored("local", "cacheme:partly:1:") == (1, True)
     assert stored("local", "cacheme:partly:3:") == (3, True)
-    assert len(flights) == 0
+    assert len(runtime.current().flights) == 0
 
 
 class Batched(Node):
@@ -235,7 +234,7 @@ async def test_load_all_that_omits_a_node_fails_that_node(batched: type[Batched]
     assert await asyncio.wait_for(waiter_3, 2) == 300
     assert stored("local", "cacheme:batched:1:v1") == (100, True)
     assert stored("local", "cacheme:batched:2:v1") == (None, False)
-    assert len(flights) == 0
+    assert len(runtime.current().flights) == 0
     stats = cacheme.stats(batched)
     assert stats.load_success_count() == 2
     assert stats.load_failure_count() == 1
@@ -252,7 +251,7 @@ async def test_load_all_returning_garbage_is_a_load_error(batched: type[Batched]
     stats = cacheme.stats(Garbage)
     assert stats.load_failure_count() == 2
     assert stats.load_success_count() == 0
-    assert len(flights) == 0
+    assert len(runtime.current().flights) == 0
 
 
 async def test_load_all_returning_non_nodes_is_a_load_error(batched: type[Batched]) -> None:
@@ -264,7 +263,7 @@ async def test_load_all_returning_non_nodes_is_a_load_error(batched: type[Batche
     with pytest.raises(LoadError, match=r"1 is not a node"):
         await asyncio.wait_for(cacheme.get_all([NotNodes(1), NotNodes(2)]), 2)
     assert cacheme.stats(NotNodes).load_failure_count() == 2
-    assert len(flights) == 0
+    assert len(runtime.current().flights) == 0
 
 
 async def test_load_all_raising_fails_every_node(batched: type[Batched]) -> None:
@@ -276,7 +275,7 @@ async def test_load_all_raising_fails_every_node(batched: type[Batched]) -> None
     with pytest.raises(RuntimeError, match="db down"):
         await asyncio.wait_for(cacheme.get_all([Raising(1), Raising(2)]), 2)
     assert cacheme.stats(Raising).load_failure_count() == 2
-    assert len(flights) == 0
+    assert len(runtime.current().flights) == 0
 
 
 async def test_get_all_backfills_earlier_local_tiers() -> None:

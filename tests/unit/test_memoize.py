@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -215,4 +216,6 @@ async def test_memoize_value_type_comes_from_the_function() -> None:
         return Untyped()
 
     assert await typed(1) == [1]
-    assert Untyped._cacheme_config.value_type == list[int]
+    # The memoized function keeps its own value type; the node class's config is untouched.
+    assert typed._config.value_type == list[int]
+    assert Untyped._cacheme_config.value_type is Any

@@ -379,7 +379,7 @@ def test_build_node_validates_like_meta() -> None:
 async def test_build_node_class_is_usable(local: LocalStorage[Any]) -> None:
     built = cacheme.build_node("BuiltUsable", "v1", [Cache(storage="local")])
 
-    async def load() -> int:
+    async def load(_node: object) -> int:
         return 42
 
     assert await cacheme.get(built(key="answer"), load_fn=load) == 42

@@ -23,6 +23,7 @@ from cacheme import (
     UnknownSchemeError,
 )
 from cacheme.storages import registry
+from cacheme.storages.base import MISS
 from cacheme.storages.local import LRUStorage, TinyLFUStorage
 
 from .helpers import stored, tier
@@ -75,16 +76,16 @@ async def test_registering_a_name_again_replaces_and_closes_the_old_one() -> Non
     await cacheme.register_storage("local", Storage(url="local://lru", size=10))
     old = tier("local")
     assert await cacheme.get(Item(1)) == "item-1"
-    assert old.get("cacheme:item:1:v1") == ("item-1", True)
+    assert old.get("cacheme:item:1:v1") == "item-1"
 
     await cacheme.register_storage("local", Storage(url="local://lru", size=10))
     new = tier("local")
     assert new is not old
-    assert old.get("cacheme:item:1:v1") == (None, False)  # closed: emptied
+    assert old.get("cacheme:item:1:v1") is MISS  # closed: emptied
     # Nodes resolved against the old storage move to the new one.
     assert await cacheme.get(Item(1)) == "item-1"
     assert LOADS == [1, 1]
-    assert new.get("cacheme:item:1:v1") == ("item-1", True)
+    assert new.get("cacheme:item:1:v1") == "item-1"
 
 
 async def test_replacing_a_tlfu_storage_closes_its_cache() -> None:
@@ -94,7 +95,7 @@ async def test_replacing_a_tlfu_storage_closes_its_cache() -> None:
     old.set("k", "v", None)
     await cacheme.register_storage("local", Storage(url="local://tlfu", size=10))
     assert tier("local") is not old
-    assert old.get("k") == (None, False)  # closed: its entries are released
+    assert old.get("k") is MISS  # closed: its entries are released
 
 
 def test_unknown_scheme_lists_supported_schemes() -> None:
@@ -174,8 +175,8 @@ async def test_close_storages_closes_all() -> None:
     b.set("k", 2, None)
     await cacheme.close_storages()
     assert cacheme.storages() == {}
-    assert a.get("k") == (None, False)
-    assert b.get("k") == (None, False)
+    assert a.get("k") is MISS
+    assert b.get("k") is MISS
     assert isinstance(b, TinyLFUStorage) and len(b) == 0
     await cacheme.close_storages()  # twice is fine
 
@@ -256,13 +257,13 @@ async def test_sub_second_ttl_is_honoured(policy: str) -> None:
 async def test_ttl_is_per_entry(policy: str) -> None:
     await cacheme.register_storage("local", Storage(url=f"local://{policy}", size=100))
     local = tier("local")
-    local.set("short", "s", timedelta(milliseconds=30))
-    local.set("long", "l", timedelta(seconds=10))
+    local.set("short", "s", 0.03)
+    local.set("long", "l", 10.0)
     local.set("forever", "f", None)
     await asyncio.sleep(0.05)
-    assert local.get("short") == (None, False)
-    assert local.get("long") == ("l", True)
-    assert local.get("forever") == ("f", True)
+    assert local.get("short") is MISS
+    assert local.get("long") == "l"
+    assert local.get("forever") == "f"
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -294,7 +295,7 @@ async def test_remove(policy: str) -> None:
     local.set("k", 1, None)
     local.remove("k")
     local.remove("absent")
-    assert local.get("k") == (None, False)
+    assert local.get("k") is MISS
 
 
 async def test_lru_evicts_the_least_recently_used() -> None:
@@ -318,9 +319,9 @@ async def test_lru_overwrite_does_not_grow() -> None:
     local.set("b", 2, None)
     local.set("a", 3, None)  # a becomes the most recent
     local.set("c", 4, None)  # evicts b
-    assert local.get("a") == (3, True)
-    assert local.get("b") == (None, False)
-    assert local.get("c") == (4, True)
+    assert local.get("a") == 3
+    assert local.get("b") is MISS
+    assert local.get("c") == 4
 
 
 async def test_tlfu_stays_within_its_size() -> None:

@@ -1,0 +1,286 @@
+"""Tiers: one link of a node's chain, the unit the walk loops over.
+
+A ``Tier`` is a registered storage as one node uses it: with the node's TTL for that storage
+(seconds, one unit), the node's serializer and value type, and the failure policy. Local and
+remote tiers offer one interface:
+
+- ``peek(key)``: the value if the tier can answer without waiting (a local tier), else
+  ``MISS``. This is the hot path of ``get``.
+- ``read(keys, done)``: look ``keys`` up and call ``done`` once with the values found (a dict
+  by key), ``None`` when the tier failed and fails open (a miss of that tier, counted and
+  logged), or the ``StorageError`` when it fails closed. A local tier calls ``done`` at once;
+  a remote tier when its coalesced batch comes back: no task is created for a read.
+- ``write(values)``: store ``values`` (by key) with the tier's TTL. Returns an awaitable that
+  settles when the write landed (``None`` when it already has) and the keys whose values
+  could not be encoded, with their ``EncodeError``.
+- ``remove(keys)``: drop ``keys``; returns an awaitable, or ``None`` when done already.
+- ``remaining_ttl(keys)``: what the tier knows of each entry's remaining lifetime, in
+  seconds (``math.inf``: no expiry; absent: not stored or not known).
+
+Failures of a tier never escape as driver errors: a remote tier raises or reports only
+``StorageError`` (and ``EncodeError`` per key on writes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigurationError, DecodeError, EncodeError, StorageError, StorageTimeoutError
+from .serializer import Serializer
+from .storages.base import MISS, BaseStorage, Entry, LocalStorage, RemoteStorage, ttl_to_ms
+
+if TYPE_CHECKING:
+    from .node import Cache, Config
+
+logger = logging.getLogger("cacheme")
+
+ReadResult = dict[str, Any] | StorageError | None
+Done = Callable[[ReadResult], None]
+
+
+class Tier(ABC):
+    """One storage in one node's chain; see the module docstring for the contract."""
+
+    __slots__ = ("cfg", "fail_open", "index", "name", "ttl")
+
+    immediate: bool  # peek() can answer (the tier is in-process)
+
+    def __init__(self, cfg: Config, index: int, name: str, ttl: float | None) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.name = name  # the registered storage's name
+        self.ttl = ttl  # seconds; None: no expiry
+        self.fail_open = True
+
+    @abstractmethod
+    def peek(self, key: str) -> Any:
+        """The value of ``key`` if known without waiting, else ``MISS``."""
+
+    @abstractmethod
+    def read(self, keys: Sequence[str], done: Done) -> None:
+        """Look ``keys`` up; call ``done`` exactly once (see the module docstring)."""
+
+    @abstractmethod
+    def write(self, values: dict[str, Any]) -> tuple[Awaitable[Any] | None, dict[str, Exception]]:
+        """Store ``values``; ``(pending write or None, encode errors by key)``."""
+
+    @abstractmethod
+    def remove(self, keys: Sequence[str]) -> Awaitable[Any] | None:
+        """Drop ``keys``; the pending removal, or ``None`` when done."""
+
+    def write_failed(self, exc: BaseException) -> BaseException | None:
+        """A pending write or removal of this tier failed with ``exc``: count and log it;
+        ``None`` to go on without the tier (fail-open), else the error for the callers."""
+        return exc
+
+    @abstractmethod
+    async def remaining_ttl(self, keys: Sequence[str]) -> dict[str, float]:
+        """Seconds each stored entry has left (``math.inf``: no expiry); unknown left out."""
+
+
+class LocalTier(Tier):
+    """An in-process storage: Python objects, answers at once."""
+
+    __slots__ = ("storage",)
+    immediate = True
+
+    def __init__(
+        self, cfg: Config, index: int, storage: LocalStorage[Any], ttl: float | None
+    ) -> None:
+        super().__init__(cfg, index, storage.name, ttl)
+        self.storage = storage
+
+    def peek(self, key: str) -> Any:
+        return self.storage.get(key)
+
+    def read(self, keys: Sequence[str], done: Done) -> None:
+        get = self.storage.get
+        found = {}
+        for key in keys:
+            value = get(key)
+            if value is not MISS:
+                found[key] = value
+        done(found)
+
+    def write(self, values: dict[str, Any]) -> tuple[Awaitable[Any] | None, dict[str, Exception]]:
+        put = self.storage.set
+        ttl = self.ttl
+        for key, value in values.items():
+            put(key, value, ttl)
+        return None, {}
+
+    def remove(self, keys: Sequence[str]) -> Awaitable[Any] | None:
+        for key in keys:
+            self.storage.remove(key)
+        return None
+
+    async def remaining_ttl(self, keys: Sequence[str]) -> dict[str, float]:
+        return self.storage.remaining(keys)
+
+
+class RemoteTier(Tier):
+    """A storage behind the network or a file: the node's serializer's bytes."""
+
+    __slots__ = ("serializer", "storage", "ttl_ms")
+    immediate = False
+
+    def __init__(
+        self,
+        cfg: Config,
+        index: int,
+        storage: RemoteStorage[Any],
+        ttl: float | None,
+        serializer: Serializer,
+        fail_open: bool,
+    ) -> None:
+        super().__init__(cfg, index, storage.name, ttl)
+        self.storage = storage
+        self.serializer = serializer
+        self.fail_open = fail_open
+        self.ttl_ms = ttl_to_ms(None if ttl is None else timedelta(seconds=ttl))
+
+    def peek(self, key: str) -> Any:
+        return MISS
+
+    def read(self, keys: Sequence[str], done: Done) -> None:
+        try:
+            pending = self.storage.get_many(keys)
+        except StorageError as exc:
+            done(self._failed(exc, "read"))
+            return
+
+        def arrived(fut: Any) -> None:
+            try:
+                raw = fut.result()
+            except StorageError as exc:
+                done(self._failed(exc, "read"))
+                return
+            except BaseException as exc:  # cancelled (storage closed) or a driver bug
+                done(StorageError(f"storage {self.name!r}: read failed: {exc!r}"))
+                return
+            done(self._decode(raw))
+
+        # A coalesced read is the batch's future already; only an uncoalesced one is wrapped.
+        asyncio.ensure_future(pending).add_done_callback(arrived)
+
+    def _decode(self, raw: dict[str, bytes]) -> dict[str, Any]:
+        cfg = self.cfg
+        loads = self.serializer.loads
+        value_type = cfg.value_type
+        values = {}
+        for key, data in raw.items():
+            try:
+                values[key] = loads(data, value_type)
+            except DecodeError as exc:
+                cfg.stats.decode_errors += 1
+                warn(
+                    self.name,
+                    cfg.name,
+                    "decode",
+                    f"cacheme: node {cfg.name}: entry {key!r} in storage {self.name!r} "
+                    f"cannot be decoded ({exc}); reloading it",
+                )
+        return values
+
+    def write(self, values: dict[str, Any]) -> tuple[Awaitable[Any] | None, dict[str, Exception]]:
+        errors: dict[str, Exception] = {}
+        entries = []
+        dumps = self.serializer.dumps
+        ttl_ms = self.ttl_ms
+        for key, value in values.items():
+            try:
+                entries.append(Entry(key, dumps(value), ttl_ms))
+            except EncodeError as exc:
+                errors[key] = EncodeError(f"node {self.cfg.name}: {exc}")
+        if not entries:
+            return None, errors
+        try:
+            return self.storage.set_many(entries), errors
+        except StorageError as exc:  # refused before any round trip (e.g. closed)
+            error = self._failed(exc, "write")
+            if error is not None:
+                raise error from exc
+            return None, errors
+
+    def remove(self, keys: Sequence[str]) -> Awaitable[Any] | None:
+        return self.storage.remove_many(keys)
+
+    def write_failed(self, exc: BaseException) -> BaseException | None:
+        if isinstance(exc, StorageError):
+            return self._failed(exc, "write")
+        return exc
+
+    async def remaining_ttl(self, keys: Sequence[str]) -> dict[str, float]:
+        try:
+            return await self.storage.remaining_ttl(keys)
+        except StorageError as exc:
+            error = self._failed(exc, "ttl")
+            if error is not None:
+                raise error from exc
+            return {}
+
+    def _failed(self, exc: StorageError, op: str) -> StorageError | None:
+        """Count a failure for the node; ``None`` to go on without the tier, else the error."""
+        count_failure(self.cfg, exc)
+        if not self.fail_open:
+            return exc
+        warn(
+            self.name,
+            self.cfg.name,
+            op,
+            f"cacheme: node {self.cfg.name}: {op} on storage {self.name!r} failed, going on "
+            f"without it: {exc}",
+        )
+        return None
+
+
+def count_failure(cfg: Config, exc: StorageError) -> None:
+    if isinstance(exc, StorageTimeoutError):
+        cfg.stats.storage_timeouts += 1
+    else:
+        cfg.stats.storage_errors += 1
+
+
+_last_warned: dict[tuple[str, str, str], float] = {}
+
+
+def warn(storage: str, node: str, op: str, message: str) -> None:
+    """Log a warning at most once a second per (storage, node, op); the rest at debug."""
+    now = time.monotonic()
+    marker = (storage, node, op)
+    if now - _last_warned.get(marker, -1.0) >= 1.0:
+        _last_warned[marker] = now
+        logger.warning(message)
+    else:
+        logger.debug(message)
+
+
+def seconds(ttl: timedelta | None, limit: timedelta) -> float | None:
+    """A ``Cache`` TTL in seconds, ``None`` for no expiry; a TTL above ``limit`` (what the
+    storage can hold) is documented to mean no expiry."""
+    if ttl is None or ttl > limit:
+        return None
+    return ttl.total_seconds()
+
+
+def make_tier(cfg: Config, index: int, storage: BaseStorage[Any], cache: Cache) -> Tier:
+    """The tier ``cache`` (``Meta.caches[index]``) of ``cfg`` on the registered ``storage``."""
+    if isinstance(storage, LocalStorage):
+        return LocalTier(cfg, index, storage, seconds(cache.ttl, storage.max_ttl))
+    if not isinstance(storage, RemoteStorage):  # pragma: no cover - the registry builds both
+        raise ConfigurationError(f"storage {storage.name!r} is neither local nor remote")
+    if cfg.serializer is None:
+        raise ConfigurationError(
+            f"node {cfg.name} caches in remote storage {storage.name!r} but has "
+            f"no Meta.serializer; set one (e.g. cacheme.serializer.MsgPackSerializer())"
+        )
+    fail_open = storage.options.fail_open if cache.fail_open is None else cache.fail_open
+    return RemoteTier(
+        cfg, index, storage, seconds(cache.ttl, storage.max_ttl), cfg.serializer, fail_open
+    )

@@ -1,0 +1,331 @@
+"""The walk: one fetch of some keys of one node class, over its tiers, settling their calls.
+
+``Walk.start`` reads the tiers left to right, each for the keys still missing: a local tier
+answers at once, a remote tier when its coalesced batch comes back, through a callback: no
+task is created for a read, so a value found in a remote tier reaches its callers without
+one. Only what no tier had is loaded, in a task of its own (the one place a task is made).
+Each value is then written to the tiers before the one that had it (each with its own TTL;
+a loaded value to every tier, unless the doorkeeper holds it back), and the calls are
+settled once those writes landed, so a caller that asks again finds the value stored.
+
+Errors: a tier that fails open counts as a miss of that tier (and is not written back); one
+that fails closed fails every call of the walk. A value that cannot be encoded fails only
+its own key's callers. A load's exception fails only the callers of the keys it was for.
+A call forgotten by ``invalidate``/``refresh`` still gets its value, but nothing of it is
+written to a tier or remembered for stale-if-error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from .errors import LoadError, LoadTimeoutError, StorageError
+from .flight import LOADED, STALE, Call
+from .node import Config, Node
+from .runtime import Runtime
+from .tiers import Tier
+
+logger = logging.getLogger("cacheme")
+
+Loader = Callable[[], Awaitable[Any]]
+
+_STALE_KEEP = 10_000  # last-good values kept per node for stale-if-error
+
+
+class Walk:
+    """Fetch ``nodes`` (by full key) for ``calls``; every call is settled, always."""
+
+    __slots__ = (
+        "backfill",
+        "calls",
+        "cfg",
+        "failed",
+        "index",
+        "loader",
+        "missing",
+        "nodes",
+        "rt",
+        "sources",
+        "values",
+    )
+
+    def __init__(
+        self,
+        cfg: Config,
+        rt: Runtime,
+        nodes: dict[str, Node],
+        calls: dict[str, Call],
+        loader: Loader | None,
+    ) -> None:
+        self.cfg = cfg
+        self.rt = rt
+        self.nodes = nodes
+        self.calls = calls
+        self.loader = loader
+        self.values: dict[str, Any] = {}
+        self.sources: dict[str, int] = {}
+        self.missing = list(nodes)
+        self.index = 0
+        self.failed: set[int] = set()  # tiers that failed (open) during this walk
+        self.backfill: dict[int, list[str]] = {}
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Read the tiers, then load what they lack."""
+        try:
+            self._next()
+        except BaseException as exc:
+            self._fail_all(exc)  # the callers joined first: they get it
+            if not isinstance(exc, Exception):
+                raise
+
+    def reload(self) -> None:
+        """Skip the tiers: load every key and write it everywhere (``refresh``)."""
+        self.rt.spawn(self._load_and_finish(admit=False))
+
+    def _next(self) -> None:
+        tiers = self.cfg.tiers
+        if self.missing and self.index < len(tiers):
+            tiers[self.index].read(self.missing, self._arrived)
+        elif self.missing:
+            self.rt.spawn(self._load_and_finish(admit=True))
+        else:
+            self._write_then_settle()
+
+    def _arrived(self, found: dict[str, Any] | StorageError | None) -> None:
+        try:
+            i = self.index
+            self.index += 1
+            if found is None:
+                self.failed.add(i)
+            elif isinstance(found, BaseException):
+                self._fail_all(found)
+                return
+            elif found:
+                self.values.update(found)
+                sources = self.sources
+                for key in found:
+                    sources[key] = i
+                for j in range(i):
+                    if j not in self.failed:
+                        self.backfill.setdefault(j, []).extend(found)
+                self.missing = [k for k in self.missing if k not in found]
+            self._next()
+        except BaseException as exc:
+            self._fail_all(exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    # -- writing and settling -------------------------------------------------------------
+
+    def _writes(self) -> tuple[list[tuple[Tier, Awaitable[Any]]], dict[str, BaseException]]:
+        """Start the write-backs; ``(pending writes, errors by key)``."""
+        errors: dict[str, BaseException] = {}
+        pending: list[tuple[Tier, Awaitable[Any]]] = []
+        calls = self.calls
+        tiers = self.cfg.tiers
+        for j, keys in self.backfill.items():
+            # A call forgotten by invalidate()/refresh() must not write back.
+            live = {k: self.values[k] for k in keys if k not in errors and not calls[k].stale}
+            if not live:
+                continue
+            tier = tiers[j]
+            write, failed = tier.write(live)
+            errors.update(failed)
+            if write is not None:
+                pending.append((tier, write))
+        return pending, errors
+
+    def _write_then_settle(self) -> None:
+        pending, errors = self._writes()
+        if not pending:
+            self._settle(errors)
+            return
+        futures = [asyncio.ensure_future(w) for _, w in pending]
+        done = futures[0] if len(futures) == 1 else asyncio.gather(*futures, return_exceptions=True)
+
+        def landed(_: Any) -> None:
+            try:
+                self._settle({**errors, **self._write_errors(pending, futures)})
+            except BaseException as exc:
+                self._fail_all(exc)
+
+        done.add_done_callback(landed)
+
+    def _write_errors(
+        self, pending: list[tuple[Tier, Awaitable[Any]]], futures: Sequence[asyncio.Future[Any]]
+    ) -> dict[str, BaseException]:
+        """The errors of fail-closed tiers' writes, for every key of the walk."""
+        for (tier, _), fut in zip(pending, futures, strict=True):
+            exc = None if fut.cancelled() else fut.exception()
+            if exc is None:
+                continue
+            error = tier.write_failed(exc)
+            if error is not None:
+                return dict.fromkeys(self.calls, error)
+        return {}
+
+    def _settle(self, errors: dict[str, BaseException]) -> None:
+        flights = self.rt.flights
+        values = self.values
+        sources = self.sources
+        for key, call in self.calls.items():
+            error = errors.get(key)
+            if error is not None:
+                flights.fail(key, call, error)
+            else:
+                flights.settle(key, call, (values[key], sources[key]))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        flights = self.rt.flights
+        for key, call in self.calls.items():
+            flights.fail(key, call, exc)
+
+    # -- loading ----------------------------------------------------------------------------
+
+    async def _load_and_finish(self, *, admit: bool) -> None:
+        try:
+            cfg = self.cfg
+            missing = {k: self.nodes[k] for k in self.missing}
+            loaded, stale, errors = await self._load(missing)
+            self.values.update(stale)
+            self.values.update(loaded)
+            for key in stale:
+                self.sources[key] = STALE
+            for key in loaded:
+                self.sources[key] = LOADED
+            keeper = cfg.doorkeeper if admit else None
+            admitted = [k for k in loaded if keeper is None or keeper.admit(k)]
+            if admitted:
+                for j in range(len(cfg.tiers)):
+                    if j not in self.failed:
+                        self.backfill.setdefault(j, []).extend(admitted)
+            pending, write_errors = self._writes()
+            errors.update(write_errors)
+            if pending:
+                futures = [asyncio.ensure_future(w) for _, w in pending]
+                await asyncio.gather(*futures, return_exceptions=True)
+                errors.update(self._write_errors(pending, futures))
+            self._settle(errors)
+        except BaseException as exc:
+            self._fail_all(exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _load(
+        self, nodes: dict[str, Node]
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, BaseException]]:
+        """Load ``nodes``: ``(loaded, stale, errors)`` by key."""
+        cfg = self.cfg
+        loader = self.loader
+        outcomes: dict[str, Any] = {}
+        first = next(iter(nodes.values()))
+        cls = type(first)
+        if loader is not None:
+            key = next(iter(nodes))
+            outcomes[key] = await _timed(cfg, loader, 1)
+        elif len(nodes) > 1 and _has_load_all(cls):
+            batch = await _timed(cfg, lambda: cls.load_all(list(nodes.values())), len(nodes))
+            if isinstance(batch, BaseException):
+                outcomes = dict.fromkeys(nodes, batch)
+            else:
+                outcomes = _match(cfg, cls, nodes, batch)
+        elif len(nodes) == 1:
+            key, node = next(iter(nodes.items()))
+            outcomes[key] = await _timed(cfg, node.load, 1)
+        else:
+            results = await asyncio.gather(*(_timed(cfg, n.load, 1) for n in nodes.values()))
+            outcomes = dict(zip(nodes, results, strict=True))
+        loaded: dict[str, Any] = {}
+        stale: dict[str, Any] = {}
+        errors: dict[str, BaseException] = {}
+        now = time.monotonic()
+        for key, outcome in outcomes.items():
+            if not isinstance(outcome, BaseException):
+                loaded[key] = outcome
+                # A call detached by invalidate()/refresh() leaves nothing behind.
+                if cfg.stale_if_error is not None and not self.calls[key].stale:
+                    _remember(cfg, key, outcome, now)
+                continue
+            kept = cfg.last_good.get(key)
+            if kept is not None and kept[1] > now and not self.calls[key].stale:
+                cfg.stats.stale += 1
+                stale[key] = kept[0]
+                logger.warning(
+                    "cacheme: node %s: load of %r failed (%r); serving the stale value",
+                    cfg.name,
+                    key,
+                    outcome,
+                )
+            else:
+                errors[key] = outcome
+        return loaded, stale, errors
+
+
+def _has_load_all(cls: type[Node]) -> bool:
+    return cls.load_all.__func__ is not Node.load_all.__func__  # type: ignore[attr-defined]
+
+
+def _remember(cfg: Config, key: str, value: Any, now: float) -> None:
+    assert cfg.stale_if_error is not None
+    kept = cfg.last_good
+    kept[key] = (value, now + cfg.stale_if_error.total_seconds())
+    kept.move_to_end(key)
+    if len(kept) > _STALE_KEEP:
+        kept.popitem(last=False)
+
+
+def _match(cfg: Config, cls: type[Node], nodes: dict[str, Node], pairs: Any) -> dict[str, Any]:
+    """Map ``load_all``'s ``(node, value)`` pairs back to keys; a left-out node is an error."""
+    from .api import full_key
+
+    out: dict[str, Any] = {}
+    try:
+        for got, value in pairs:
+            if not isinstance(got, Node):
+                raise TypeError(f"{got!r} is not a node")
+            out[full_key(cfg, got)] = value
+    except (TypeError, ValueError) as exc:
+        error = LoadError(f"{cls.__qualname__}.load_all must return (node, value) pairs: {exc}")
+        cfg.stats.load_successes -= len(nodes)
+        cfg.stats.load_failures += len(nodes)
+        return dict.fromkeys(nodes, error)
+    left_out = [k for k in nodes if k not in out]
+    if left_out:
+        error = LoadError(
+            f"{cls.__qualname__}.load_all returned no value for {len(left_out)} node(s), "
+            f"e.g. key {left_out[0]!r}"
+        )
+        cfg.stats.load_successes -= len(left_out)
+        cfg.stats.load_failures += len(left_out)
+        for key in left_out:
+            out[key] = error
+    return {k: out[k] for k in nodes}
+
+
+async def _timed(cfg: Config, fn: Callable[[], Awaitable[Any]], count: int) -> Any:
+    """Run one load (of ``count`` nodes) with the node's timeout; the exception is returned."""
+    rec = cfg.stats
+    start = time.perf_counter_ns()
+    try:
+        if cfg.load_timeout is None:
+            value = await fn()
+        else:
+            try:
+                value = await asyncio.wait_for(fn(), cfg.load_timeout)
+            except asyncio.TimeoutError:
+                raise LoadTimeoutError(
+                    f"node {cfg.name}: load took longer than {cfg.load_timeout:g}s"
+                ) from None
+    except Exception as exc:
+        rec.load_failures += count
+        rec.load_time_ns += time.perf_counter_ns() - start
+        return exc
+    rec.load_successes += count
+    rec.load_time_ns += time.perf_counter_ns() - start
+    return value
