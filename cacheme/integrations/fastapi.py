@@ -1,0 +1,95 @@
+"""A lifespan for FastAPI and Starlette apps: storages registered at start-up, closed at shutdown.
+
+::
+
+    from fastapi import FastAPI
+    import cacheme
+    from cacheme.integrations.fastapi import cacheme_lifespan
+
+    app = FastAPI(
+        lifespan=cacheme_lifespan(
+            {
+                "local": cacheme.Storage(url="local://tlfu", size=10_000),
+                "redis": cacheme.Storage(url="redis://localhost:6379"),
+            }
+        )
+    )
+
+The same object works as ``Starlette(lifespan=...)``: both call ``lifespan(app)`` and enter
+the async context manager it returns. Nothing here imports FastAPI or Starlette.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, TypeVar
+
+from ..errors import ConfigurationError
+from ..storages.registry import Storage, close_storages, register_storage
+
+__all__ = ["Lifespan", "cacheme_lifespan"]
+
+AppT = TypeVar("AppT")
+Lifespan = Callable[[AppT], AbstractAsyncContextManager[Any]]
+
+
+def cacheme_lifespan(
+    storages: Mapping[str, Storage],
+    app_lifespan: Lifespan[AppT] | None = None,
+    *,
+    create_schemas: bool = False,
+) -> Lifespan[AppT]:
+    """A lifespan that registers ``storages`` (name -> ``cacheme.Storage``) at start-up.
+
+    At start-up, in the mapping's order: (with ``create_schemas=True``) create the table or
+    collection of each SQL / MongoDB storage if missing (``cacheme.schemas.create``: handy
+    in development and tests; in production create them once with ``cacheme schema
+    create``), then ``await cacheme.register_storage(name, storage)`` for each, then enter
+    ``app_lifespan(app)`` if given and hand its state to the framework. At shutdown (and if
+    start-up fails part-way) ``app_lifespan`` is exited first, then
+    ``await cacheme.close_storages()`` closes every registered storage, including any the
+    app registered itself.
+
+    Raises ``ConfigurationError`` at once if ``storages`` is not a mapping of non-empty
+    names to ``cacheme.Storage``; at start-up, whatever ``register_storage`` raises
+    (``ConfigurationError``, ``MissingDriverError``, ``StorageError``) makes the app fail to
+    start.
+    """
+    if not isinstance(storages, Mapping):
+        raise ConfigurationError(
+            f"cacheme_lifespan takes a mapping of names to cacheme.Storage, got {storages!r}"
+        )
+    for name, storage in storages.items():
+        if not isinstance(name, str) or not name or not isinstance(storage, Storage):
+            raise ConfigurationError(
+                f"cacheme_lifespan: {name!r}: {storage!r} must be a non-empty name and a "
+                f"cacheme.Storage"
+            )
+    wanted = dict(storages)
+
+    @asynccontextmanager
+    async def lifespan(app: AppT) -> AsyncIterator[Any]:
+        try:
+            if create_schemas:
+                from .. import schemas
+
+                for storage in wanted.values():
+                    if schemas.schema_kind(storage.url) is not None:
+                        where = {
+                            k: v
+                            for k, v in storage.options.items()
+                            if k in ("table", "database", "collection")
+                        }
+                        await schemas.create(storage.url, **where)
+            for name, storage in wanted.items():
+                await register_storage(name, storage)
+            if app_lifespan is None:
+                yield None
+            else:
+                async with app_lifespan(app) as state:
+                    yield state
+        finally:
+            await close_storages()
+
+    return lifespan
