@@ -13,8 +13,8 @@ import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from . import backplane, runtime
 from . import node as _node
-from . import runtime
 from .errors import ConfigurationError, StorageError
 from .flight import Call
 from .node import Config, Node
@@ -194,8 +194,10 @@ async def invalidate(node: Node, cfg: Config | None = None) -> None:
         if pending is not None:
             removals.append((tier, pending))
     if not removals:
+        backplane.publish((key,))
         return
     outcomes = await asyncio.gather(*(op for _, op in removals), return_exceptions=True)
+    backplane.publish((key,))
     failed = []
     for (tier, _), outcome in zip(removals, outcomes, strict=True):
         if isinstance(outcome, StorageError):
@@ -244,6 +246,7 @@ async def reload(node: Node, cfg: Config, loader: Loader | None) -> Any:
     waiter = call.join()
     Walk(cfg, rt, {key: node}, {key: call}, loader).reload()
     value, _ = await waiter
+    backplane.publish((key,))
     return value
 
 

@@ -89,6 +89,8 @@ _META_OPTIONS = (
     "doorkeeper",
     "load_timeout",
     "stale_if_error",
+    "lease",
+    "lease_storage",
 )
 
 
@@ -112,6 +114,11 @@ class Config:
         if stale is not None and stale <= timedelta(0):
             raise ConfigurationError(f"{name}.Meta.stale_if_error must be positive, got {stale!r}")
         self.stale_if_error: timedelta | None = stale
+        lease = _option(name, meta, "lease", None, timedelta)
+        if lease is not None and lease <= timedelta(0):
+            raise ConfigurationError(f"{name}.Meta.lease must be positive, got {lease!r}")
+        self.lease: timedelta | None = lease  # one load per key across processes (lease.py)
+        self.lease_storage: str | None = _option(name, meta, "lease_storage", None, str)
         unknown = [
             attr
             for klass in meta.__mro__
@@ -232,6 +239,8 @@ class Node:
         doorkeeper: DoorKeeper | None = None
         load_timeout: float | None = None  # seconds; a slower load() fails every waiter
         stale_if_error: timedelta | None = None  # serve the last value this long if load() fails
+        lease: timedelta | None = None  # one load per key across processes (cacheme.lease)
+        lease_storage: str | None = None  # Redis storage of leases (default: the backplane's)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -23,11 +23,12 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from . import backplane, lease
 from .errors import LoadError, LoadTimeoutError, StorageError
 from .flight import LOADED, STALE, Call
 from .node import Config, Node
 from .runtime import Runtime
-from .tiers import Tier
+from .tiers import RemoteTier, Tier
 
 logger = logging.getLogger("cacheme")
 
@@ -46,6 +47,7 @@ class Walk:
         "failed",
         "index",
         "loader",
+        "mark",
         "missing",
         "nodes",
         "rt",
@@ -72,6 +74,7 @@ class Walk:
         self.index = 0
         self.failed: set[int] = set()  # tiers that failed (open) during this walk
         self.backfill: dict[int, list[str]] = {}
+        self.mark = backplane.sequence()  # see backplane.changed_since
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -132,9 +135,11 @@ class Walk:
         for j, keys in self.backfill.items():
             # A call forgotten by invalidate()/refresh() must not write back.
             live = {k: self.values[k] for k in keys if k not in errors and not calls[k].stale}
+            tier = tiers[j]
+            if not isinstance(tier, RemoteTier):  # another process's drop came after our read
+                live = {k: v for k, v in live.items() if not backplane.changed_since(k, self.mark)}
             if not live:
                 continue
-            tier = tiers[j]
             write, failed = tier.write(live)
             errors.update(failed)
             if write is not None:
@@ -192,7 +197,7 @@ class Walk:
         try:
             cfg = self.cfg
             missing = {k: self.nodes[k] for k in self.missing}
-            loaded, stale, errors = await self._load(missing)
+            loaded, stale, errors = await self._load(missing, leased=admit)
             self.values.update(stale)
             self.values.update(loaded)
             for key in stale:
@@ -211,6 +216,8 @@ class Walk:
                 futures = [asyncio.ensure_future(w) for _, w in pending]
                 await asyncio.gather(*futures, return_exceptions=True)
                 errors.update(self._write_errors(pending, futures))
+                if admit and any(isinstance(t, RemoteTier) for t, _ in pending):
+                    backplane.publish([k for k in admitted if not self.calls[k].stale])
             self._settle(errors)
         except BaseException as exc:
             self._fail_all(exc)
@@ -218,7 +225,7 @@ class Walk:
                 raise
 
     async def _load(
-        self, nodes: dict[str, Node]
+        self, nodes: dict[str, Node], leased: bool = False
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, BaseException]]:
         """Load ``nodes``: ``(loaded, stale, errors)`` by key."""
         cfg = self.cfg
@@ -226,7 +233,15 @@ class Walk:
         outcomes: dict[str, Any] = {}
         first = next(iter(nodes.values()))
         cls = type(first)
-        if loader is not None:
+        if leased and cfg.lease is not None and len(nodes) == 1:
+            key = next(iter(nodes))
+            try:
+                outcomes[key] = await self._load_leased(key, loader or first.load)
+            except _Shared:
+                return {}, {}, {}  # another process loaded it: read from the shared tier
+            except Exception as exc:
+                outcomes[key] = exc
+        elif loader is not None:
             key = next(iter(nodes))
             outcomes[key] = await _timed(cfg, loader, 1)
         elif len(nodes) > 1 and _has_load_all(cls):
@@ -265,6 +280,41 @@ class Walk:
             else:
                 errors[key] = outcome
         return loaded, stale, errors
+
+    async def _load_leased(self, key: str, fn: Loader) -> Any:
+        """Load ``key`` under a lease (see ``lease``); raises ``_Shared`` when the value was
+        read from a shared tier instead (recorded as a hit of that tier)."""
+        cfg = self.cfg
+
+        async def load() -> Any:
+            outcome = await _timed(cfg, fn, 1)
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+
+        async def read_shared() -> tuple[bool, Any]:
+            for tier in cfg.tiers:
+                if isinstance(tier, RemoteTier) and tier.index not in self.failed:
+                    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                    tier.read([key], fut.set_result)
+                    found = await fut
+                    if isinstance(found, dict) and key in found:
+                        return True, (tier.index, found[key])
+            return False, None
+
+        value, loaded = await lease.load_once(cfg, key, load, read_shared)
+        if loaded:
+            return value
+        index, self.values[key] = value
+        self.sources[key] = index
+        for j in range(index):
+            if j not in self.failed:
+                self.backfill.setdefault(j, []).append(key)
+        raise _Shared
+
+
+class _Shared(Exception):
+    """The leased key's value came from a shared tier (another process loaded it)."""
 
 
 def _has_load_all(cls: type[Node]) -> bool:

@@ -1,0 +1,669 @@
+"""The backplane: keeps local tiers coherent across processes through Redis pub/sub.
+
+After ``await enable_backplane("my-redis")``, every key the core reports through
+``publish(keys)`` (after ``invalidate``, ``refresh``, and a value written through to a shared
+tier) is sent on one channel; every other process that enabled the backplane drops those keys
+from its local tiers. Shared tiers are already coherent: messages never touch them.
+
+Threads, not tasks, so that it works whatever event loops the program runs (``asyncio.run``
+per task, a loop per thread, forked workers):
+
+- **publisher** (daemon thread): callers put keys on a ``SimpleQueue`` (never blocks, never
+  raises); the thread sends everything queued since its last send as one message. A failed
+  send is counted and logged (at most once per 10 s) and its keys ride with the next message
+  (at most ``_RETRY_MAX`` keys are kept); the local TTL stays the bound on staleness.
+- **subscriber** (daemon thread): a synchronous redis-py connection subscribed to the channel.
+  A message drops its keys from every registered local storage through
+  ``discard_threadsafe`` (the tier applies it before its next read). The connection is pinged
+  when idle; a lost subscription is re-made with a backoff of at most 1 s, and since messages
+  may have been missed meanwhile, every local tier is then cleared (``clear_threadsafe``):
+  stale local data never outlives a disconnect by more than the reconnect time.
+
+On a Redis Cluster the backplane uses *sharded* pub/sub (``SSUBSCRIBE``/``SPUBLISH``, Redis
+7+): classic ``PUBLISH`` is broadcast over the cluster bus to every node, whatever the
+subscribers, so its cost grows with the cluster; a sharded message only travels within the
+shard that owns the channel's slot. All traffic uses one channel, hence one shard: the
+messages are a few keys each, so that shard's load is small. When that slot moves or its
+primary fails over, the subscription is lost and re-made (clearing local tiers, as above).
+
+A message is JSON ``[1, sender, kind, keys]``: ``sender`` is this process's instance id (a
+uuid, new after ``fork``) so a process ignores its own messages; ``kind`` is ``"k"`` (keys
+changed: drop them, wake lease waiters) or ``"r"`` (a lease was released without a value:
+only wake lease waiters, see ``lease``).
+
+After ``os.fork()`` the threads are gone: the child gets a new instance id, starts its
+subscriber at once (its first subscription clears its local tiers, inherited from the parent
+and maybe stale) and its publisher at its first ``publish``.
+
+Counters: each is written by one thread only (the publisher's by the publisher, the
+subscriber's by the subscriber); ``stats()`` reads a snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigurationError
+from .storages import registry
+
+logger = logging.getLogger("cacheme.backplane")
+
+__all__ = [
+    "BackplaneStats",
+    "disable_backplane",
+    "enable_backplane",
+    "publish",
+    "stats",
+]
+
+DEFAULT_CHANNEL = "cacheme:backplane"
+_VERSION = 1
+_CHUNK = 1000  # keys per message at most
+_RETRY_MAX = 10_000  # keys of failed messages kept for the next send
+_PING_EVERY = 1.0  # seconds of silence before the subscriber pings
+_DEAD_AFTER = 3.0  # seconds without any reply: the subscription is lost
+_BACKOFF_MAX = 1.0  # seconds between reconnect / resend attempts, at most
+_CHANGED_MAX = 50_000  # keys remembered by changed_since before it turns conservative
+
+# Listeners get (kind, keys, remote) for every message received from another process
+# (remote=True, on the subscriber thread) and for every publish of this process
+# (remote=False, on the caller's thread). ``lease`` registers one. They must be quick and
+# must not raise.
+Listener = Callable[[str, Sequence[str], bool], None]
+_listeners: list[Listener] = []
+
+
+@dataclass(frozen=True)
+class BackplaneStats:
+    """A snapshot of the backplane's counters (since the process started or forked)."""
+
+    enabled: bool
+    storage: str | None
+    channel: str | None
+    instance_id: str
+    subscribed: bool
+    messages_sent: int
+    keys_sent: int
+    publish_failures: int  # messages that could not be sent (their keys are retried)
+    keys_dropped: int  # keys never sent: more than _RETRY_MAX were waiting
+    messages_received: int  # from other processes
+    keys_received: int
+    own_ignored: int  # this process's own messages, ignored
+    bad_messages: int  # undecodable payloads on the channel
+    subscriptions: int  # successful subscriptions, the first included
+    reconnects: int  # subscriptions that cleared the local tiers (after a loss or fork)
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self.messages_sent = 0
+        self.keys_sent = 0
+        self.publish_failures = 0
+        self.keys_dropped = 0
+        self.messages_received = 0
+        self.keys_received = 0
+        self.own_ignored = 0
+        self.bad_messages = 0
+        self.subscriptions = 0
+        self.reconnects = 0
+
+
+_counters = _Counters()
+_instance = uuid.uuid4().hex
+
+
+def instance_id() -> str:
+    """This process's id on the backplane (new after ``fork``)."""
+    return _instance
+
+
+# -- Redis clients ------------------------------------------------------------------------
+
+
+class _Target:
+    """How to reach the Redis (or Redis Cluster) of a registered storage, synchronously."""
+
+    def __init__(self, name: str, url: str, cluster: bool, timeout: float) -> None:
+        from redis.connection import parse_url
+
+        self.name = name
+        self.url = url
+        self.cluster = cluster
+        self.timeout = timeout
+        params: dict[str, Any] = dict(parse_url(url))  # type: ignore[no-untyped-call]
+        params.update(
+            decode_responses=False, socket_connect_timeout=timeout, socket_timeout=timeout
+        )
+        self.params = params  # holds the password: never printed
+
+    def client(self) -> Any:
+        """A new synchronous client: ``redis.Redis`` or ``redis.cluster.RedisCluster``."""
+        import redis
+        import redis.cluster
+        from redis.backoff import NoBackoff
+        from redis.connection import SSLConnection
+        from redis.retry import Retry
+
+        if not self.cluster:
+            # No retries inside redis-py: the backplane's own loops retry, with a backoff.
+            return redis.Redis(retry=Retry(NoBackoff(), 0), **self.params)
+        params = dict(self.params)
+        params.pop("db", None)
+        if params.pop("connection_class", None) is SSLConnection:
+            params["ssl"] = True
+        return redis.cluster.RedisCluster(**params)
+
+    def node_client(self, host: str, port: int) -> Any:
+        """A standalone client to one node (the shard owning a sharded channel)."""
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        params = dict(self.params)
+        params.pop("db", None)
+        params.update(host=host, port=port)
+        return redis.Redis(retry=Retry(NoBackoff(), 0), **params)
+
+
+def target_of(name: str, *, user: str = "") -> _Target:
+    """The ``_Target`` of the registered Redis storage ``name``; ``ConfigurationError`` else."""
+    who = f"{user}: " if user else ""
+    backend = registry.storages().get(name)
+    if backend is None:
+        known = ", ".join(repr(n) for n in sorted(registry.storages())) or "none"
+        raise ConfigurationError(
+            f"{who}storage {name!r} is not registered (registered: {known}); "
+            f"call cacheme.register_storage({name!r}, ...) first"
+        )
+    scheme = backend.url.split("://", 1)[0].lower()
+    if backend.local or scheme not in ("redis", "rediss"):
+        raise ConfigurationError(
+            f"{who}storage {name!r} is not a Redis storage ({type(backend).__name__}); "
+            "the backplane and leases need a redis:// or rediss:// storage"
+        )
+    options = backend.options
+    return _Target(
+        name,
+        backend.url,
+        bool(getattr(options, "cluster", False)),
+        float(getattr(options, "timeout", 3.0)),
+    )
+
+
+_sync_clients: dict[tuple[int, str, str], Any] = {}
+_sync_lock = threading.Lock()
+
+
+def sync_client(name: str, *, user: str = "") -> Any:
+    """A process-wide synchronous client for the Redis storage ``name`` (thread-safe).
+
+    A new one after ``fork``, and when the storage is registered again with another URL.
+    """
+    target = target_of(name, user=user)
+    marker = (os.getpid(), name, target.url)
+    client = _sync_clients.get(marker)
+    if client is None:
+        with _sync_lock:
+            client = _sync_clients.get(marker)
+            if client is None:
+                client = _sync_clients[marker] = target.client()
+    return client
+
+
+# -- rate-limited logging -------------------------------------------------------------------
+
+_last_logged: dict[str, float] = {}
+
+
+def _log(kind: str, message: str, *args: Any) -> None:
+    """Warn at most once per 10 s per ``kind``; the rest go to debug."""
+    now = time.monotonic()
+    if now - _last_logged.get(kind, -100.0) >= 10.0:
+        _last_logged[kind] = now
+        logger.warning(message, *args)
+    else:
+        logger.debug(message, *args)
+
+
+# -- changes seen (for the core's write-back race guard) ------------------------------------
+
+_seq = 0  # messages applied so far (written by the subscriber thread only)
+_floor = 0  # every key counts as changed at or below... this sequence number
+_changed: dict[str, int] = {}
+
+
+def sequence() -> int:
+    """A mark to pass to ``changed_since`` later (take it before reading a shared tier)."""
+    return _seq
+
+
+def changed_since(key: str, mark: int) -> bool:
+    """Whether another process reported ``key`` changed after ``mark`` was taken.
+
+    A flight that read a shared tier before the change must not copy what it read into a
+    local tier (the drop was applied before its write): the core asks this before writing
+    back to local tiers.
+    """
+    return _floor > mark or _changed.get(key, 0) > mark
+
+
+def _record_changes(keys: Sequence[str] | None) -> None:
+    """Note a change of ``keys`` (``None``: of everything). Subscriber thread only."""
+    global _seq, _floor
+    seq = _seq + 1
+    if keys is None or len(_changed) + len(keys) > _CHANGED_MAX:
+        _changed.clear()
+        _floor = seq
+    else:
+        for key in keys:
+            _changed[key] = seq
+    _seq = seq
+
+
+# -- local tiers ----------------------------------------------------------------------------
+
+
+def _local_storages() -> list[Any]:
+    return [s for s in registry.storages().values() if s.local]
+
+
+def _drop_local(keys: Sequence[str]) -> None:
+    _record_changes(keys)
+    for storage in _local_storages():
+        discard = getattr(storage, "discard_threadsafe", None)
+        if discard is not None:
+            discard(keys)
+
+
+def _clear_local() -> None:
+    _record_changes(None)
+    for storage in _local_storages():
+        clear = getattr(storage, "clear_threadsafe", None)
+        if clear is not None:
+            clear()
+
+
+def _notify(kind: str, keys: Sequence[str], remote: bool) -> None:
+    for listener in _listeners:
+        try:
+            listener(kind, keys, remote)
+        except Exception:  # a listener must not break the backplane
+            logger.exception("cacheme: backplane listener %r failed", listener)
+
+
+# -- the backplane --------------------------------------------------------------------------
+
+_STOP: Any = None  # the queue item that stops the publisher
+
+
+class _Backplane:
+    def __init__(self, target: _Target, channel: str) -> None:
+        self.target = target
+        self.channel = channel
+        self._init_threading()
+
+    def _init_threading(self) -> None:
+        """Fresh queue, events, lock and no threads (at creation and in a forked child)."""
+        self.queue: queue.SimpleQueue[tuple[str, tuple[str, ...]] | None] = queue.SimpleQueue()
+        self.stop = threading.Event()
+        self.subscribed = threading.Event()
+        self.lock = threading.Lock()
+        self.fresh = True  # the next subscription needs no clear (enable's first one)
+        self.publisher: threading.Thread | None = None
+        self.subscriber: threading.Thread | None = None
+
+    def after_fork(self) -> None:
+        self._init_threading()
+        self.fresh = False  # inherited local data may be stale: clear once subscribed
+        self.start_subscriber()
+
+    # -- threads --------------------------------------------------------------------------
+
+    def start_subscriber(self) -> None:
+        thread = threading.Thread(
+            target=self._subscribe_loop, name="cacheme-backplane-sub", daemon=True
+        )
+        self.subscriber = thread
+        thread.start()
+
+    def start_publisher(self) -> None:
+        with self.lock:
+            if self.publisher is not None:
+                return
+            thread = threading.Thread(
+                target=self._publish_loop, name="cacheme-backplane-pub", daemon=True
+            )
+            self.publisher = thread
+            thread.start()
+
+    def put(self, kind: str, keys: tuple[str, ...]) -> None:
+        if self.publisher is None:
+            self.start_publisher()
+        self.queue.put((kind, keys))
+
+    def close(self) -> list[threading.Thread]:
+        """Stop both threads (the publisher sends what is queued first); the threads."""
+        self.stop.set()
+        self.queue.put(_STOP)
+        return [t for t in (self.publisher, self.subscriber) if t is not None]
+
+    # -- publisher ------------------------------------------------------------------------
+
+    def _publish_loop(self) -> None:
+        client: Any = None
+        retry: dict[str, None] = {}
+        backoff = 0.0
+        stopping = False
+        while not stopping:
+            try:
+                item = self.queue.get(timeout=0.5)
+            except queue.Empty:
+                if self.stop.is_set():
+                    break
+                if not retry:
+                    continue
+                item = ("k", ())
+            changed: dict[str, None] = dict(retry)
+            released: dict[str, None] = {}
+            retry = {}
+            while True:
+                if item is None:  # _STOP
+                    stopping = True
+                else:
+                    (changed if item[0] == "k" else released).update(dict.fromkeys(item[1]))
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+            for kind, pending in (("k", list(changed)), ("r", list(released))):
+                for i in range(0, len(pending), _CHUNK):
+                    chunk = pending[i : i + _CHUNK]
+                    try:
+                        if client is None:
+                            client = self.target.client()
+                        self._send(client, kind, chunk)
+                    except Exception as exc:
+                        _counters.publish_failures += 1
+                        _log(
+                            "publish",
+                            "cacheme: backplane: cannot publish on storage %r (%s: %s); "
+                            "other processes keep these keys until their local TTL or "
+                            "their next reconnect",
+                            self.target.name,
+                            type(exc).__name__,
+                            exc,
+                        )
+                        _close_quietly(client)
+                        client = None
+                        if kind == "k":
+                            for key in chunk:
+                                if len(retry) < _RETRY_MAX:
+                                    retry[key] = None
+                                else:
+                                    _counters.keys_dropped += 1
+                        backoff = min(max(backoff * 2, 0.05), _BACKOFF_MAX)
+                    else:
+                        backoff = 0.0
+            if backoff and not stopping:
+                self.stop.wait(backoff)
+        _close_quietly(client)
+
+    def _send(self, client: Any, kind: str, keys: list[str]) -> None:
+        payload = json.dumps([_VERSION, _instance, kind, keys], separators=(",", ":"))
+        if self.target.cluster:
+            client.spublish(self.channel, payload)
+        else:
+            client.publish(self.channel, payload)
+        _counters.messages_sent += 1
+        _counters.keys_sent += len(keys)
+
+    # -- subscriber -----------------------------------------------------------------------
+
+    def _subscribe_loop(self) -> None:
+        backoff = 0.05
+        while not self.stop.is_set():
+            client: Any = None
+            pubsub: Any = None
+            try:
+                client, pubsub = self._subscribe()
+                with self.lock:
+                    clear, self.fresh = not self.fresh, False
+                if clear:
+                    _clear_local()
+                    _counters.reconnects += 1
+                _counters.subscriptions += 1
+                self.subscribed.set()
+                backoff = 0.05
+                self._listen(pubsub)
+            except Exception as exc:
+                if not self.stop.is_set():
+                    _log(
+                        "subscribe",
+                        "cacheme: backplane: subscription on storage %r lost or refused "
+                        "(%s: %s); retrying",
+                        self.target.name,
+                        type(exc).__name__,
+                        exc,
+                    )
+            finally:
+                self.subscribed.clear()
+                _close_quietly(pubsub)
+                _close_quietly(client)
+            if not self.stop.wait(backoff):
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    def _subscribe(self) -> tuple[Any, Any]:
+        """A client and a pubsub whose subscription the server has confirmed."""
+        target = self.target
+        if target.cluster:
+            cluster = target.client()
+            try:
+                node = cluster.get_node_from_key(self.channel)
+                client = target.node_client(node.host, node.port)
+            finally:
+                _close_quietly(cluster)
+        else:
+            client = target.client()
+        pubsub = client.pubsub()
+        try:
+            if target.cluster:
+                pubsub.ssubscribe(self.channel)
+            else:
+                pubsub.subscribe(self.channel)
+            deadline = time.monotonic() + target.timeout
+            while True:
+                message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+                if message is not None and message["type"] in ("subscribe", "ssubscribe"):
+                    return client, pubsub
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"no subscribe confirmation within {target.timeout:g}s")
+        except BaseException:
+            _close_quietly(pubsub)
+            _close_quietly(client)
+            raise
+
+    def _listen(self, pubsub: Any) -> None:
+        last_reply = time.monotonic()
+        pinged = False
+        while not self.stop.is_set():
+            message = pubsub.get_message(timeout=0.2)
+            now = time.monotonic()
+            if message is None:
+                if now - last_reply >= _DEAD_AFTER:
+                    raise ConnectionError(f"no reply from Redis for {_DEAD_AFTER:g}s")
+                if not pinged and now - last_reply >= _PING_EVERY:
+                    pubsub.ping()
+                    pinged = True
+                continue
+            last_reply = now
+            pinged = False
+            kind = message["type"]
+            if kind in ("message", "smessage"):
+                self._apply(message["data"])
+            elif kind in ("unsubscribe", "sunsubscribe"):
+                # The server dropped us (e.g. the channel's slot moved): subscribe again.
+                raise ConnectionError(f"the server ended the subscription ({kind})")
+
+    def _apply(self, data: Any) -> None:
+        try:
+            version, sender, kind, keys = json.loads(data)
+            if version != _VERSION or kind not in ("k", "r") or not isinstance(keys, list):
+                raise ValueError(f"unexpected message {data[:100]!r}")
+        except Exception as exc:
+            _counters.bad_messages += 1
+            _log("bad", "cacheme: backplane: ignoring a bad message: %s", exc)
+            return
+        if sender == _instance:
+            _counters.own_ignored += 1
+            return
+        _counters.messages_received += 1
+        _counters.keys_received += len(keys)
+        if kind == "k":
+            _drop_local(keys)
+        _notify(kind, keys, True)
+
+
+def _close_quietly(thing: Any) -> None:
+    if thing is None:
+        return
+    try:
+        thing.close()
+    except Exception:
+        logger.debug("cacheme: backplane: close failed", exc_info=True)
+
+
+_active: _Backplane | None = None
+
+
+# -- the hook the core calls ----------------------------------------------------------------
+
+
+def publish(keys: Iterable[str], kind: str = "k") -> None:
+    """Tell the other processes that ``keys`` changed (or, ``kind="r"``, that their lease was
+    released without a value). Never blocks, never raises; a no-op when disabled."""
+    try:
+        batch = tuple(keys)
+        if not batch:
+            return
+        if _listeners:
+            _notify(kind, batch, False)
+        bp = _active
+        if bp is not None:
+            bp.put(kind, batch)
+    except Exception:  # never fail a caller
+        logger.exception("cacheme: backplane: publish failed")
+
+
+# -- public API -----------------------------------------------------------------------------
+
+
+async def enable_backplane(storage: str, *, channel: str = DEFAULT_CHANNEL) -> None:
+    """Keep this process's local tiers coherent with every process on the same channel.
+
+    ``storage`` names a registered Redis storage (standalone or cluster), used as transport
+    only. Waits (up to the storage's timeout) for the subscription; if Redis is unreachable
+    it keeps trying in the background and clears the local tiers once subscribed. Enabling
+    again replaces the previous settings.
+    """
+    global _active
+    if not isinstance(channel, str) or not channel:
+        raise ConfigurationError(
+            f"enable_backplane channel must be a non-empty string, got {channel!r}"
+        )
+    target = target_of(storage, user="enable_backplane")
+    await disable_backplane()
+    bp = _Backplane(target, channel)
+    _active = bp
+    bp.start_subscriber()
+    bp.start_publisher()
+    subscribed = await asyncio.get_running_loop().run_in_executor(
+        None, bp.subscribed.wait, target.timeout
+    )
+    if not subscribed:
+        with bp.lock:
+            clear_later = bp.fresh
+            bp.fresh = False
+        if clear_later:
+            _log(
+                "enable",
+                "cacheme: backplane: not subscribed on storage %r within %gs; retrying in "
+                "the background (local tiers are cleared once subscribed)",
+                storage,
+                target.timeout,
+            )
+
+
+async def disable_backplane() -> None:
+    """Stop publishing and listening (queued keys are sent first). Safe to call twice."""
+    global _active
+    bp, _active = _active, None
+    if bp is None:
+        return
+    threads = bp.close()
+    loop = asyncio.get_running_loop()
+    for thread in threads:
+        await loop.run_in_executor(None, thread.join, bp.target.timeout + 1.0)
+
+
+def stats() -> BackplaneStats:
+    """A snapshot of the backplane's counters."""
+    bp = _active
+    c = _counters
+    return BackplaneStats(
+        enabled=bp is not None,
+        storage=bp.target.name if bp is not None else None,
+        channel=bp.channel if bp is not None else None,
+        instance_id=_instance,
+        subscribed=bp is not None and bp.subscribed.is_set(),
+        messages_sent=c.messages_sent,
+        keys_sent=c.keys_sent,
+        publish_failures=c.publish_failures,
+        keys_dropped=c.keys_dropped,
+        messages_received=c.messages_received,
+        keys_received=c.keys_received,
+        own_ignored=c.own_ignored,
+        bad_messages=c.bad_messages,
+        subscriptions=c.subscriptions,
+        reconnects=c.reconnects,
+    )
+
+
+backplane_stats = stats  # the name cacheme/__init__.py exports
+
+
+def storage_name() -> str | None:
+    """The storage the backplane runs on (the default storage of leases), or ``None``."""
+    bp = _active
+    return bp.target.name if bp is not None else None
+
+
+def add_listener(listener: Listener) -> None:
+    if listener not in _listeners:
+        _listeners.append(listener)
+
+
+def _after_fork_in_child() -> None:
+    global _instance, _counters, _seq, _floor, _sync_lock
+    _instance = uuid.uuid4().hex
+    _sync_lock = threading.Lock()
+    _counters = _Counters()
+    _sync_clients.clear()
+    _changed.clear()
+    _seq = _floor = 0
+    bp = _active
+    if bp is not None:
+        bp.after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,156 @@
+"""A worker process for the backplane and lease tests: ``python -m tests.integration.bp_child``.
+
+It reads one JSON setup line, builds its storages and a node, then answers JSON commands, one
+per line, on stdin/stdout. Every reply is one JSON line. The process kills itself after
+``deadline`` seconds whatever happens (``signal.alarm``), so a stuck test leaves no orphan.
+
+The node's value comes from a file (``source``: an integer); each load appends a line to
+``loads`` (``start <pid>`` then ``done <pid>``), so the parent counts loads across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import cacheme
+from cacheme import backplane, lease
+from cacheme.serializer import JSONSerializer
+
+
+def _append(path: str, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+async def main() -> None:
+    setup: dict[str, Any] = json.loads(sys.stdin.readline())
+    signal.alarm(int(setup.get("deadline", 60)))
+    source: str = setup["source"]
+    loads: str = setup["loads"]
+    load_delay: float = setup.get("load_delay", 0.0)
+    failures = [setup.get("fail_loads", 0)]  # this many loads raise, after their delay
+
+    await cacheme.register_storage("local", cacheme.Storage(url="local://tlfu", size=1000))
+    for name, spec in setup["storages"].items():
+        await cacheme.register_storage(name, cacheme.Storage(**spec))
+    if setup.get("backplane"):
+        await backplane.enable_backplane(setup["backplane"], channel=setup["channel"])
+
+    local_ttl = timedelta(milliseconds=setup.get("local_ttl_ms", 60_000))
+    shared_ttl = timedelta(milliseconds=setup.get("shared_ttl_ms", 60_000))
+    chain = [cacheme.Cache(storage="local", ttl=local_ttl)]
+    if setup.get("shared"):
+        chain.append(cacheme.Cache(storage=setup["shared"], ttl=shared_ttl))
+    lease_ms = setup.get("lease_ms")
+
+    class Item(cacheme.Node):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def key(self) -> str:
+            return self.name
+
+        async def load(self) -> int:
+            _append(loads, f"start {os.getpid()}")
+            if load_delay:
+                await asyncio.sleep(load_delay)
+            if failures[0] > 0:
+                failures[0] -= 1
+                _append(loads, f"failed {os.getpid()}")
+                raise RuntimeError("load failed on purpose")
+            value = int(Path(source).read_text().strip() or 0)  # noqa: ASYNC240
+            _append(loads, f"done {os.getpid()}")
+            return value
+
+        class Meta(cacheme.Node.Meta):
+            version = "v1"
+            caches = chain
+            serializer = JSONSerializer()
+            if lease_ms:
+                lease = timedelta(milliseconds=lease_ms)
+
+    key = setup["key"]
+    loop = asyncio.get_running_loop()
+    out = sys.stdout
+
+    def reply(**payload: Any) -> None:
+        out.write(json.dumps(payload) + "\n")
+        out.flush()
+
+    reply(ready=True, pid=os.getpid(), instance=backplane.stats().instance_id)
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line:
+            return
+        cmd: dict[str, Any] = json.loads(line)
+        op = cmd["op"]
+        try:
+            if op == "get":
+                reply(value=await cacheme.get(Item(cmd.get("key", key))), at=time.monotonic())
+            elif op == "invalidate":
+                try:
+                    await cacheme.invalidate(Item(cmd.get("key", key)))
+                    reply(ok=True, at=time.monotonic())
+                except cacheme.StorageError as exc:
+                    reply(ok=False, detail=str(exc), at=time.monotonic())
+            elif op == "wait_for":
+                # Poll get() every ms until it returns ``value``; report when it first did.
+                end = time.monotonic() + cmd["within"]
+                seen: Any = None
+                while time.monotonic() < end:
+                    seen = await cacheme.get(Item(key))
+                    if seen == cmd["value"]:
+                        reply(ok=True, at=time.monotonic())
+                        break
+                    await asyncio.sleep(0.001)
+                else:
+                    reply(ok=False, seen=seen)
+            elif op == "burst":
+                # ``callers`` concurrent gets of one key, starting at monotonic ``start``.
+                await asyncio.sleep(max(0.0, cmd.get("start", 0.0) - time.monotonic()))
+                began = time.monotonic()
+                values = await asyncio.gather(
+                    *(cacheme.get(Item(cmd.get("key", key))) for _ in range(cmd["callers"])),
+                    return_exceptions=True,
+                )
+                reply(
+                    values=[v if isinstance(v, int) else repr(v) for v in values],
+                    began=began,
+                    at=time.monotonic(),
+                )
+            elif op == "bench":
+                # The cost of invalidate, and the propagation marks: see benchmarks/backplane.py.
+                n = cmd["n"]
+                t0 = time.perf_counter()
+                for i in range(n):
+                    await cacheme.invalidate(Item(f"{key}:{i}"))
+                reply(seconds=time.perf_counter() - t0)
+            elif op == "stats":
+                reply(backplane=backplane.stats().__dict__, lease=lease.stats().__dict__)
+            elif op == "disable":
+                await backplane.disable_backplane()
+                reply(ok=True)
+            elif op == "exit":
+                await backplane.disable_backplane()
+                await cacheme.close_storages()
+                reply(ok=True)
+                os._exit(0)  # a thread still blocked on stdin would delay a normal exit
+            else:
+                reply(error=f"unknown op {op!r}")
+        except Exception as exc:
+            reply(error=f"{type(exc).__name__}: {exc}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,260 @@
+"""The backplane: local tiers coherent across real OS processes (see ``cacheme.backplane``).
+
+Children are ``bp_child`` processes (each with a deadline); the parent drives them. Times
+are measured with ``time.monotonic``, which is one clock for every process on Linux.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+import cacheme
+from cacheme import backplane
+from cacheme.errors import ConfigurationError
+from cacheme.storages.base import MISS
+
+from .backend_sql import sql_table
+from .bp_harness import (
+    Child,
+    PrivateRedis,
+    redis_or_skip,
+    start_children,
+    stop_children,
+    unique,
+    wait_until,
+)
+
+PROPAGATION_BOUND = 0.2  # seconds: the issue's bound for 4 processes
+
+
+def _setup(tmp_path: Path, storages: dict[str, Any], shared: str, bp: str) -> dict[str, Any]:
+    source = tmp_path / "source"
+    source.write_text("0")
+    return {
+        "source": str(source),
+        "loads": str(tmp_path / "loads"),
+        "storages": storages,
+        "shared": shared,
+        "backplane": bp,
+        "channel": unique("bp-test"),
+        "key": unique("item"),
+    }
+
+
+def _propagates(children: list[Child], source: Path) -> list[float]:
+    """Child 0 invalidates after the source changed; the others must serve the new value."""
+    for child in children:
+        assert child.call("get")["value"] == 0
+    source.write_text("1")
+    done = children[0].call("invalidate")
+    assert done["ok"], done
+    for child in children[1:]:
+        child.send("wait_for", value=1, within=2.0)
+    delays = []
+    for child in children[1:]:
+        reply = child.recv(5)
+        assert reply["ok"], f"process {child.pid} still serves {reply.get('seen')!r}"
+        delays.append(reply["at"] - done["at"])
+    return delays
+
+
+@pytest.fixture
+def children_factory() -> Iterator[Any]:
+    made: list[Child] = []
+
+    def make(n: int, setup: dict[str, Any], **kw: Any) -> list[Child]:
+        children = start_children(n, setup, **kw)
+        made.extend(children)
+        return children
+
+    yield make
+    stop_children(made)
+
+
+@pytest.mark.redis
+def test_invalidate_reaches_every_process(tmp_path: Path, children_factory: Any) -> None:
+    url = redis_or_skip()
+    setup = _setup(tmp_path, {"redis": {"url": url}}, "redis", "redis")
+    children = children_factory(4, setup)
+    delays = _propagates(children, Path(setup["source"]))
+    assert max(delays) < PROPAGATION_BOUND, delays
+    stats = children[1].call("stats")["backplane"]
+    assert stats["messages_received"] >= 1 and stats["subscribed"]
+
+
+@pytest.mark.redis_cluster
+def test_invalidate_reaches_every_process_on_a_cluster(
+    tmp_path: Path, children_factory: Any
+) -> None:
+    url = redis_or_skip(cluster=True)
+    setup = _setup(tmp_path, {"cluster": {"url": url, "cluster": True}}, "cluster", "cluster")
+    children = children_factory(4, setup)
+    delays = _propagates(children, Path(setup["source"]))
+    assert max(delays) < PROPAGATION_BOUND, delays
+
+
+@pytest.mark.postgres
+async def test_local_postgres_chain_with_a_redis_backplane(
+    tmp_path: Path, children_factory: Any
+) -> None:
+    url = redis_or_skip()
+    async with sql_table("postgres", tmp_path) as table:
+        storages = {
+            "pg": {"url": table.url, "table": table.table},
+            "redis": {"url": url},
+        }
+        setup = _setup(tmp_path, storages, "pg", "redis")
+        children = await asyncio.to_thread(children_factory, 4, setup)
+        delays = await asyncio.to_thread(_propagates, children, Path(setup["source"]))
+    assert max(delays) < PROPAGATION_BOUND, delays
+
+
+@pytest.mark.redis
+def test_no_stale_value_after_the_redis_server_restarts(
+    tmp_path: Path, children_factory: Any
+) -> None:
+    """Kill the backplane's Redis, invalidate meanwhile, restart it: every process that
+    reconnected serves the new value (its local tier was cleared on reconnect)."""
+    with PrivateRedis() as server:
+        setup = _setup(tmp_path, {"private": {"url": server.url}}, "private", "private")
+        children = children_factory(4, setup)
+        source = Path(setup["source"])
+        for child in children:
+            assert child.call("get")["value"] == 0
+        # Each load's write-back was published and dropped the others' copies: let those
+        # messages land, then fill every local tier again (from Redis: nothing published).
+        time.sleep(0.1)
+        for child in children:
+            assert child.call("get")["value"] == 0
+        server.kill()
+        source.write_text("1")
+        # The shared tier is down: invalidate reports it, but the local tier is dropped.
+        assert children[0].call("invalidate", timeout=15)["ok"] is False
+        # Meanwhile, the others still serve their local value: that staleness is what the
+        # reconnect bounds (and the local TTL, whichever comes first).
+        assert children[1].call("get")["value"] == 0
+        server.start()
+
+        def reconnected(child: Child) -> bool:
+            stats = child.call("stats")["backplane"]
+            return bool(stats["reconnects"] >= 1 and stats["subscribed"])
+
+        for child in children:
+            assert wait_until(lambda c=child: reconnected(c), 5, 0.05), child.pid
+        for child in children:
+            assert child.call("get")["value"] == 1, child.pid
+
+
+# -- in this process ----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def registered(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A local storage and the shared Redis, registered; everything torn down after."""
+    url = redis_or_skip()
+    await cacheme.register_storage("local", cacheme.Storage(url="local://lru", size=100))
+    await cacheme.register_storage("redis", cacheme.Storage(url=url, timeout=0.5))
+    try:
+        yield url
+    finally:
+        await backplane.disable_backplane()
+        await cacheme.close_storages()
+
+
+def _local() -> Any:
+    return cacheme.storages()["local"]
+
+
+def _has(storage: Any, key: str) -> bool:
+    return storage.get(key) is not MISS
+
+
+@pytest.mark.redis
+async def test_enable_names_the_storage_when_it_is_not_redis(registered: str) -> None:
+    with pytest.raises(ConfigurationError, match="'nope'"):
+        await backplane.enable_backplane("nope")
+    with pytest.raises(ConfigurationError, match=r"'local'.*not a Redis storage"):
+        await backplane.enable_backplane("local")
+    assert not backplane.stats().enabled
+
+
+@pytest.mark.redis
+async def test_a_process_ignores_its_own_messages_and_applies_others(registered: str) -> None:
+    channel = unique("bp-own")
+    await backplane.enable_backplane("redis", channel=channel)
+    assert backplane.stats().subscribed
+    local = _local()
+    local.set("k1", 1, 60.0)
+    before = backplane.stats()
+    backplane.publish(["k1"])
+    assert await asyncio.to_thread(
+        wait_until, lambda: backplane.stats().own_ignored > before.own_ignored, 2
+    )
+    assert _has(local, "k1")  # its own message did not drop it
+    # The same key from another instance is dropped.
+    client = redis.Redis.from_url(registered)
+    client.publish(channel, json.dumps([1, "someone-else", "k", ["k1"]]))
+    client.close()
+    assert await asyncio.to_thread(
+        wait_until, lambda: backplane.stats().messages_received > before.messages_received, 2
+    )
+    assert not _has(local, "k1")
+
+
+async def test_publish_with_the_redis_down_never_blocks_or_raises() -> None:
+    with PrivateRedis() as server:
+        await cacheme.register_storage("local", cacheme.Storage(url="local://lru", size=100))
+        await cacheme.register_storage("bp", cacheme.Storage(url=server.url, timeout=0.5))
+        try:
+            await backplane.enable_backplane("bp", channel=unique("bp-down"))
+            server.kill()
+            before = backplane.stats().publish_failures
+            start = time.perf_counter()
+            for i in range(10_000):
+                backplane.publish([f"key:{i}"])
+            elapsed = time.perf_counter() - start
+            assert elapsed < 0.5, f"10,000 publishes took {elapsed:.3f}s"
+            assert await asyncio.to_thread(
+                wait_until, lambda: backplane.stats().publish_failures > before, 5
+            )
+            assert not backplane.stats().subscribed
+            # disable returns (the publisher gives up on the dead server) in bounded time.
+            start = time.perf_counter()
+            await backplane.disable_backplane()
+            assert time.perf_counter() - start < 5
+        finally:
+            await backplane.disable_backplane()
+            await cacheme.close_storages()
+
+
+@pytest.mark.redis
+async def test_a_forked_child_gets_a_new_id_and_subscribes(registered: str) -> None:
+    await backplane.enable_backplane("redis", channel=unique("bp-fork"))
+    parent_id = backplane.stats().instance_id
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave at once
+        try:
+            ok = wait_until(lambda: backplane.stats().subscribed, 5)
+            stats = backplane.stats()
+            os.write(write, json.dumps([ok, stats.instance_id, stats.reconnects]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        data = await asyncio.to_thread(os.read, read, 1000)
+    finally:
+        os.close(read)
+        await asyncio.to_thread(os.waitpid, pid, 0)
+    subscribed, child_id, reconnects = json.loads(data)
+    assert subscribed and child_id != parent_id
+    assert reconnects == 1  # its inherited local tiers were cleared once subscribed
