@@ -26,10 +26,11 @@ shard that owns the channel's slot. All traffic uses one channel, hence one shar
 messages are a few keys each, so that shard's load is small. When that slot moves or its
 primary fails over, the subscription is lost and re-made (clearing local tiers, as above).
 
-A message is JSON ``[1, sender, kind, keys]``: ``sender`` is this process's instance id (a
-uuid, new after ``fork``) so a process ignores its own messages; ``kind`` is ``"k"`` (keys
-changed: drop them, wake lease waiters) or ``"r"`` (a lease was released without a value:
-only wake lease waiters, see ``lease``).
+A message is ``1|{sender}|{kind}|{JSON list of keys}``: ``sender`` is this process's instance
+id (a uuid, new after ``fork``), so a process ignores its own messages before parsing them;
+``kind`` is ``k`` (keys changed: drop them, wake lease waiters) or ``r`` (a lease was released
+without a value: only wake lease waiters, see ``lease``). The publisher lingers 0.5 ms after
+the first key queued, so a stream of invalidations goes out as one message per 0.5 ms.
 
 After ``os.fork()`` the threads are gone: the child gets a new instance id, starts its
 subscriber at once (its first subscription clears its local tiers, inherited from the parent
@@ -73,6 +74,10 @@ _RETRY_MAX = 10_000  # keys of failed messages kept for the next send
 _PING_EVERY = 1.0  # seconds of silence before the subscriber pings
 _DEAD_AFTER = 3.0  # seconds without any reply: the subscription is lost
 _BACKOFF_MAX = 1.0  # seconds between reconnect / resend attempts, at most
+# Seconds the publisher waits after the first queued key, gathering what follows into the
+# same message: under a stream of invalidations it sends (and every process parses) one
+# message per _LINGER instead of one per key; see docs/backplane.md for the measurements.
+_LINGER = 0.0005
 _CHANGED_MAX = 50_000  # keys remembered by changed_since before it turns conservative
 
 # Listeners get (kind, keys, remote) for every message received from another process
@@ -120,6 +125,7 @@ class _Counters:
 
 _counters = _Counters()
 _instance = uuid.uuid4().hex
+_own_prefix = f"{_VERSION}|{_instance}|".encode()
 
 
 def instance_id() -> str:
@@ -376,6 +382,8 @@ class _Backplane:
             changed: dict[str, None] = dict(retry)
             released: dict[str, None] = {}
             retry = {}
+            if item is not None and _LINGER:
+                time.sleep(_LINGER)
             while True:
                 if item is None:  # _STOP
                     stopping = True
@@ -419,7 +427,7 @@ class _Backplane:
         _close_quietly(client)
 
     def _send(self, client: Any, kind: str, keys: list[str]) -> None:
-        payload = json.dumps([_VERSION, _instance, kind, keys], separators=(",", ":"))
+        payload = f"{_VERSION}|{_instance}|{kind}|{json.dumps(keys, separators=(',', ':'))}"
         if self.target.cluster:
             client.spublish(self.channel, payload)
         else:
@@ -514,23 +522,26 @@ class _Backplane:
                 # The server dropped us (e.g. the channel's slot moved): subscribe again.
                 raise ConnectionError(f"the server ended the subscription ({kind})")
 
-    def _apply(self, data: Any) -> None:
+    def _apply(self, data: bytes) -> None:
+        if data.startswith(_own_prefix):  # checked before any parsing: the common case
+            _counters.own_ignored += 1
+            return
         try:
-            version, sender, kind, keys = json.loads(data)
-            if version != _VERSION or kind not in ("k", "r") or not isinstance(keys, list):
-                raise ValueError(f"unexpected message {data[:100]!r}")
+            version, _, kind, body = data.split(b"|", 3)
+            keys = json.loads(body)
+            if version != b"%d" % _VERSION or kind not in (b"k", b"r"):
+                raise ValueError(f"unexpected header {data[:60]!r}")
+            if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+                raise ValueError(f"keys must be a list of strings: {data[:100]!r}")
         except Exception as exc:
             _counters.bad_messages += 1
             _log("bad", "cacheme: backplane: ignoring a bad message: %s", exc)
             return
-        if sender == _instance:
-            _counters.own_ignored += 1
-            return
         _counters.messages_received += 1
         _counters.keys_received += len(keys)
-        if kind == "k":
+        if kind == b"k":
             _drop_local(keys)
-        _notify(kind, keys, True)
+        _notify(kind.decode(), keys, True)
 
 
 def _close_quietly(thing: Any) -> None:
@@ -653,8 +664,9 @@ def add_listener(listener: Listener) -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _instance, _counters, _seq, _floor, _sync_lock
+    global _instance, _own_prefix, _counters, _seq, _floor, _sync_lock
     _instance = uuid.uuid4().hex
+    _own_prefix = f"{_VERSION}|{_instance}|".encode()
     _sync_lock = threading.Lock()
     _counters = _Counters()
     _sync_clients.clear()

@@ -202,7 +202,7 @@ async def test_a_process_ignores_its_own_messages_and_applies_others(registered:
     assert _has(local, "k1")  # its own message did not drop it
     # The same key from another instance is dropped.
     client = redis.Redis.from_url(registered)
-    client.publish(channel, json.dumps([1, "someone-else", "k", ["k1"]]))
+    client.publish(channel, "1|someone-else|k|" + json.dumps(["k1"]))
     client.close()
     assert await asyncio.to_thread(
         wait_until, lambda: backplane.stats().messages_received > before.messages_received, 2
