@@ -23,7 +23,6 @@ Failures of a tier never escape as driver errors: a remote tier raises or report
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, DecodeError, EncodeError, StorageError, StorageTimeoutError
 from .serializer import Serializer
-from .storages.base import MISS, BaseStorage, Entry, LocalStorage, RemoteStorage, ttl_to_ms
+from .storages.base import MISS, BaseStorage, Entry, LocalStorage, RemoteStorage
 
 if TYPE_CHECKING:
     from .node import Cache, Config
@@ -143,31 +142,25 @@ class RemoteTier(Tier):
         self.storage = storage
         self.serializer = serializer
         self.fail_open = fail_open
-        self.ttl_ms = ttl_to_ms(None if ttl is None else timedelta(seconds=ttl))
+        # Straight from seconds: a timedelta would overflow near ``timedelta.max``.
+        self.ttl_ms = None if ttl is None else max(1, round(ttl * 1000))
 
     def peek(self, key: str) -> Any:
         return MISS
 
     def read(self, keys: Sequence[str], done: Done) -> None:
+        def arrived(raw: Any) -> None:
+            if isinstance(raw, dict):
+                done(self._decode(raw))
+            elif isinstance(raw, StorageError):
+                done(self._failed(raw, "read"))
+            else:  # cancelled (storage closed) or a driver bug
+                done(StorageError(f"storage {self.name!r}: read failed: {raw!r}"))
+
         try:
-            pending = self.storage.get_many(keys)
+            self.storage.read_many(keys, arrived)
         except StorageError as exc:
             done(self._failed(exc, "read"))
-            return
-
-        def arrived(fut: Any) -> None:
-            try:
-                raw = fut.result()
-            except StorageError as exc:
-                done(self._failed(exc, "read"))
-                return
-            except BaseException as exc:  # cancelled (storage closed) or a driver bug
-                done(StorageError(f"storage {self.name!r}: read failed: {exc!r}"))
-                return
-            done(self._decode(raw))
-
-        # A coalesced read is the batch's future already; only an uncoalesced one is wrapped.
-        asyncio.ensure_future(pending).add_done_callback(arrived)
 
     def _decode(self, raw: dict[str, bytes]) -> dict[str, Any]:
         cfg = self.cfg

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar, Union, overload
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -191,11 +191,31 @@ class LocalStorage(BaseStorage[OptionsT]):
                 self.remove(key)
 
 
+# Where the outcome of one queued call goes: a future, or (reads only) a function called
+# with the result or the exception, straight from the batch's task (no extra loop turn).
+Sink = Union["asyncio.Future[R]", Callable[[Any], None]]
+
+
 @dataclass(eq=False)
 class _Pending(Generic[T, R]):
     """The calls of one operation kind waiting for the next flush."""
 
-    calls: list[tuple[Sequence[T], asyncio.Future[R]]] = field(default_factory=list)
+    calls: list[tuple[Sequence[T], Sink[R]]] = field(default_factory=list)
+
+
+def _deliver(sink: Sink[Any], outcome: Any, failed: bool) -> None:
+    """Hand ``outcome`` (a result, or an exception when ``failed``) to ``sink``."""
+    if isinstance(sink, asyncio.Future):
+        if not sink.done():
+            if failed:
+                sink.set_exception(outcome)
+            else:
+                sink.set_result(outcome)
+        return
+    try:
+        sink(outcome)
+    except Exception:  # a reader's bug must not keep the batch from its other readers
+        logger.exception("cacheme: a read callback failed")
 
 
 class Breaker:
@@ -223,14 +243,11 @@ class RemoteStorage(BaseStorage[OptionsT]):
     options_model: ClassVar[type[StorageOptions]] = RemoteOptions
     options: RemoteOptions  # type: ignore[assignment]
 
-    def __init__(
-        self, name: str, url: str, options: OptionsT, *, origin: RemoteStorage[Any] | None = None
-    ) -> None:
+    def __init__(self, name: str, url: str, options: OptionsT) -> None:
         super().__init__(name, url, options)
-        self._origin = origin  # the registered storage this driver serves a loop for
-        self._breaker: Breaker = Breaker() if origin is None else origin._breaker
-        if origin is not None:
-            self.stats = origin.stats
+        # The registered storage this driver serves a loop for (None: it is that storage).
+        self._origin: RemoteStorage[Any] | None = None
+        self._breaker = Breaker()
         self._dead = False  # closed for good (close_storages / replaced)
         self._home: weakref.ref[runtime.Runtime] | None = None  # the loop this driver serves
         self._connected = False
@@ -296,7 +313,11 @@ class RemoteStorage(BaseStorage[OptionsT]):
             driver = self  # free: the registered object serves this loop
             self._reset_loop_state()
         else:
-            driver = type(self)(self.name, self.url, self.options, origin=self)  # type: ignore[arg-type]
+            options: Any = self.options  # narrowed to RemoteOptions above; the same object
+            driver = type(self)(self.name, self.url, options)
+            driver._origin = self
+            driver._breaker = self._breaker
+            driver.stats = self.stats
         driver._home = weakref.ref(rt)
         rt.instances[self] = driver
         return driver
@@ -424,10 +445,10 @@ class RemoteStorage(BaseStorage[OptionsT]):
 
     def _abandon(self, pending: _Pending[Any, Any]) -> None:
         error = StorageError(f"storage {self.name!r} was closed before the operation finished")
-        for _, fut in pending.calls:
-            if not fut.done():
-                fut.set_exception(error)
+        calls = list(pending.calls)
         pending.calls.clear()
+        for _, sink in calls:
+            _deliver(sink, error, True)
 
     # get_many and set_many hand back the batch's own future when coalescing: no coroutine
     # frame between the caller and the flush (they sit on every remote read and write).
@@ -442,6 +463,26 @@ class RemoteStorage(BaseStorage[OptionsT]):
         if keys and driver.options.coalesce:
             return driver._submit(driver._reads, keys)
         return driver._get_many_now(keys)
+
+    def read_many(self, keys: Sequence[str], done: Callable[[Any], None]) -> None:
+        """Like ``get_many``, but ``done`` is called with the values found (a dict) or the
+        ``StorageError``, from the batch's own task: no future, no extra loop turn.
+
+        ``done`` must not raise; it is called exactly once.
+        """
+        driver = self.here()
+        if driver.options.coalesce:
+            driver._submit(driver._reads, keys, done)
+            return
+
+        def settle(task: asyncio.Future[dict[str, bytes]]) -> None:
+            if task.cancelled():
+                done(StorageError(f"storage {self.name!r}: read cancelled"))
+            else:
+                exc = task.exception()
+                done(exc if exc is not None else task.result())
+
+        asyncio.ensure_future(driver._get_many_now(keys)).add_done_callback(settle)
 
     async def _get_many_now(self, keys: Sequence[str]) -> dict[str, bytes]:
         if not keys:
@@ -503,33 +544,58 @@ class RemoteStorage(BaseStorage[OptionsT]):
 
     # -- machinery --------------------------------------------------------------------------
 
-    def _submit(self, pending: _Pending[T, R], items: Sequence[T]) -> asyncio.Future[R]:
+    @overload
+    def _submit(self, pending: _Pending[T, R], items: Sequence[T]) -> asyncio.Future[R]: ...
+
+    @overload
+    def _submit(
+        self, pending: _Pending[T, R], items: Sequence[T], sink: Callable[[Any], None]
+    ) -> None: ...
+
+    def _submit(
+        self,
+        pending: _Pending[T, R],
+        items: Sequence[T],
+        sink: Callable[[Any], None] | None = None,
+    ) -> asyncio.Future[R] | None:
         if self._closed or self._dead:
-            raise StorageError(f"storage {self.name!r} is closed")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[R] = loop.create_future()
-        pending.calls.append((items, fut))
+            error = StorageError(f"storage {self.name!r} is closed")
+            if sink is None:
+                raise error
+            sink(error)
+            return None
+        fut: asyncio.Future[R] | None = None
+        if sink is None:
+            fut = asyncio.get_running_loop().create_future()
+            pending.calls.append((items, fut))
+        else:
+            pending.calls.append((items, sink))
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            # call_soon runs after every callback already ready in this loop iteration,
-            # so all the operations issued in this turn land in one flush.
-            loop.call_soon(self._flush)
+            # The task's first step runs after every callback already ready in this loop
+            # iteration, so all the operations issued in this turn land in one batch.
+            self._spawn(self._run_turn())
         return fut
 
-    def _flush(self) -> None:
+    async def _run_turn(self) -> None:
+        """Take what this turn queued and run it: reads here, writes and removes in a task
+        of their own when both kinds are waiting (a slow write never delays a read)."""
         self._flush_scheduled = False
         reads, self._reads = self._reads, _Pending()
         writes, self._writes = self._writes, _Pending()
         removes, self._removes = self._removes, _Pending()
-        _reject_bad_keys(self.name, reads, lambda k: k)
-        _reject_bad_keys(self.name, writes, lambda e: e.key)
-        _reject_bad_keys(self.name, removes, lambda k: k)
-        if reads.calls:
-            self._flushing.add(reads)
-            self._spawn(self._run_reads(reads))
+        _reject_bad_keys(self.name, reads, _same)
+        _reject_bad_keys(self.name, writes, _entry_key)
+        _reject_bad_keys(self.name, removes, _same)
         if writes.calls or removes.calls:
             self._flushing |= {writes, removes}
+            if not reads.calls:
+                await self._run_writes(writes, removes)
+                return
             self._spawn(self._run_writes(writes, removes))
+        if reads.calls:
+            self._flushing.add(reads)
+            await self._run_reads(reads)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -553,14 +619,14 @@ class RemoteStorage(BaseStorage[OptionsT]):
                 failed.update(dict.fromkeys(chunk, result))
             else:
                 found.update(result)
-        for items, fut in pending.calls:
-            if fut.done():
-                continue
+        calls = list(pending.calls)
+        pending.calls.clear()
+        for items, sink in calls:
             error = next((failed[k] for k in items if k in failed), None)
             if error is not None:
-                fut.set_exception(error)
+                _deliver(sink, error, True)
             else:
-                fut.set_result({k: found[k] for k in items if k in found})
+                _deliver(sink, {k: found[k] for k in items if k in found}, False)
 
     async def _run_writes(
         self, writes: _Pending[Entry, None], removes: _Pending[str, None]
@@ -718,6 +784,14 @@ class RemoteStorage(BaseStorage[OptionsT]):
             breaker.open_until = time.monotonic() + self.options.breaker_cooldown
 
 
+def _same(key: str) -> str:
+    return key
+
+
+def _entry_key(entry: Entry) -> str:
+    return entry.key
+
+
 def _key_error(storage: str, key: str) -> InvalidKeyError | None:
     """Why no driver can send ``key`` (it must encode as UTF-8), or ``None``."""
     if key.isascii():
@@ -749,21 +823,18 @@ def _reject_bad_keys(storage: str, pending: _Pending[T, Any], key_of: Callable[[
                 break
     for entry, error in bad:
         pending.calls.remove(entry)
-        if not entry[1].done():
-            entry[1].set_exception(error)
+        _deliver(entry[1], error, True)
 
 
 def _settle(
     pending: _Pending[T, None], error_of: Callable[[Sequence[T]], BaseException | None]
 ) -> None:
-    for items, fut in pending.calls:
-        if fut.done():
-            continue
+    for items, sink in pending.calls:
         error = error_of(items)
         if error is not None:
-            fut.set_exception(error)
+            _deliver(sink, error, True)
         else:
-            fut.set_result(None)
+            _deliver(sink, None, False)
 
 
 def _unique(keys: Sequence[str]) -> list[str]:
