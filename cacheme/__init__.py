@@ -7,12 +7,14 @@ Declare what is cached as ``Node`` classes, register storages at start-up, then 
 from __future__ import annotations
 
 from .api import get, get_all, invalidate, refresh, stats
+from .backplane import BackplaneStats, backplane_stats, disable_backplane, enable_backplane
 from .doorkeeper import BloomFilter, DoorKeeper
 from .errors import (
     CachemeError,
     ConfigurationError,
     DecodeError,
     EncodeError,
+    InvalidKeyError,
     LoadError,
     LoadTimeoutError,
     MissingDriverError,
@@ -24,11 +26,13 @@ from .errors import (
     UnknownSchemeError,
 )
 from .memoize import Memoize
+from .metrics import StatsSnapshot
 from .node import Cache, DynamicNode, Node, build_node, nodes, set_prefix
 from .stats import NodeStats
 from .storages.registry import Storage, close_storages, register_storage, storages
 
 __all__ = [
+    "BackplaneStats",
     "BloomFilter",
     "Cache",
     "CachemeError",
@@ -37,6 +41,7 @@ __all__ = [
     "DoorKeeper",
     "DynamicNode",
     "EncodeError",
+    "InvalidKeyError",
     "LoadError",
     "LoadTimeoutError",
     "Memoize",
@@ -44,14 +49,18 @@ __all__ = [
     "Node",
     "NodeStats",
     "SerializationError",
+    "StatsSnapshot",
     "Storage",
     "StorageError",
     "StorageNotRegisteredError",
     "StorageTimeoutError",
     "StorageUnavailableError",
     "UnknownSchemeError",
+    "backplane_stats",
     "build_node",
     "close_storages",
+    "disable_backplane",
+    "enable_backplane",
     "get",
     "get_all",
     "invalidate",

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from . import backplane, runtime
 from . import node as _node
 from .errors import ConfigurationError, StorageError
 from .flight import Call
+from .metrics import StatsSnapshot, snapshot
 from .node import Config, Node
 from .stats import NodeStats
 from .storages import registry
@@ -250,8 +251,19 @@ async def reload(node: Node, cfg: Config, loader: Loader | None) -> Any:
     return value
 
 
-def stats(node_cls: type[Node]) -> NodeStats:
-    """A snapshot of ``node_cls``'s counters (see ``stats`` for the counting rules)."""
+@overload
+def stats(node_cls: type[Node]) -> NodeStats: ...
+
+
+@overload
+def stats(node_cls: None = None) -> StatsSnapshot: ...
+
+
+def stats(node_cls: type[Node] | None = None) -> NodeStats | StatsSnapshot:
+    """A snapshot of ``node_cls``'s counters (see ``stats`` for the counting rules); with no
+    argument, one ``StatsSnapshot`` of every node class and every registered storage."""
+    if node_cls is None:
+        return snapshot()
     if not (isinstance(node_cls, type) and issubclass(node_cls, Node)):
         raise ConfigurationError(f"stats() takes a node class, got {node_cls!r}")
     return node_cls._cacheme_config.stats.snapshot()
