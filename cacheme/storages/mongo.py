@@ -12,6 +12,8 @@ One document per cache key::
 hand (``db.cacheme_data.deleteOne({key: "..."})``). ``expire`` is the absolute expiry time in
 UTC (``null``: no expiry). BSON dates have millisecond precision, which is what TTLs arrive
 in. Expiry times are computed from this process's clock, and reads compare against it too.
+A TTL longer than ``MongoStorage.max_ttl`` (7000 years: dates end with the year 9999) means
+no expiry (``null``).
 
 Round trips: a batch read is one ``find({key: {$in: [...]}, <live>})`` whose first batch holds
 every hit; a batch write is one unordered ``bulk_write`` of ``UpdateOne(..., upsert=True)``;
@@ -42,7 +44,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, field_validator
@@ -133,6 +135,9 @@ class MongoStorage(RemoteStorage[MongoOptions]):
     options_model = MongoOptions
     options: MongoOptions
     timeout_errors = (NetworkTimeout, ServerSelectionTimeoutError, ExecutionTimeout)
+    # ``expire`` is now + TTL as a date (Python's end with the year 9999): a longer TTL than
+    # this (7000 years) means no expiry (see ``Cache``).
+    max_ttl: ClassVar[timedelta] = timedelta(days=365 * 7000)
 
     def __init__(self, name: str, url: str, options: MongoOptions) -> None:
         super().__init__(name, url, options)

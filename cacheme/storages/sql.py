@@ -30,6 +30,8 @@ Keys that do not fit
     which node the row belongs to.
 
 Expiry
+    ``expire`` is a date, and dates end with the year 9999: a TTL longer than ``max_ttl``
+    (7000 years) is stored as ``NULL`` (no expiry), like every TTL above a tier's limit.
     A read never returns an expired row: the ``SELECT`` filters on ``expire``. Expired rows
     do not pile up either: each storage runs a background purge every ``purge_interval``
     seconds (default 60; 0 turns it off, e.g. when a cron job does it) that deletes at most
@@ -67,6 +69,9 @@ MAX_KEY_LENGTH = 255
 _HASH_MARK = ":sha256:"
 _HASH_HEX_LENGTH = 64
 _KEPT_PREFIX = MAX_KEY_LENGTH - len(_HASH_MARK) - _HASH_HEX_LENGTH  # 183 characters
+
+# The longest TTL a tier that stores an expiry date can honour (see ``SQLStorage.max_ttl``).
+MAX_DATE_TTL = timedelta(days=365 * 7000)
 
 # Seconds until the next purge when the last one deleted a full purge_limit.
 _BACKLOG_PAUSE = 1.0
@@ -139,6 +144,10 @@ class SQLStorage(RemoteStorage[SO]):
     options_model: ClassVar[type[SQLOptions]] = SQLOptions
     options: SQLOptions
     schema_file: ClassVar[str] = "sql/<backend>.sql"
+    # ``expire`` is now + TTL as a date, and dates end with the year 9999 (Python, MySQL's
+    # DATETIME): a longer TTL means no expiry (see ``Cache``). 7000 years leaves a margin of
+    # centuries, and keeps PostgreSQL's interval arithmetic in range.
+    max_ttl: ClassVar[timedelta] = MAX_DATE_TTL
 
     def __init__(self, name: str, url: str, options: SO) -> None:
         super().__init__(name, url, options)
