@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar, overload
 
 from . import backplane, runtime
@@ -23,7 +23,7 @@ from .stats import NodeStats
 from .storages import registry
 from .storages.base import MISS
 from .tiers import count_failure
-from .walk import Loader, Walk
+from .walk import KeyWalk, Loader, Walk
 
 N = TypeVar("N", bound=Node)
 
@@ -44,15 +44,19 @@ def full_key(cfg: Config, node: Node) -> str:
     return f"{_node._prefix}:{key}:{cfg.version}"
 
 
-async def get(node: Node, load_fn: Callable[[Any], Awaitable[Any]] | None = None) -> Any:
+def get(
+    node: Node, load_fn: Callable[[Any], Awaitable[Any]] | None = None
+) -> Coroutine[Any, Any, Any]:
     """The node's value: from the first tier that has it, else loaded once per burst.
 
-    ``load_fn``, if given, replaces ``node.load`` for this call: it is called as
-    ``await load_fn(node)``, as in cacheme 0.3.0. Raises ``ConfigurationError`` for a node
-    class without tiers of its own (a bare ``DynamicNode``), and whatever the load raises.
+    Use it as ``await cacheme.get(node)``. ``load_fn``, if given, replaces ``node.load`` for
+    this call: it is called as ``await load_fn(node)``, as in cacheme 0.3.0. Raises
+    ``ConfigurationError`` for a node class without tiers of its own (a bare
+    ``DynamicNode``), and whatever the load raises.
     """
+    # A plain function returning the coroutine: one coroutine frame per get, not two.
     loader = None if load_fn is None else _bind(load_fn, node)
-    return await fetch(node, type(node)._cacheme_config, loader)
+    return fetch(node, type(node)._cacheme_config, loader)
 
 
 def _bind(load_fn: Callable[[Any], Awaitable[Any]], node: Node) -> Loader:
@@ -83,7 +87,10 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None) -> Any:
     if call is None:
         call = flights.start(key)
         waiter = call.join()
-        Walk(cfg, rt, {key: node}, {key: call}, loader).start()
+        if cfg.lease is None:
+            KeyWalk(cfg, rt, key, node, call, loader).start()
+        else:
+            Walk(cfg, rt, {key: node}, {key: call}, loader).start()
     else:
         rec.coalesced += 1
         waiter = call.join()

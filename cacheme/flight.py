@@ -26,33 +26,51 @@ Outcome = tuple[Any, int]  # (value, source)
 class Call:
     """One in-flight fetch of one key, and the futures of its waiters."""
 
-    __slots__ = ("stale", "waiters")
+    __slots__ = ("first", "others", "stale")
 
     def __init__(self) -> None:
-        self.waiters: list[asyncio.Future[Outcome]] = []
+        # The first waiter's future, and a list only when more join (most calls have one).
+        self.first: asyncio.Future[Outcome] | None = None
+        self.others: list[asyncio.Future[Outcome]] | None = None
         self.stale = False  # set by forget(): the result must not be written or remembered
 
     def join(self) -> asyncio.Future[Outcome]:
         """A new future that gets this call's outcome; cancelling it affects nobody else."""
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self.waiters.append(fut)
+        if self.first is None:
+            self.first = fut
+        elif self.others is None:
+            self.others = [fut]
+        else:
+            self.others.append(fut)
         return fut
 
+    def _take(self) -> list[asyncio.Future[Outcome]]:
+        waiters = [] if self.first is None else [self.first]
+        if self.others:
+            waiters += self.others
+        self.first = self.others = None
+        return waiters
+
     def resolve(self, outcome: Outcome) -> None:
-        for fut in self.waiters:
+        first = self.first
+        if self.others is None and first is not None:  # the common case: one waiter
+            self.first = None
+            if not first.done():
+                first.set_result(outcome)
+            return
+        for fut in self._take():
             if not fut.done():
                 fut.set_result(outcome)
-        self.waiters.clear()
 
     def reject(self, error: BaseException) -> None:
         cancelled = isinstance(error, asyncio.CancelledError)
-        for fut in self.waiters:
+        for fut in self._take():
             if not fut.done():
                 if cancelled:
                     fut.cancel()
                 else:
                     fut.set_exception(error)
-        self.waiters.clear()
 
 
 class Flights:

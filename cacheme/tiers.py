@@ -149,18 +149,19 @@ class RemoteTier(Tier):
         return MISS
 
     def read(self, keys: Sequence[str], done: Done) -> None:
-        def arrived(raw: Any) -> None:
-            if isinstance(raw, dict):
-                done(self._decode(raw))
-            elif isinstance(raw, StorageError):
-                done(self._failed(raw, "read"))
-            else:  # cancelled (storage closed) or a driver bug
-                done(StorageError(f"storage {self.name!r}: read failed: {raw!r}"))
-
         try:
-            self.storage.read_many(keys, arrived)
+            self.storage.read_many(keys, _Relay(self, done))
         except StorageError as exc:
             done(self._failed(exc, "read"))
+
+    def accept(self, raw: Any) -> ReadResult:
+        """The storage's answer (values by key, or an exception) as a ``read`` result."""
+        if isinstance(raw, dict):
+            return self._decode(raw)
+        if isinstance(raw, StorageError):
+            return self._failed(raw, "read")
+        # cancelled (storage closed) or a driver bug
+        return StorageError(f"storage {self.name!r}: read failed: {raw!r}")
 
     def _decode(self, raw: dict[str, bytes]) -> dict[str, Any]:
         cfg = self.cfg
@@ -231,6 +232,19 @@ class RemoteTier(Tier):
             f"without it: {exc}",
         )
         return None
+
+
+class _Relay:
+    """Carries a storage's answer back to a reader: decoded by the tier, then handed on."""
+
+    __slots__ = ("done", "tier")
+
+    def __init__(self, tier: RemoteTier, done: Done) -> None:
+        self.tier = tier
+        self.done = done
+
+    def delivered(self, raw: Any) -> None:
+        self.done(self.tier.accept(raw))
 
 
 def count_failure(cfg: Config, exc: StorageError) -> None:

@@ -28,13 +28,187 @@ from .errors import LoadError, LoadTimeoutError, StorageError
 from .flight import LOADED, STALE, Call
 from .node import Config, Node
 from .runtime import Runtime
-from .tiers import RemoteTier, Tier
+from .tiers import Tier
 
 logger = logging.getLogger("cacheme")
 
 Loader = Callable[[], Awaitable[Any]]
 
 _STALE_KEEP = 10_000  # last-good values kept per node for stale-if-error
+
+
+class KeyWalk:
+    """The walk of one key for ``get``: the same steps as ``Walk``, without its per-key
+    dictionaries (a ``get`` is the common case, and every object it keeps alive while the
+    load runs is work for the garbage collector)."""
+
+    __slots__ = ("call", "cfg", "failed", "index", "key", "loader", "mark", "node", "rt")
+
+    def __init__(
+        self, cfg: Config, rt: Runtime, key: str, node: Node, call: Call, loader: Loader | None
+    ) -> None:
+        self.cfg = cfg
+        self.rt = rt
+        self.key = key
+        self.node = node
+        self.call = call
+        self.loader = loader
+        self.index = 0
+        self.failed = 0  # bit i: tier i failed (open) during this walk
+        self.mark = backplane.sequence()  # see backplane.changed_since
+
+    def start(self) -> None:
+        try:
+            self._next()
+        except BaseException as exc:
+            self._fail(exc)  # the callers joined first: they get it
+            if not isinstance(exc, Exception):
+                raise
+
+    def _next(self) -> None:
+        tiers = self.cfg.tiers
+        if self.index < len(tiers):
+            tiers[self.index].read((self.key,), self.arrived)
+        else:
+            self.rt.spawn(self._load())
+
+    def arrived(self, found: dict[str, Any] | StorageError | None) -> None:
+        try:
+            i = self.index
+            self.index += 1
+            if found is None:
+                self.failed |= 1 << i
+            elif isinstance(found, StorageError):
+                self._fail(found)
+                return
+            elif found:
+                self._store(found[self.key], i, i)
+                return
+            self._next()
+        except BaseException as exc:
+            self._fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    def _store(self, value: Any, source: int, upto: int) -> None:
+        """Write ``value`` to the tiers before ``upto`` that did not fail, then settle."""
+        pending, error = self._write(value, upto)
+        if error is not None:
+            self._fail(error)
+        elif pending is None:
+            self.rt.flights.settle(self.key, self.call, (value, source))
+        else:
+
+            def landed(fut: asyncio.Future[Any]) -> None:
+                error = self._write_error(pending, fut)
+                if error is not None:
+                    self._fail(error)
+                else:
+                    self.rt.flights.settle(self.key, self.call, (value, source))
+
+            done = pending[0][1]
+            if len(pending) > 1:
+                done = asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+            done.add_done_callback(landed)
+
+    def _write(
+        self, value: Any, upto: int
+    ) -> tuple[list[tuple[Tier, asyncio.Future[Any]]] | None, BaseException | None]:
+        """Start the writes; ``(pending writes or None, an encode error)``."""
+        if self.call.stale:  # forgotten by invalidate()/refresh(): write nothing
+            return None, None
+        key = self.key
+        pending: list[tuple[Tier, asyncio.Future[Any]]] | None = None
+        tiers = self.cfg.tiers
+        for j in range(upto):
+            if self.failed >> j & 1:
+                continue
+            tier = tiers[j]
+            # Another process's drop came after our read: keep the old value out of memory.
+            if tier.immediate and backplane.changed_since(key, self.mark):
+                continue
+            write, errors = tier.write({key: value})
+            if errors:
+                return None, errors[key]
+            if write is not None:
+                if pending is None:
+                    pending = []
+                pending.append((tier, asyncio.ensure_future(write)))
+        return pending, None
+
+    def _write_error(
+        self, pending: list[tuple[Tier, asyncio.Future[Any]]], done: asyncio.Future[Any]
+    ) -> BaseException | None:
+        """The error of a fail-closed tier's write, if one failed."""
+        for tier, fut in pending:
+            exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
+            if exc is not None:
+                error = tier.write_failed(exc)
+                if error is not None:
+                    return error
+        return None
+
+    async def _load(self) -> None:
+        cfg = self.cfg
+        key = self.key
+        call = self.call
+        try:
+            fn = self.loader or self.node.load
+            if cfg.load_timeout is not None:
+                outcome = await _timed(cfg, fn, 1)
+            else:  # _timed inlined: one coroutine less alive for the whole load
+                rec = cfg.stats
+                started = time.perf_counter_ns()
+                try:
+                    outcome = await fn()
+                except Exception as exc:
+                    outcome = exc
+                    rec.load_failures += 1
+                else:
+                    rec.load_successes += 1
+                rec.load_time_ns += time.perf_counter_ns() - started
+            source = LOADED
+            if isinstance(outcome, BaseException):
+                kept = cfg.last_good.get(key)
+                if kept is None or kept[1] <= time.monotonic() or call.stale:
+                    self.rt.flights.fail(key, call, outcome)
+                    return
+                cfg.stats.stale += 1
+                logger.warning(
+                    "cacheme: node %s: load of %r failed (%r); serving the stale value",
+                    cfg.name,
+                    key,
+                    outcome,
+                )
+                value, source = kept[0], STALE
+            else:
+                value = outcome
+                if cfg.stale_if_error is not None and not call.stale:
+                    _remember(cfg, key, value, time.monotonic())
+            keeper = cfg.doorkeeper
+            if source == STALE or (keeper is not None and not keeper.admit(key)):
+                self.rt.flights.settle(key, call, (value, source))
+                return
+            pending, error = self._write(value, len(cfg.tiers))
+            if error is not None:
+                self.rt.flights.fail(key, call, error)
+                return
+            if pending is not None:
+                await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+                error = self._write_error(pending, pending[0][1])
+                if error is not None:
+                    self.rt.flights.fail(key, call, error)
+                    return
+                if not call.stale and any(not t.immediate for t, _ in pending):
+                    backplane.publish((key,))
+            self.rt.flights.settle(key, call, (value, source))
+        except BaseException as exc:
+            self._fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    def _fail(self, exc: BaseException) -> None:
+        self.rt.flights.fail(self.key, self.call, exc)
 
 
 class Walk:
@@ -136,7 +310,7 @@ class Walk:
             # A call forgotten by invalidate()/refresh() must not write back.
             live = {k: self.values[k] for k in keys if k not in errors and not calls[k].stale}
             tier = tiers[j]
-            if not isinstance(tier, RemoteTier):  # another process's drop came after our read
+            if tier.immediate:  # another process's drop came after our read
                 live = {k: v for k, v in live.items() if not backplane.changed_since(k, self.mark)}
             if not live:
                 continue
@@ -216,7 +390,7 @@ class Walk:
                 futures = [asyncio.ensure_future(w) for _, w in pending]
                 await asyncio.gather(*futures, return_exceptions=True)
                 errors.update(self._write_errors(pending, futures))
-                if admit and any(isinstance(t, RemoteTier) for t, _ in pending):
+                if admit and any(not t.immediate for t, _ in pending):
                     backplane.publish([k for k in admitted if not self.calls[k].stale])
             self._settle(errors)
         except BaseException as exc:
@@ -294,7 +468,7 @@ class Walk:
 
         async def read_shared() -> tuple[bool, Any]:
             for tier in cfg.tiers:
-                if isinstance(tier, RemoteTier) and tier.index not in self.failed:
+                if not tier.immediate and tier.index not in self.failed:
                     fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
                     tier.read([key], fut.set_result)
                     found = await fut
@@ -317,8 +491,11 @@ class _Shared(Exception):
     """The leased key's value came from a shared tier (another process loaded it)."""
 
 
+_DEFAULT_LOAD_ALL = Node.__dict__["load_all"].__func__
+
+
 def _has_load_all(cls: type[Node]) -> bool:
-    return cls.load_all.__func__ is not Node.load_all.__func__  # type: ignore[attr-defined]
+    return getattr(cls.load_all, "__func__", None) is not _DEFAULT_LOAD_ALL
 
 
 def _remember(cfg: Config, key: str, value: Any, now: float) -> None:

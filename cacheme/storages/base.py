@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, ClassVar, Generic, NamedTuple, TypeVar, Union, overload
+from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar, Union, overload
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -191,9 +191,15 @@ class LocalStorage(BaseStorage[OptionsT]):
                 self.remove(key)
 
 
-# Where the outcome of one queued call goes: a future, or (reads only) a function called
-# with the result or the exception, straight from the batch's task (no extra loop turn).
-Sink = Union["asyncio.Future[R]", Callable[[Any], None]]
+class Reader(Protocol):
+    """Takes the outcome of a read (values by key, or the exception) from the batch's task."""
+
+    def delivered(self, outcome: Any) -> None: ...
+
+
+# Where the outcome of one queued call goes: a future, or (reads only) a ``Reader``, called
+# straight from the batch's task (no extra loop turn).
+Sink = Union["asyncio.Future[R]", Reader]
 
 
 @dataclass(eq=False)
@@ -213,7 +219,7 @@ def _deliver(sink: Sink[Any], outcome: Any, failed: bool) -> None:
                 sink.set_result(outcome)
         return
     try:
-        sink(outcome)
+        sink.delivered(outcome)
     except Exception:  # a reader's bug must not keep the batch from its other readers
         logger.exception("cacheme: a read callback failed")
 
@@ -464,11 +470,11 @@ class RemoteStorage(BaseStorage[OptionsT]):
             return driver._submit(driver._reads, keys)
         return driver._get_many_now(keys)
 
-    def read_many(self, keys: Sequence[str], done: Callable[[Any], None]) -> None:
-        """Like ``get_many``, but ``done`` is called with the values found (a dict) or the
-        ``StorageError``, from the batch's own task: no future, no extra loop turn.
+    def read_many(self, keys: Sequence[str], done: Reader) -> None:
+        """Like ``get_many``, but ``done.delivered`` is called with the values found (a dict)
+        or the ``StorageError``, from the batch's own task: no future, no extra loop turn.
 
-        ``done`` must not raise; it is called exactly once.
+        ``done.delivered`` must not raise; it is called exactly once.
         """
         driver = self.here()
         if driver.options.coalesce:
@@ -477,10 +483,10 @@ class RemoteStorage(BaseStorage[OptionsT]):
 
         def settle(task: asyncio.Future[dict[str, bytes]]) -> None:
             if task.cancelled():
-                done(StorageError(f"storage {self.name!r}: read cancelled"))
+                done.delivered(StorageError(f"storage {self.name!r}: read cancelled"))
             else:
                 exc = task.exception()
-                done(exc if exc is not None else task.result())
+                done.delivered(exc if exc is not None else task.result())
 
         asyncio.ensure_future(driver._get_many_now(keys)).add_done_callback(settle)
 
@@ -549,20 +555,20 @@ class RemoteStorage(BaseStorage[OptionsT]):
 
     @overload
     def _submit(
-        self, pending: _Pending[T, R], items: Sequence[T], sink: Callable[[Any], None]
+        self, pending: _Pending[T, R], items: Sequence[T], sink: Reader
     ) -> None: ...
 
     def _submit(
         self,
         pending: _Pending[T, R],
         items: Sequence[T],
-        sink: Callable[[Any], None] | None = None,
+        sink: Reader | None = None,
     ) -> asyncio.Future[R] | None:
         if self._closed or self._dead:
             error = StorageError(f"storage {self.name!r} is closed")
             if sink is None:
                 raise error
-            sink(error)
+            sink.delivered(error)
             return None
         fut: asyncio.Future[R] | None = None
         if sink is None:
