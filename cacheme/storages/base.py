@@ -554,9 +554,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
     def _submit(self, pending: _Pending[T, R], items: Sequence[T]) -> asyncio.Future[R]: ...
 
     @overload
-    def _submit(
-        self, pending: _Pending[T, R], items: Sequence[T], sink: Reader
-    ) -> None: ...
+    def _submit(self, pending: _Pending[T, R], items: Sequence[T], sink: Reader) -> None: ...
 
     def _submit(
         self,

@@ -42,6 +42,7 @@ path, else ``"cacheme"``), ``collection`` (default ``"cacheme_data"``), ``pool_s
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar
@@ -231,6 +232,24 @@ class MongoStorage(RemoteStorage[MongoOptions]):
             value = doc["value"]  # bytes for BinData subtype 0; another subtype: a Binary
             found[doc["key"]] = value if type(value) is bytes else bytes(value)
         return found
+
+    async def _ttl_many(self, keys: Sequence[str]) -> dict[str, float]:
+        now = datetime.now(timezone.utc)
+        cursor = self._collection.find(
+            {"key": {"$in": list(keys)}, "expire": {"$not": {"$lte": now}}},
+            {"_id": 0, "key": 1, "expire": 1},
+            batch_size=len(keys) + 1,
+        )
+        left: dict[str, float] = {}
+        for doc in await cursor.to_list():
+            expire = doc.get("expire")
+            if expire is None:
+                left[doc["key"]] = math.inf
+            else:
+                if expire.tzinfo is None:
+                    expire = expire.replace(tzinfo=timezone.utc)
+                left[doc["key"]] = max(0.0, (expire - now).total_seconds())
+        return left
 
     async def _set_many(self, entries: Sequence[Entry]) -> None:
         now = datetime.now(timezone.utc)

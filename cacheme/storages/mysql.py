@@ -47,6 +47,7 @@ the rest of an old answer.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -123,6 +124,10 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
             f"SELECT `key`, `value` FROM {t} "
             f"WHERE (`expire` IS NULL OR `expire` > UTC_TIMESTAMP(6)) AND `key` IN "
         )
+        self._ttl_select = (
+            f"SELECT `key`, TIMESTAMPDIFF(MICROSECOND, UTC_TIMESTAMP(6), `expire`) FROM {t} "
+            f"WHERE (`expire` IS NULL OR `expire` > UTC_TIMESTAMP(6)) AND `key` IN "
+        )
         self._insert = f"INSERT INTO {t} (`key`, `value`, `expire`) VALUES "
         self._on_duplicate = (
             " ON DUPLICATE KEY UPDATE `value` = VALUES(`value`), `expire` = VALUES(`expire`)"
@@ -197,6 +202,15 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
         sql = f"{self._select}({', '.join(['%s'] * len(wanted))})"
         rows = await self._run([(sql, list(wanted))], fetch=True)
         return {wanted[key]: bytes(value) for key, value in rows}
+
+    async def _ttl_many(self, keys: Sequence[str]) -> dict[str, float]:
+        wanted = stored_keys(keys)
+        sql = f"{self._ttl_select}({', '.join(['%s'] * len(wanted))})"
+        rows = await self._run([(sql, list(wanted))], fetch=True)
+        return {
+            wanted[key]: math.inf if left is None else max(0.0, int(left) / 1e6)
+            for key, left in rows
+        }
 
     async def _set_many(self, entries: Sequence[Entry]) -> None:
         rows = sorted(

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
@@ -97,6 +98,10 @@ class PostgresStorage(SQLStorage[PostgresOptions]):
         self._select = (
             f'SELECT "key", "value" FROM {t} WHERE "key" = ANY($1::text[]) '
             f'AND ("expire" IS NULL OR "expire" > now())'
+        )
+        self._ttl_select = (
+            f'SELECT "key", EXTRACT(EPOCH FROM ("expire" - now()))::float8 FROM {t} '
+            f'WHERE "key" = ANY($1::text[]) AND ("expire" IS NULL OR "expire" > now())'
         )
         self._upsert = (
             f'INSERT INTO {t} ("key", "value", "expire") '
@@ -178,6 +183,11 @@ class PostgresStorage(SQLStorage[PostgresOptions]):
         wanted = stored_keys(keys)
         rows = await self._using("fetch", self._select, list(wanted))
         return {wanted[key]: value for key, value in rows}
+
+    async def _ttl_many(self, keys: Sequence[str]) -> dict[str, float]:
+        wanted = stored_keys(keys)
+        rows = await self._using("fetch", self._ttl_select, list(wanted))
+        return {wanted[key]: math.inf if left is None else max(0.0, left) for key, left in rows}
 
     async def _set_many(self, entries: Sequence[Entry]) -> None:
         rows = sorted(((stored_key(e.key), e.value, e.ttl_ms) for e in entries), key=_first)

@@ -18,6 +18,7 @@ server older than Redis 6, which cannot speak RESP3).
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -165,6 +166,25 @@ class RedisStorage(RemoteStorage[RedisOptions]):
         else:
             values = await self._standalone().mget(keys)
         return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
+
+    async def _ttl_many(self, keys: Sequence[str]) -> dict[str, float]:
+        # One pipeline of PTTL (-2: no such key, -1: no expiry).
+        if self._cluster is not None:
+            async with self._cluster_slots:
+                cpipe = self._cluster.pipeline()
+                for key in keys:
+                    cpipe.pttl(key)
+                replies = await cpipe.execute()
+        else:
+            pipe = self._standalone().pipeline(transaction=False)
+            for key in keys:
+                pipe.pttl(key)
+            replies = await pipe.execute()
+        return {
+            k: math.inf if ms == -1 else ms / 1000
+            for k, ms in zip(keys, replies, strict=True)
+            if ms != -2
+        }
 
     async def _set_many(self, entries: Sequence[Entry]) -> None:
         if self._cluster is not None:

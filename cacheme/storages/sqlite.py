@@ -32,9 +32,10 @@ Expiry
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
@@ -149,6 +150,28 @@ class SQLiteStorage(SQLStorage[SQLiteOptions]):
             for key, value in await self.db.execute_fetchall(sql, [now, *chunk]):
                 found[wanted[key]] = bytes(value)
         return found
+
+    async def _ttl_many(self, keys: Sequence[str]) -> dict[str, float]:
+        wanted = stored_keys(keys)
+        stored = list(wanted)
+        now = utc_now()
+        text = utc_text(now)
+        left: dict[str, float] = {}
+        step = MAX_VARIABLES - 1
+        t = f'"{self.table}"'
+        for i in range(0, len(stored), step):
+            chunk = stored[i : i + step]
+            sql = (
+                f'SELECT "key", "expire" FROM {t} WHERE ("expire" IS NULL OR "expire" > ?) '
+                f'AND "key" IN ({",".join("?" * len(chunk))})'
+            )
+            for key, expire in await self.db.execute_fetchall(sql, [text, *chunk]):
+                if expire is None:
+                    left[wanted[key]] = math.inf
+                else:
+                    moment = datetime.strptime(expire, _TIME_FORMAT).replace(tzinfo=timezone.utc)
+                    left[wanted[key]] = max(0.0, (moment - now).total_seconds())
+        return left
 
     async def _set_many(self, entries: Sequence[Entry]) -> None:
         now = utc_now()

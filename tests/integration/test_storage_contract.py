@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 from cacheme.storages.base import Entry, RemoteStorage
@@ -36,6 +37,19 @@ async def test_ttl_expires(remote: Remote) -> None:
     assert await remote.get_many(["cacheme:short:v1", "cacheme:long:v1"]) == {
         "cacheme:long:v1": b"y"
     }
+
+
+async def test_remaining_ttl(remote: Remote) -> None:
+    """Every backend reports what is left of an entry's lifetime, in one round trip."""
+    await remote.set_many(
+        [Entry("cacheme:ttl:v1", b"x", 60_000), Entry("cacheme:forever:v1", b"y", None)]
+    )
+    trips = remote.stats.round_trips
+    left = await remote.remaining_ttl(["cacheme:ttl:v1", "cacheme:forever:v1", "cacheme:no:v1"])
+    assert remote.stats.round_trips == trips + 1
+    assert set(left) == {"cacheme:ttl:v1", "cacheme:forever:v1"}
+    assert 55 < left["cacheme:ttl:v1"] <= 60
+    assert left["cacheme:forever:v1"] == math.inf
 
 
 async def test_get_many_set_many(remote: Remote) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 
+import pytest
+
 from cacheme.storages.base import MISS
-from cacheme.storages.local import LocalOptions, TinyLFUStorage
+from cacheme.storages.local import LocalOptions, LRUStorage, TinyLFUStorage
 
 
 def tlfu(size: int) -> TinyLFUStorage:
@@ -62,3 +66,22 @@ def test_overwrite_changes_value_and_ttl() -> None:
     time.sleep(0.04)
     assert store.get("k") == 2
     assert len(store) == 1
+
+
+@pytest.mark.parametrize("cls", [TinyLFUStorage, LRUStorage])
+def test_remaining_lifetime_and_threadsafe_handoff(cls: type[TinyLFUStorage]) -> None:
+    store = cls("t", "local://x", LocalOptions(size=10))
+    store.set("ttl", 1, 60.0)
+    store.set("forever", 2, None)
+    left = store.remaining(["ttl", "forever", "absent"])
+    assert set(left) == {"ttl", "forever"}
+    assert 59 < left["ttl"] <= 60
+    assert left["forever"] == math.inf
+    # Another thread hands drops over; they apply before the next operation.
+    worker = threading.Thread(target=store.discard_threadsafe, args=(["ttl"],))
+    worker.start()
+    worker.join()
+    assert store.get("ttl") is MISS
+    assert store.get("forever") == 2
+    store.clear_threadsafe()
+    assert store.get("forever") is MISS
