@@ -650,7 +650,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
         if writes.calls:
             entries = _last_per_key([e for items, _ in writes.calls for e in items])
             results = await self._ordered_write(
-                [e.key for e in entries], lambda: self._chunked(self._set_many, entries, "write")
+                [e.key for e in entries], lambda: self._write_isolating(entries)
             )
             failed = {
                 e.key: r for chunk, r in results if isinstance(r, BaseException) for e in chunk
@@ -669,6 +669,29 @@ class RemoteStorage(BaseStorage[OptionsT]):
                 removes,
                 lambda items: next((failed_keys[k] for k in items if k in failed_keys), None),
             )
+
+    async def _write_isolating(
+        self, entries: list[Entry]
+    ) -> list[tuple[list[Entry], None | BaseException]]:
+        """Write ``entries`` in chunks; a chunk refused for another reason than a timeout or
+        the open breaker is written again entry by entry, so that one entry the server
+        refuses (too large, say) fails alone instead of failing its neighbours."""
+        results = await self._chunked(self._set_many, entries, "write")
+        out: list[tuple[list[Entry], None | BaseException]] = []
+        for chunk, result in results:
+            if (
+                len(chunk) > 1
+                and isinstance(result, StorageError)
+                and not isinstance(result, (StorageTimeoutError, StorageUnavailableError))
+            ):
+                singles = await asyncio.gather(
+                    *(self._call(self._set_many, [e], 1, "write") for e in chunk),
+                    return_exceptions=True,
+                )
+                out += [([e], r) for e, r in zip(chunk, singles, strict=True)]
+            else:
+                out.append((chunk, result))
+        return out
 
     async def _ordered_write(self, keys: list[str], op: Callable[[], Awaitable[T]]) -> T:
         """Run ``op`` (a write of ``keys``) after the writes already issued for those keys.

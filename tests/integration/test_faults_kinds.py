@@ -272,12 +272,6 @@ async def small_bulk_redis(tmp_path: Path) -> AsyncIterator[str]:
 
 
 @pytest.mark.redis
-@pytest.mark.xfail(
-    reason="issue 9 item 6, still open: Redis drops the connection on an argument over "
-    "proto-max-bulk-len, and the batch's one EVALSHA fails every entry; needs per-entry "
-    "retry of a failed write batch in RemoteStorage",
-    strict=True,
-)
 async def test_redis_refusing_a_big_value_spares_its_neighbours(small_bulk_redis: str) -> None:
     await cacheme.register_storage("t", cacheme.Storage(small_bulk_redis))
     storage = storages()["t"]
