@@ -30,6 +30,7 @@ from .metrics import StatsSnapshot
 from .node import Cache, DynamicNode, Node, build_node, nodes, set_prefix
 from .stats import NodeStats
 from .storages.registry import Storage, close_storages, register_storage, storages
+from .tags import invalidate_node, invalidate_tag
 
 __all__ = [
     "BackplaneStats",
@@ -64,6 +65,8 @@ __all__ = [
     "get",
     "get_all",
     "invalidate",
+    "invalidate_node",
+    "invalidate_tag",
     "nodes",
     "refresh",
     "register_storage",

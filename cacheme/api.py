@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar, overload
 
-from . import backplane, runtime
+from . import backplane, freshness, runtime
 from . import node as _node
 from .errors import ConfigurationError, StorageError
 from .flight import Call
@@ -71,6 +71,8 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None) -> Any:
     if type(key) is not str:
         full_key(cfg, node)  # raises, naming the node
     key = f"{_node._prefix}:{key}:{cfg.version}"
+    if cfg.stamped:  # refresh-ahead, negative entries, tags...: see freshness
+        return await freshness.fetch(node, cfg, loader, key)
     rec = cfg.stats
     rec.requests += 1
     for tier in cfg.front:
@@ -125,6 +127,8 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
             )
     cfg = config_of(cls)
     keys = [full_key(cfg, n) for n in nodes]
+    if cfg.stamped:
+        return await freshness.get_all(nodes, cfg, keys)  # type: ignore[arg-type]
     rec = cfg.stats
     rec.requests += len(nodes)
     results: list[Any] = [None] * len(nodes)
@@ -192,6 +196,8 @@ async def invalidate(node: Node, cfg: Config | None = None) -> None:
         )
     key = full_key(cfg, node)
     _forget_everywhere(key)
+    if cfg.stamped:
+        freshness.forget(key)  # a background reload under way must not write it back
     cfg.last_good.pop(key, None)
     removals = []
     for tier in cfg.tiers:
@@ -248,6 +254,8 @@ async def reload(node: Node, cfg: Config, loader: Loader | None) -> Any:
     if cfg.generation != registry.generation:
         cfg.resolve()
     key = full_key(cfg, node)
+    if cfg.stamped:
+        return await freshness.reload(node, cfg, loader, key)
     _forget_everywhere(key)
     rt = runtime.current()
     call = rt.flights.start(key)

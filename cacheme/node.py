@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from .doorkeeper import DoorKeeper
 from .errors import ConfigurationError
+from .freshness import Policy, policy
 from .serializer import Serializer
 from .stats import Recorder
 from .storages import registry
@@ -52,12 +53,14 @@ class Cache:
     storage can hold (``max_ttl`` of its backend: about 292 years for local tiers, until the
     year 9999 for SQL and MongoDB) also means no expiry. ``fail_open`` (remote tiers only)
     overrides the storage's own option for this node: ``True`` makes an error or timeout of
-    the tier a miss of that tier, ``False`` sends it to the caller.
+    the tier a miss of that tier, ``False`` sends it to the caller. ``negative_ttl``
+    overrides ``Meta.negative_ttl`` for this tier (how long a "not found" is cached there).
     """
 
     storage: str
     ttl: timedelta | None = None
     fail_open: bool | None = None
+    negative_ttl: timedelta | None = None
 
 
 def _check_cache(name: str, i: int, cache: object) -> None:
@@ -76,6 +79,12 @@ def _check_cache(name: str, i: int, cache: object) -> None:
             )
         if cache.ttl <= timedelta(0):
             raise ConfigurationError(f"{where}.ttl must be positive, got {cache.ttl!r}")
+    if cache.negative_ttl is not None and (
+        not isinstance(cache.negative_ttl, timedelta) or cache.negative_ttl <= timedelta(0)
+    ):
+        raise ConfigurationError(
+            f"{where}.negative_ttl must be a positive timedelta or None, got {cache.negative_ttl!r}"
+        )
     if cache.fail_open is not None and not isinstance(cache.fail_open, bool):
         raise ConfigurationError(
             f"{where}.fail_open must be True, False or None, got {cache.fail_open!r}"
@@ -91,6 +100,10 @@ _META_OPTIONS = (
     "stale_if_error",
     "lease",
     "lease_storage",
+    "refresh_after",
+    "stale_while_revalidate",
+    "negative_ttl",
+    "not_found",
 )
 
 
@@ -119,6 +132,10 @@ class Config:
             raise ConfigurationError(f"{name}.Meta.lease must be positive, got {lease!r}")
         self.lease: timedelta | None = lease  # one load per key across processes (lease.py)
         self.lease_storage: str | None = _option(name, meta, "lease_storage", None, str)
+        # Refresh-ahead, stale-while-revalidate, negative caching, tags (freshness.py): None
+        # when the node uses none of them; then its entries are stored as they always were.
+        self.fresh: Policy | None = policy(name, meta, self.caches, owner, stale)
+        self.stamped = self.fresh is not None
         unknown = [
             attr
             for klass in meta.__mro__
@@ -241,6 +258,10 @@ class Node:
         stale_if_error: timedelta | None = None  # serve the last value this long if load() fails
         lease: timedelta | None = None  # one load per key across processes (cacheme.lease)
         lease_storage: str | None = None  # Redis storage of leases (default: the backplane's)
+        refresh_after: timedelta | float | None = None  # reload in the background after this age
+        stale_while_revalidate: timedelta | None = None  # serve this long past the TTL, reloading
+        negative_ttl: timedelta | None = None  # cache None (and not_found) this long
+        not_found: type[Exception] | tuple[type[Exception], ...] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -22,7 +22,7 @@ import weakref
 from collections.abc import AsyncGenerator, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from .flight import Flights
+from .flight import Call, Flights
 
 if TYPE_CHECKING:
     from .storages.base import RemoteStorage
@@ -45,11 +45,22 @@ CLOSE_TIMEOUT = 5.0
 class Runtime:
     """The state cacheme keeps for one event loop (touched only from that loop's thread)."""
 
-    __slots__ = ("__weakref__", "closed", "flights", "instances", "loop", "sentinel", "tasks")
+    __slots__ = (
+        "__weakref__",
+        "closed",
+        "flights",
+        "instances",
+        "loop",
+        "refreshing",
+        "sentinel",
+        "tasks",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.flights = Flights()
+        # key -> the call of its background reload (freshness: refresh-ahead, one per key)
+        self.refreshing: dict[str, Call] = {}
         # registered storage -> its driver instance for this loop
         self.instances: dict[RemoteStorage[Any], RemoteStorage[Any]] = {}
         self.tasks: set[asyncio.Task[Any]] = set()

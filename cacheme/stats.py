@@ -18,6 +18,11 @@ in ``get_all`` included):
   (fail-open tiers then count the read as a miss of that tier).
 - decode errors: stored entries this node's serializer could not decode (then reloaded).
 - stale: values served from stale-if-error after ``load()`` failed.
+- negative hits: hits on a negative entry ("not found" cached: ``Meta.negative_ttl``); each
+  is also a hit.
+- refreshes: background reloads started (refresh-ahead, stale-while-revalidate), one per
+  key; refresh failures: those that failed (the current value stayed). Their loads count as
+  loads.
 
 Rates are zero-safe: with nothing requested ``hit_rate()`` is 1.0 and ``miss_rate()`` 0.0;
 with nothing loaded ``load_failure_rate()`` and ``average_load_time()`` are 0.
@@ -38,6 +43,9 @@ class Recorder:
         "load_failures",
         "load_successes",
         "load_time_ns",
+        "negative_hits",
+        "refresh_failures",
+        "refreshes",
         "requests",
         "stale",
         "storage_errors",
@@ -59,6 +67,9 @@ class Recorder:
         self.storage_timeouts = 0
         self.decode_errors = 0
         self.stale = 0
+        self.negative_hits = 0
+        self.refreshes = 0
+        self.refresh_failures = 0
 
     def snapshot(self) -> NodeStats:
         by_name: dict[str, int] = {}
@@ -76,6 +87,9 @@ class Recorder:
             storage_timeouts=self.storage_timeouts,
             decode_errors=self.decode_errors,
             stale=self.stale,
+            negative_hits=self.negative_hits,
+            refreshes=self.refreshes,
+            refresh_failures=self.refresh_failures,
         )
 
 
@@ -93,6 +107,9 @@ class NodeStats:
     storage_timeouts: int = 0
     decode_errors: int = 0
     stale: int = 0
+    negative_hits: int = 0
+    refreshes: int = 0
+    refresh_failures: int = 0
     tier_hits: dict[str, int] = field(default_factory=dict)  # storage name -> hits there
 
     def request_count(self) -> int:
@@ -146,6 +163,15 @@ class NodeStats:
 
     def stale_count(self) -> int:
         return self.stale
+
+    def negative_hit_count(self) -> int:
+        return self.negative_hits
+
+    def refresh_count(self) -> int:
+        return self.refreshes
+
+    def refresh_failure_count(self) -> int:
+        return self.refresh_failures
 
     def tier_hit_count(self, storage: str) -> int:
         """Hits served by the tier on the registered storage ``storage``."""

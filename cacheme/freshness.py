@@ -1,0 +1,823 @@
+"""Freshness: refresh-ahead, stale-while-revalidate, stale-if-error from the stored copy,
+negative caching and tags (see ``tags``), for the nodes that use any of them.
+
+A node using none of these options is untouched: its tiers hold the plain value (local) or the
+serializer's bytes (remote), and ``get`` takes the ordinary path (one flag, ``Config.stamped``,
+decides). A node using any of them is *stamped*: every tier holds its value with a stamp:
+
+- ``written``: when the value was loaded (wall clock, epoch milliseconds, so every process
+  agrees). It travels with the value: a copy into an earlier tier keeps it. Refresh-ahead
+  compares the age against it.
+- ``expires``: the end of the entry's logical life *in the tier that holds it* (written when
+  it was stored there: its TTL, or the negative TTL for a negative entry; 0 for no expiry).
+  The tier itself keeps the entry longer (the physical TTL): ``stale_while_revalidate`` and
+  ``stale_if_error`` extend it by their grace.
+- ``negative``: the load found nothing (``None``, or a ``Meta.not_found`` exception).
+- the versions of its tags (``tags``).
+
+Local tiers store a ``Stamp`` object. Remote tiers store an envelope: ``MAGIC`` (4 bytes,
+starting with 0xC1, a byte MessagePack never uses, nor pickle, JSON or zlib), 2 bytes of
+header length, a MessagePack header ``[written, expires, negative, tags, not_found]`` and the
+serializer's bytes. An entry without the envelope (stored before the node used these options)
+is a decode error: reloaded.
+
+The age costs nothing more on any tier: it is read from the stamp, in the same read as the
+value (``remaining_ttl`` stays the tiers' own report of physical lifetime).
+
+Decisions on a hit (``now`` from ``now_ms()``, which tests replace):
+
+- ``now < expires``: fresh. If ``refresh_after`` is set and the age reached it (a
+  ``timedelta``, or a fraction of the tier's TTL), the value is returned and one background
+  reload of the key starts (one per key per event loop at a time: ``Runtime.refreshing``).
+- ``expires <= now < expires + stale_while_revalidate``: served, and one reload starts.
+- later but ``< expires + stale_if_error``: a miss; kept, and served if the load fails.
+- negative entries live ``negative_ttl`` and are never served past it.
+
+A background reload writes the new value to every tier with fresh TTLs; if it fails, the
+current value stays, ``refresh_failures`` counts it, it is logged, and no caller sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from . import backplane, runtime, tags
+from .errors import ConfigurationError, DecodeError, EncodeError, StorageError
+from .flight import Call
+from .storages.base import MISS, Entry
+from .tiers import RemoteTier, Tier, warn
+
+if TYPE_CHECKING:
+    from .node import Cache, Config, Node
+    from .walk import Loader, Walk
+
+logger = logging.getLogger("cacheme")
+
+MAGIC = b"\xc1cm1"
+_HEADER = struct.Struct(">H")
+_START = len(MAGIC) + _HEADER.size
+
+
+def now_ms() -> int:
+    """The clock of stamps and freshness decisions (epoch ms); tests monkeypatch it."""
+    return time.time_ns() // 1_000_000
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+class Rule:
+    """A policy as it applies to one tier (TTLs in ms, 0 for none)."""
+
+    __slots__ = ("neg_ms", "phys_ms", "phys_neg_ms", "refresh_ms", "ttl_ms")
+
+    def __init__(self, policy: Policy, tier: Tier, cache: Cache) -> None:
+        ttl = tier.ttl
+        self.ttl_ms = 0 if ttl is None else max(1, round(ttl * 1000))
+        neg = cache.negative_ttl or policy.negative_ttl
+        self.neg_ms = self.ttl_ms if neg is None else _ms(neg)
+        grace = max(policy.swr_ms, policy.sie_ms)
+        self.phys_ms: int | None = self.ttl_ms + grace if self.ttl_ms else None
+        self.phys_neg_ms: int | None = self.neg_ms or None
+        if policy.refresh_after_ms:
+            self.refresh_ms = policy.refresh_after_ms
+        elif policy.refresh_fraction and self.ttl_ms:
+            self.refresh_ms = max(1, round(policy.refresh_fraction * self.ttl_ms))
+        else:
+            self.refresh_ms = 0
+
+
+class Policy:
+    """The freshness options of one node class (``Config.fresh``; ``None`` when unused)."""
+
+    __slots__ = (
+        "caches",
+        "negative",
+        "negative_ttl",
+        "not_found",
+        "refresh_after_ms",
+        "refresh_fraction",
+        "rules",
+        "sie_ms",
+        "swr_ms",
+        "tagged",
+    )
+
+    def __init__(self) -> None:
+        self.caches: tuple[Cache, ...] = ()
+        self.refresh_after_ms = 0
+        self.refresh_fraction = 0.0
+        self.swr_ms = 0
+        self.sie_ms = 0
+        self.negative_ttl: timedelta | None = None
+        self.negative = False  # None results are negative entries
+        self.not_found: tuple[type[BaseException], ...] = ()
+        self.tagged = False
+        self.rules: dict[tuple[int, float | None], Rule] = {}
+
+    def rule(self, tier: Tier) -> Rule:
+        rule = self.rules.get((tier.index, tier.ttl))
+        if rule is None:
+            rule = self.rules[(tier.index, tier.ttl)] = Rule(self, tier, self.caches[tier.index])
+        return rule
+
+
+def _ms(delta: timedelta) -> int:
+    return max(1, round(delta.total_seconds() * 1000))
+
+
+def policy(
+    name: str,
+    meta: type,
+    caches: tuple[Cache, ...],
+    owner: type | None,
+    stale_if_error: timedelta | None,
+) -> Policy | None:
+    """Check the freshness options of ``meta``; ``None`` when the node uses none of them."""
+
+    def positive(attr: str) -> timedelta | None:
+        value = getattr(meta, attr, None)
+        if value is None:
+            return None
+        if not isinstance(value, timedelta) or value <= timedelta(0):
+            raise ConfigurationError(
+                f"{name}.Meta.{attr} must be a positive timedelta, got {value!r}"
+            )
+        return value
+
+    p = Policy()
+    p.caches = caches
+    refresh = getattr(meta, "refresh_after", None)
+    if refresh is not None:
+        if isinstance(refresh, timedelta) and refresh > timedelta(0):
+            p.refresh_after_ms = _ms(refresh)
+        elif isinstance(refresh, float) and 0 < refresh < 1:
+            p.refresh_fraction = refresh
+        else:
+            raise ConfigurationError(
+                f"{name}.Meta.refresh_after must be a positive timedelta or a float in (0, 1) "
+                f"(a fraction of each tier's TTL), got {refresh!r}"
+            )
+    swr = positive("stale_while_revalidate")
+    p.negative_ttl = positive("negative_ttl")
+    not_found = getattr(meta, "not_found", None)
+    if not_found is not None:
+        kinds = not_found if isinstance(not_found, tuple) else (not_found,)
+        if not kinds or not all(isinstance(k, type) and issubclass(k, Exception) for k in kinds):
+            raise ConfigurationError(
+                f"{name}.Meta.not_found must be an exception class or a tuple of them, got "
+                f"{not_found!r}"
+            )
+        p.not_found = kinds
+    per_tier = any(c.negative_ttl is not None for c in caches)
+    p.negative = p.negative_ttl is not None or per_tier
+    tags_fn = getattr(owner, "tags", None) if owner is not None else None
+    if tags_fn is not None and not callable(tags_fn):
+        raise ConfigurationError(f"{name}.tags must be a method returning a list of strings")
+    p.tagged = tags_fn is not None
+    used = p.refresh_after_ms or p.refresh_fraction or swr or p.negative or p.not_found
+    if not used and not p.tagged:
+        return None
+    p.swr_ms = 0 if swr is None else _ms(swr)
+    p.sie_ms = 0 if stale_if_error is None else _ms(stale_if_error)
+    return p
+
+
+# -- the stamped entry -----------------------------------------------------------------------
+
+
+class Stamp:
+    """A value with its stamp (see the module docstring); what stamped tiers hold locally
+    and what the walk of a stamped node passes around.
+
+    ``value`` is the value, or for a negative entry ``None`` / ``(not_found index, args)``.
+    ``stale``: served past its logical expiry (never copied to another tier).
+    """
+
+    __slots__ = ("expires", "negative", "stale", "tags", "value", "versions", "written")
+
+    def __init__(
+        self,
+        value: Any,
+        written: int,
+        negative: bool = False,
+        tags: tuple[str, ...] = (),
+        versions: tuple[Any, ...] = (),
+        expires: int = 0,
+        stale: bool = False,
+    ) -> None:
+        self.value = value
+        self.written = written
+        self.negative = negative
+        self.tags = tags  # tag keys (local) or tag names (decoded from a remote tier)
+        self.versions = versions
+        self.expires = expires
+        self.stale = stale
+
+    def __repr__(self) -> str:
+        kind = "negative " if self.negative else ""
+        return f"<Stamp {kind}{self.value!r} written={self.written} expires={self.expires}>"
+
+
+def encode(
+    st: Stamp, expires: int, versions: list[Any] | None, dumps: Callable[[Any], bytes]
+) -> bytes:
+    """The envelope of ``st`` for a remote tier (``versions`` aligned with its tag names)."""
+    if st.negative:
+        payload = b""
+        info = None if st.value is None else list(st.value)
+    else:
+        payload = dumps(st.value)
+        info = None
+    tag_list = (
+        None if versions is None else [[n, v] for n, v in zip(st.tags, versions, strict=True)]
+    )
+    header = msgpack.packb([st.written, expires, st.negative, tag_list, info])
+    return b"".join((MAGIC, _HEADER.pack(len(header)), header, payload))
+
+
+def decode(data: bytes, loads: Callable[[bytes], Any]) -> tuple[Stamp, list[Any] | None]:
+    """``(stamp, recorded [name, version] pairs)`` of an envelope; ``DecodeError`` else."""
+    if not data.startswith(MAGIC):
+        raise DecodeError("not a stamped entry (written before the node used freshness options)")
+    try:
+        (size,) = _HEADER.unpack_from(data, len(MAGIC))
+        written, expires, negative, tag_list, info = msgpack.unpackb(
+            data[_START : _START + size], use_list=True
+        )
+        if not isinstance(written, int) or not isinstance(expires, int):
+            raise ValueError("bad stamp")
+    except Exception as exc:
+        raise DecodeError(f"bad stamp header: {exc!r}") from exc
+    if negative:
+        value = None if info is None else (info[0], tuple(info[1]))
+    else:
+        value = loads(data[_START + size :])
+    names = () if tag_list is None else tuple(n for n, _ in tag_list)
+    return Stamp(value, written, bool(negative), names, (), expires), tag_list
+
+
+def unwrap(cfg: Config, st: Stamp) -> Any:
+    """The value a caller gets: the value, ``None``, or a new not-found exception."""
+    if not st.negative:
+        return st.value
+    info = st.value
+    if info is None:
+        return None
+    assert cfg.fresh is not None
+    index, args = info
+    raise cfg.fresh.not_found[index](*args)
+
+
+def _negative_info(p: Policy, exc: BaseException) -> tuple[int, tuple[Any, ...]]:
+    index = next(i for i, k in enumerate(p.not_found) if isinstance(exc, k))
+    args = exc.args
+    if not all(type(a) in (str, int) for a in args):
+        args = (str(exc),)
+    return index, tuple(args)
+
+
+class _Reader:
+    """A function as the ``Reader`` a remote storage's ``read_many`` hands its answer to."""
+
+    __slots__ = ("delivered",)
+
+    def __init__(self, fn: Callable[[Any], None]) -> None:
+        self.delivered = fn
+
+
+# -- local tiers -----------------------------------------------------------------------------
+
+
+def _put_local(
+    tier: Tier, rule: Rule, key: str, st: Stamp, versions: tuple[Any, ...], now: int
+) -> None:
+    if st.negative:
+        ttl_ms, phys = rule.neg_ms, rule.phys_neg_ms
+    else:
+        ttl_ms, phys = rule.ttl_ms, rule.phys_ms
+    entry = Stamp(
+        st.value, st.written, st.negative, st.tags, versions, now + ttl_ms if ttl_ms else 0
+    )
+    tier.storage.set(key, entry, None if phys is None else phys / 1000)  # type: ignore[attr-defined]
+
+
+def _classify(
+    p: Policy,
+    rule: Rule,
+    key: str,
+    st: Stamp,
+    now: int,
+    found: dict[str, Stamp],
+    due: list[str],
+    fallback: dict[str, Stamp] | None,
+) -> None:
+    """Put ``st`` in ``found`` if it may be served (``due`` if it wants a reload), in
+    ``fallback`` if only stale-if-error may serve it."""
+    expires = st.expires
+    if not expires or now < expires:
+        found[key] = st
+        if rule.refresh_ms and not st.negative and now - st.written >= rule.refresh_ms:
+            due.append(key)
+    elif st.negative:
+        return
+    elif now < expires + p.swr_ms:
+        found[key] = Stamp(st.value, st.written, False, st.tags, st.versions, expires, True)
+        due.append(key)
+    elif fallback is not None and now < expires + p.sie_ms:
+        kept = fallback.get(key)
+        if kept is None or kept.written < st.written:
+            fallback[key] = st
+
+
+def front(cfg: Config, key: str, now: int, due: list[str]) -> tuple[Stamp, int] | None:
+    """The leading local tiers' answer for ``key``: ``(stamp, tier index)`` or ``None``."""
+    p = cfg.fresh
+    assert p is not None
+    tiers = cfg.front
+    for tier in tiers:
+        st = tier.storage.get(key)  # type: ignore[attr-defined]
+        if st is MISS:
+            continue
+        if st.tags and not tags.local_valid(st.tags, st.versions):
+            continue
+        rule = p.rule(tier)
+        found: dict[str, Stamp] = {}
+        _classify(p, rule, key, st, now, found, due, None)
+        got = found.get(key)
+        if got is None:
+            continue
+        if tier.index and not got.stale:
+            for earlier in tiers[: tier.index]:
+                _put_local(earlier, p.rule(earlier), key, got, got.versions, now)
+        return got, tier.index
+    return None
+
+
+# -- the walk of a stamped node --------------------------------------------------------------
+
+
+class Pass:
+    """What a ``Walk`` of a stamped node keeps (``walk.fresh``): reads and writes stamps."""
+
+    __slots__ = (
+        "cfg",
+        "fallback",
+        "local_versions",
+        "names",
+        "policy",
+        "refreshing",
+        "remote_versions",
+        "tagkeys",
+        "walk",
+    )
+
+    def __init__(
+        self,
+        cfg: Config,
+        walk: Walk,
+        names: dict[str, tuple[str, ...]] | None,
+        refreshing: bool = False,
+    ) -> None:
+        assert cfg.fresh is not None
+        self.cfg = cfg
+        self.policy = cfg.fresh
+        self.walk = walk
+        self.refreshing = refreshing  # a background reload: failures are not served stale
+        self.fallback: dict[str, Stamp] = {}
+        self.remote_versions: dict[int, dict[str, Any]] = {}
+        self.names = names or {}
+        self.tagkeys: dict[str, tuple[str, ...]] = {}
+        self.local_versions: dict[str, int] = {}
+        if self.policy.tagged:
+            for key, names_ in self.names.items():
+                keys = self.tagkeys[key] = tuple(tags.tag_key(cfg.name, n) for n in names_)
+                for k in keys:
+                    if k not in self.local_versions:
+                        self.local_versions[k] = tags.local_version(k)
+
+    # reading
+
+    def read(self, tier: Tier, keys: Sequence[str], done: Callable[[Any], None]) -> None:
+        if tier.immediate:
+            self._read_local(tier, keys, done)
+        else:
+            self._read_remote(tier, keys, done)  # type: ignore[arg-type]
+
+    def _read_local(self, tier: Tier, keys: Sequence[str], done: Callable[[Any], None]) -> None:
+        p = self.policy
+        rule = p.rule(tier)
+        get = tier.storage.get  # type: ignore[attr-defined]
+        now = now_ms()
+        found: dict[str, Stamp] = {}
+        due: list[str] = []
+        for key in keys:
+            st = get(key)
+            if st is MISS or (st.tags and not tags.local_valid(st.tags, st.versions)):
+                continue
+            _classify(p, rule, key, st, now, found, due, self.fallback)
+        self._due(due)
+        done(found)
+
+    def _read_remote(
+        self, tier: RemoteTier, keys: Sequence[str], done: Callable[[Any], None]
+    ) -> None:
+        tagkeys: list[str] = []
+        if self.policy.tagged:
+            seen = set()
+            for key in keys:
+                for k in self.tagkeys[key]:
+                    if k not in seen:
+                        seen.add(k)
+                        tagkeys.append(k)
+
+        def arrived(raw: Any) -> None:
+            try:
+                if isinstance(raw, dict):
+                    done(self._decode(tier, keys, tagkeys, raw))
+                elif isinstance(raw, StorageError):
+                    done(tier._failed(raw, "read"))
+                else:
+                    done(StorageError(f"storage {tier.name!r}: read failed: {raw!r}"))
+            except Exception as exc:  # a bug here must still settle the walk
+                done(exc)
+
+        try:
+            tier.storage.read_many([*keys, *tagkeys] if tagkeys else keys, _Reader(arrived))
+        except StorageError as exc:
+            done(tier._failed(exc, "read"))
+
+    def _decode(
+        self, tier: RemoteTier, keys: Sequence[str], tagkeys: list[str], raw: dict[str, bytes]
+    ) -> dict[str, Stamp]:
+        cfg = self.cfg
+        p = self.policy
+        rule = p.rule(tier)
+        serializer = tier.serializer
+        value_type = cfg.value_type
+
+        def loads(data: bytes) -> Any:
+            return serializer.loads(data, value_type)
+
+        current: dict[str, Any] = {}
+        if tagkeys:
+            current = {k: raw.get(k) for k in tagkeys}
+            self.remote_versions[tier.index] = dict(current)
+        now = now_ms()
+        found: dict[str, Stamp] = {}
+        due: list[str] = []
+        for key in keys:
+            data = raw.get(key)
+            if data is None:
+                continue
+            try:
+                st, recorded = decode(data, loads)
+            except DecodeError as exc:
+                cfg.stats.decode_errors += 1
+                warn(
+                    tier.name,
+                    cfg.name,
+                    "decode",
+                    f"cacheme: node {cfg.name}: entry {key!r} in storage {tier.name!r} cannot "
+                    f"be decoded ({exc}); reloading it",
+                )
+                continue
+            if p.tagged:
+                expected = self.tagkeys[key]
+                if recorded is None or len(recorded) != len(expected):
+                    continue
+                valid = True
+                for (name, version), k, n in zip(recorded, expected, self.names[key], strict=True):
+                    if name != n or version is None or current.get(k) != version:
+                        valid = False
+                        break
+                if not valid:
+                    continue
+            _classify(p, rule, key, st, now, found, due, self.fallback)
+        self._due(due)
+        return found
+
+    def _due(self, due: list[str]) -> None:
+        if due and not self.refreshing:
+            walk = self.walk
+            trigger(self.cfg, {k: walk.nodes[k] for k in due}, self.names, walk.loader)
+
+    async def read_versions(self) -> None:
+        """Read the current tag versions of every remote tier (a reload reads no entry)."""
+        if not self.policy.tagged:
+            return
+        tagkeys = list(dict.fromkeys(k for keys in self.tagkeys.values() for k in keys))
+        loop = asyncio.get_running_loop()
+        for tier in self.cfg.tiers:
+            if not isinstance(tier, RemoteTier):
+                continue
+            fut: asyncio.Future[Any] = loop.create_future()
+            try:
+                tier.storage.read_many(tagkeys, _Reader(fut.set_result))
+            except StorageError as exc:
+                fut.set_result(exc)
+            raw = await fut
+            if isinstance(raw, dict):
+                self.remote_versions[tier.index] = {k: raw.get(k) for k in tagkeys}
+            else:
+                self.walk.failed.add(tier.index)  # versions unknown: do not write it
+
+    # loading
+
+    def after_load(
+        self, loaded: dict[str, Any], stale: dict[str, Any], errors: dict[str, BaseException]
+    ) -> None:
+        """Stamp what was loaded; a not-found error becomes a negative entry; a failed load
+        falls back to the stored stale copy (stale-if-error)."""
+        p = self.policy
+        cfg = self.cfg
+        now = now_ms()
+        calls = self.walk.calls
+        for key, exc in list(errors.items()):
+            if p.not_found and isinstance(exc, p.not_found):
+                del errors[key]
+                loaded[key] = Stamp(_negative_info(p, exc), now, True, self.names.get(key, ()))
+                continue
+            kept = self.fallback.get(key)
+            if kept is not None and not self.refreshing and not calls[key].stale:
+                del errors[key]
+                cfg.stats.stale += 1
+                stale[key] = Stamp(
+                    kept.value, kept.written, False, kept.tags, (), kept.expires, True
+                )
+                logger.warning(
+                    "cacheme: node %s: load of %r failed (%r); serving the stored stale value",
+                    cfg.name,
+                    key,
+                    exc,
+                )
+        negative = p.negative
+        names = self.names
+        for key, value in loaded.items():
+            if type(value) is not Stamp:
+                loaded[key] = Stamp(value, now, negative and value is None, names.get(key, ()))
+
+    # writing
+
+    def write(self, tier: Tier, values: dict[str, Stamp]) -> tuple[Any, dict[str, Exception]]:
+        p = self.policy
+        rule = p.rule(tier)
+        now = now_ms()
+        tagged = p.tagged
+        if tier.immediate:
+            lv = self.local_versions
+            for key, st in values.items():
+                if st.stale:
+                    continue
+                keys = self.tagkeys.get(key, ()) if tagged else ()
+                local = Stamp(st.value, st.written, st.negative, keys)
+                _put_local(tier, rule, key, local, tuple(lv[k] for k in keys), now)
+            return None, {}
+        assert isinstance(tier, RemoteTier)
+        errors: dict[str, Exception] = {}
+        entries: list[Entry] = []
+        tag_entries: list[Entry] = []
+        versions = self.remote_versions.setdefault(tier.index, {})
+        dumps = tier.serializer.dumps
+        for key, st in values.items():
+            if st.stale:
+                continue
+            recorded = None
+            if tagged:
+                recorded = []
+                names = self.names[key]
+                st = Stamp(st.value, st.written, st.negative, names)
+                for k in self.tagkeys[key]:
+                    v = versions.get(k)
+                    if v is None:  # missing: the writer creates it
+                        v = versions[k] = tags.new_token()
+                        tag_entries.append(Entry(k, v, None))
+                    recorded.append(v)
+            if st.negative:
+                ttl_ms, phys = rule.neg_ms, rule.phys_neg_ms
+            else:
+                ttl_ms, phys = rule.ttl_ms, rule.phys_ms
+            try:
+                data = encode(st, now + ttl_ms if ttl_ms else 0, recorded, dumps)
+            except EncodeError as exc:
+                errors[key] = EncodeError(f"node {self.cfg.name}: {exc}")
+                continue
+            entries.append(Entry(key, data, phys))
+        if not entries:
+            return None, errors
+        try:
+            return tier.storage.set_many(tag_entries + entries), errors
+        except StorageError as exc:
+            error = tier._failed(exc, "write")
+            if error is not None:
+                raise error from exc
+            return None, errors
+
+
+# -- refresh-ahead ---------------------------------------------------------------------------
+
+
+def trigger(
+    cfg: Config,
+    nodes: dict[str, Node],
+    names: dict[str, tuple[str, ...]] | None,
+    loader: Loader | None,
+) -> None:
+    """Start one background reload of ``nodes`` (by key) that are not being reloaded."""
+    rt = runtime.current()
+    table = rt.refreshing
+    todo = {k: n for k, n in nodes.items() if k not in table}
+    if not todo:
+        return
+    calls = {k: Call() for k in todo}
+    table.update(calls)
+    cfg.stats.refreshes += len(todo)
+    rt.spawn(_refresh(cfg, rt, todo, calls, names, loader))
+
+
+async def _refresh(
+    cfg: Config,
+    rt: runtime.Runtime,
+    nodes: dict[str, Node],
+    calls: dict[str, Call],
+    names: dict[str, tuple[str, ...]] | None,
+    loader: Loader | None,
+) -> None:
+    from .walk import Walk
+
+    failed: list[BaseException] = []
+    try:
+        waiters = [c.join() for c in calls.values()]
+        walk = Walk(cfg, rt, nodes, calls, loader)
+        if names is not None:
+            names = {k: names[k] for k in nodes if k in names}
+        state = walk.fresh = Pass(cfg, walk, names, refreshing=True)
+        await state.read_versions()
+        walk.reload()
+        outcomes = await asyncio.gather(*waiters, return_exceptions=True)
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        written = [k for k, c in calls.items() if not c.stale]
+        if written and any(isinstance(t, RemoteTier) for t in cfg.tiers):
+            backplane.publish(written)
+    except Exception as exc:
+        failed = [exc] * len(nodes)
+    finally:
+        for key, call in calls.items():
+            if rt.refreshing.get(key) is call:
+                del rt.refreshing[key]
+    if failed:
+        cfg.stats.refresh_failures += len(failed)
+        logger.warning(
+            "cacheme: node %s: background refresh of %d key(s) failed (the current values "
+            "stay): %r",
+            cfg.name,
+            len(failed),
+            failed[0],
+        )
+
+
+def forget(key: str) -> None:
+    """``invalidate``: a background reload of ``key`` under way must not write it back."""
+    for rt in runtime.live():
+        call = rt.refreshing.get(key)
+        if call is not None:
+            call.stale = True
+
+
+# -- get / get_all / refresh of a stamped node ------------------------------------------------
+
+
+def _names(cfg: Config, nodes: dict[str, Node]) -> dict[str, tuple[str, ...]] | None:
+    assert cfg.fresh is not None
+    if not cfg.fresh.tagged:
+        return None
+    return {key: tags.names_of(cfg, node) for key, node in nodes.items()}
+
+
+async def fetch(node: Node, cfg: Config, loader: Loader | None, key: str) -> Any:
+    """``api.fetch`` for a stamped node (``key`` built)."""
+    from .walk import Walk
+
+    rec = cfg.stats
+    rec.requests += 1
+    due: list[str] = []
+    hit = front(cfg, key, now_ms(), due)
+    if hit is not None:
+        st, index = hit
+        rec.hits += 1
+        rec.tier_hits[index] += 1
+        if st.negative:
+            rec.negative_hits += 1
+        if due:
+            trigger(cfg, {key: node}, _names(cfg, {key: node}), loader)
+        return unwrap(cfg, st)
+    rt = runtime.current()
+    flights = rt.flights
+    call = flights.get(key)
+    if call is None:
+        names = _names(cfg, {key: node})
+        call = flights.start(key)
+        waiter = call.join()
+        walk = Walk(cfg, rt, {key: node}, {key: call}, loader)
+        walk.fresh = Pass(cfg, walk, names)
+        walk.start()
+    else:
+        rec.coalesced += 1
+        waiter = call.join()
+    st, source = await waiter
+    if source >= 0:
+        rec.hits += 1
+        rec.tier_hits[source] += 1
+        if st.negative:
+            rec.negative_hits += 1
+    return unwrap(cfg, st)
+
+
+async def get_all(nodes: list[Node], cfg: Config, keys: list[str]) -> list[Any]:
+    """``api.get_all`` for a stamped node class (``keys`` built, requests not yet counted)."""
+    from .walk import Walk
+
+    rec = cfg.stats
+    rec.requests += len(nodes)
+    stamps: list[Any] = [None] * len(nodes)
+    pending: dict[str, list[int]] = {}
+    due: list[str] = []
+    now = now_ms()
+    for i, key in enumerate(keys):
+        hit = front(cfg, key, now, due)
+        if hit is None:
+            pending.setdefault(key, []).append(i)
+            continue
+        st, index = hit
+        rec.hits += 1
+        rec.tier_hits[index] += 1
+        if st.negative:
+            rec.negative_hits += 1
+        stamps[i] = st
+    if due:
+        wanted = set(due)
+        by_key = {k: n for k, n in zip(keys, nodes, strict=True) if k in wanted}
+        trigger(cfg, by_key, _names(cfg, by_key), None)
+    if pending:
+        rt = runtime.current()
+        flights = rt.flights
+        started: dict[str, Node] = {}
+        calls: dict[str, Call] = {}
+        names = _names(cfg, {k: nodes[where[0]] for k, where in pending.items()})
+        waiters = []
+        for key, where in pending.items():
+            call = flights.get(key)
+            if call is None:
+                call = flights.start(key)
+                started[key] = nodes[where[0]]
+                rec.coalesced += len(where) - 1
+            else:
+                rec.coalesced += len(where)
+            calls[key] = call
+            waiters.append(call.join())
+        if started:
+            walk = Walk(cfg, rt, started, {k: calls[k] for k in started}, None)
+            walk.fresh = Pass(cfg, walk, names)
+            walk.start()
+        outcomes = await asyncio.gather(*waiters)
+        for where, (st, source) in zip(pending.values(), outcomes, strict=True):
+            for i in where:
+                stamps[i] = st
+            if source >= 0:
+                rec.hits += len(where)
+                rec.tier_hits[source] += len(where)
+                if st.negative:
+                    rec.negative_hits += len(where)
+    return [unwrap(cfg, st) for st in stamps]
+
+
+async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> Any:
+    """``api.reload`` (``refresh``) for a stamped node: load, write every tier, return."""
+    from .api import _forget_everywhere
+    from .walk import Walk
+
+    names = _names(cfg, {key: node})
+    _forget_everywhere(key)
+    forget(key)
+    rt = runtime.current()
+    call = rt.flights.start(key)
+    waiter = call.join()
+    walk = Walk(cfg, rt, {key: node}, {key: call}, loader)
+    state = walk.fresh = Pass(cfg, walk, names)
+    try:
+        await state.read_versions()
+    except BaseException as exc:
+        rt.flights.fail(key, call, exc)
+        raise
+    walk.reload()
+    st, _ = await waiter
+    backplane.publish((key,))
+    return unwrap(cfg, st)

@@ -1,0 +1,402 @@
+"""Refresh-ahead, stale-while-revalidate, negative caching and tags on local tiers
+(freshness.py, tags.py), with an injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+import cacheme
+from cacheme import freshness, tags
+from cacheme.storages.base import MISS
+
+from .helpers import settle, tier
+
+_ids = itertools.count()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.ms = 1_700_000_000_000
+
+    def __call__(self) -> int:
+        return self.ms
+
+    def advance(self, seconds: float) -> None:
+        self.ms += round(seconds * 1000)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[Clock]:
+    c = Clock()
+    monkeypatch.setattr(freshness, "now_ms", c)
+    yield c
+
+
+class NotFound(Exception):
+    pass
+
+
+class Source:
+    """What the nodes load from: a dict; a missing id loads as None; ``gate`` holds loads."""
+
+    def __init__(self) -> None:
+        self.data: dict[int, Any] = {}
+        self.calls: list[int] = []
+        self.gate: asyncio.Event | None = None
+        self.fail = False
+
+    async def load(self, ident: int) -> Any:
+        self.calls.append(ident)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail:
+            raise RuntimeError("source down")
+        return self.data.get(ident)
+
+
+def make(source: Source, caches: list[cacheme.Cache] | None = None, **meta: Any) -> Any:
+    """A node class of its own with ``meta`` options."""
+    n = next(_ids)
+    tagged = meta.pop("tagged", False)
+    meta.setdefault(
+        "caches", caches or [cacheme.Cache(storage="local", ttl=timedelta(seconds=100))]
+    )
+    meta_cls = type("Meta", (cacheme.Node.Meta,), meta)
+
+    @dataclass
+    class Item(cacheme.Node):
+        ident: int
+        tag: str = "a"
+
+        def key(self) -> str:
+            return f"fresh{n}:{self.ident}"
+
+        async def load(self) -> Any:
+            return await source.load(self.ident)
+
+        if tagged:
+
+            def tags(self) -> list[str]:
+                return [self.tag]
+
+        Meta = meta_cls
+
+    return Item
+
+
+async def test_unused_options_keep_plain_entries(local: Any) -> None:
+    source = Source()
+    source.data[1] = "v"
+    Item = make(source)
+    assert not Item._cacheme_config.stamped
+    assert await cacheme.get(Item(1)) == "v"
+    assert tier("local").get(f"cacheme:{Item(1).key()}:") == "v"
+
+
+async def test_refresh_ahead_one_reload_no_caller_waits(local: Any, clock: Clock) -> None:
+    source = Source()
+    source.data[1] = "old"
+    Item = make(source, refresh_after=0.5)
+    assert await cacheme.get(Item(1)) == "old"
+    source.data[1] = "new"
+    source.gate = asyncio.Event()
+    clock.advance(60)  # past half the 100 s TTL
+    results = await asyncio.wait_for(
+        asyncio.gather(*(cacheme.get(Item(1)) for _ in range(1000))), 5
+    )
+    assert results == ["old"] * 1000
+    await settle()
+    assert source.calls == [1, 1]  # the first load and exactly one reload
+    source.gate.set()
+    await settle(20)
+    assert await cacheme.get(Item(1)) == "new"
+    stored = tier("local").get(f"cacheme:{Item(1).key()}:")
+    assert stored.value == "new" and stored.written == clock.ms
+    stats = cacheme.stats(Item)
+    assert stats.refreshes == 1 and stats.refresh_failures == 0
+    assert stats.hit_count() == 1001 and stats.load_count() == 2
+
+
+async def test_refresh_ahead_timedelta_and_not_before(local: Any, clock: Clock) -> None:
+    source = Source()
+    source.data[1] = "v"
+    Item = make(source, refresh_after=timedelta(seconds=10))
+    await cacheme.get(Item(1))
+    clock.advance(9)
+    await cacheme.get(Item(1))
+    await settle()
+    assert source.calls == [1]
+    clock.advance(2)
+    await cacheme.get(Item(1))
+    await settle()
+    assert source.calls == [1, 1]
+
+
+async def test_failed_refresh_keeps_value_and_is_counted(
+    local: Any, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = Source()
+    source.data[1] = "old"
+    Item = make(source, refresh_after=0.5)
+    await cacheme.get(Item(1))
+    source.fail = True
+    clock.advance(60)
+    assert await cacheme.get(Item(1)) == "old"
+    await settle(20)
+    assert await cacheme.get(Item(1)) == "old"
+    assert cacheme.stats(Item).refresh_failures == 1
+    assert "background refresh" in caplog.text
+    clock.advance(50)  # past the TTL: the value is gone, the caller sees the error
+    with pytest.raises(RuntimeError):
+        await cacheme.get(Item(1))
+
+
+async def test_get_all_refreshes_stale_entries_through_load_all(local: Any, clock: Clock) -> None:
+    source = Source()
+    Item = make(source, refresh_after=0.5)
+    batches: list[list[int]] = []
+
+    async def load_all(cls: Any, nodes: list[Any]) -> list[tuple[Any, Any]]:
+        batches.append(sorted(n.ident for n in nodes))
+        return [(n, f"v{n.ident}-{len(batches)}") for n in nodes]
+
+    Item.load_all = classmethod(load_all)
+    assert await cacheme.get_all([Item(i) for i in range(5)]) == [f"v{i}-1" for i in range(5)]
+    clock.advance(60)
+    assert await cacheme.get_all([Item(i) for i in range(5)]) == [f"v{i}-1" for i in range(5)]
+    await settle(20)
+    assert batches == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
+    assert await cacheme.get_all([Item(i) for i in range(5)]) == [f"v{i}-2" for i in range(5)]
+
+
+async def test_stale_while_revalidate(local: Any, clock: Clock) -> None:
+    source = Source()
+    source.data[1] = "old"
+    Item = make(source, stale_while_revalidate=timedelta(seconds=30))
+    await cacheme.get(Item(1))
+    source.data[1] = "new"
+    clock.advance(110)  # expired 10 s ago, within the grace
+    assert await cacheme.get(Item(1)) == "old"
+    await settle(20)
+    assert source.calls == [1, 1]
+    assert await cacheme.get(Item(1)) == "new"
+    clock.advance(140)  # 40 s past the TTL: beyond the grace, a plain miss
+    source.data[1] = "newer"
+    assert await cacheme.get(Item(1)) == "newer"
+
+
+async def test_stale_if_error_serves_the_stored_copy(local: Any, clock: Clock) -> None:
+    source = Source()
+    source.data[1] = "kept"
+    Item = make(source, stale_if_error=timedelta(seconds=60), negative_ttl=timedelta(seconds=1))
+    await cacheme.get(Item(1))
+    source.fail = True
+    clock.advance(120)  # expired, within the error grace
+    assert await cacheme.get(Item(1)) == "kept"
+    assert cacheme.stats(Item).stale == 1
+    assert not Item._cacheme_config.last_good  # from the tier, not from memory
+    clock.advance(60)
+    with pytest.raises(RuntimeError):
+        await cacheme.get(Item(1))
+
+
+async def test_negative_entries_live_their_own_ttl(local: Any, clock: Clock) -> None:
+    source = Source()
+    Item = make(source, negative_ttl=timedelta(seconds=5))
+    results = await asyncio.gather(*(cacheme.get(Item(7)) for _ in range(100)))
+    assert results == [None] * 100
+    for _ in range(100):
+        assert await cacheme.get(Item(7)) is None
+    assert source.calls == [7]
+    clock.advance(6)
+    assert await cacheme.get(Item(7)) is None
+    assert source.calls == [7, 7]
+    source.data[8] = "found"
+    await cacheme.get(Item(8))
+    clock.advance(6)
+    assert await cacheme.get(Item(8)) == "found"  # positive entries keep their 100 s
+    assert source.calls == [7, 7, 8]
+    stats = cacheme.stats(Item)
+    assert stats.negative_hits == 100 and stats.hits == 101  # the coalesced 99 were misses
+
+
+async def test_negative_ttl_per_tier(clock: Clock) -> None:
+    await cacheme.register_storage("l1", cacheme.Storage(url="local://lru", size=100))
+    await cacheme.register_storage("l2", cacheme.Storage(url="local://tlfu", size=100))
+    source = Source()
+    Item = make(
+        source,
+        caches=[
+            cacheme.Cache(
+                storage="l1", ttl=timedelta(seconds=100), negative_ttl=timedelta(seconds=1)
+            ),
+            cacheme.Cache(storage="l2", ttl=timedelta(seconds=100)),
+        ],
+        negative_ttl=timedelta(seconds=10),
+    )
+    assert await cacheme.get(Item(1)) is None
+    clock.advance(2)  # gone from l1, still in l2
+    assert await cacheme.get(Item(1)) is None
+    assert source.calls == [1]
+    assert cacheme.stats(Item).tier_hit_count("l2") == 1
+    clock.advance(9)
+    assert await cacheme.get(Item(1)) is None
+    assert source.calls == [1, 1]
+
+
+async def test_not_found_exception_is_cached(local: Any, clock: Clock) -> None:
+    calls = []
+
+    @dataclass
+    class Missing(cacheme.Node):
+        ident: int
+
+        def key(self) -> str:
+            return f"missing:{self.ident}"
+
+        async def load(self) -> Any:
+            calls.append(self.ident)
+            raise NotFound("no such item", self.ident)
+
+        class Meta(cacheme.Node.Meta):
+            caches = [cacheme.Cache(storage="local", ttl=timedelta(seconds=60))]
+            negative_ttl = timedelta(seconds=2)
+            not_found = (KeyError, NotFound)
+
+    for _ in range(3):
+        with pytest.raises(NotFound) as info:
+            await cacheme.get(Missing(1))
+        assert info.value.args == ("no such item", 1)
+    assert calls == [1]
+    clock.advance(3)
+    with pytest.raises(NotFound):
+        await cacheme.get(Missing(1))
+    assert calls == [1, 1]
+
+
+async def test_tags_local(local: Any, clock: Clock) -> None:
+    source = Source()
+    Item = make(source, tagged=True, negative_ttl=timedelta(seconds=1))
+    for i in range(10):
+        source.data[i] = i
+    nodes = [Item(i, tag="even" if i % 2 == 0 else "odd") for i in range(10)]
+    assert await cacheme.get_all(nodes) == list(range(10))
+    await cacheme.invalidate_tag(Item, "odd")
+    before = cacheme.stats(Item)
+    assert await cacheme.get_all(nodes) == list(range(10))
+    after = cacheme.stats(Item)
+    assert after.hits - before.hits == 5  # the even ones
+    assert sorted(source.calls[10:]) == [1, 3, 5, 7, 9]
+    await cacheme.invalidate_node(Item)
+    assert await cacheme.get(Item(2, tag="even")) == 2
+    assert source.calls[-1] == 2
+
+
+async def test_tag_invalidation_during_a_load_wins(local: Any) -> None:
+    source = Source()
+    source.data[1] = "old"
+    Item = make(source, tagged=True)
+    source.gate = asyncio.Event()
+    task = asyncio.ensure_future(cacheme.get(Item(1)))
+    await settle()
+    await cacheme.invalidate_tag(Item, "a")
+    source.gate.set()
+    assert await task == "old"
+    source.data[1] = "new"
+    assert await cacheme.get(Item(1)) == "new"  # the late write recorded the old version
+
+
+async def test_tags_from_another_process_through_the_listener(local: Any) -> None:
+    source = Source()
+    source.data[1] = "v"
+    Item = make(source, tagged=True)
+    await cacheme.get(Item(1))
+    key = tags.tag_key(Item._cacheme_config.name, "a")
+    tags._on_message("k", [key], True)  # what the backplane's subscriber calls
+    await cacheme.get(Item(1))
+    assert source.calls == [1, 1]
+
+
+async def test_untagged_node_refuses_tag_invalidation(local: Any) -> None:
+    Item = make(Source(), negative_ttl=timedelta(seconds=1))
+    with pytest.raises(cacheme.ConfigurationError, match="has no tags"):
+        await cacheme.invalidate_tag(Item, "x")
+    with pytest.raises(cacheme.ConfigurationError, match="has no tags"):
+        await cacheme.invalidate_node(Item)
+
+
+async def test_combined_on_local(local: Any, clock: Clock) -> None:
+    source = Source()
+    source.data[1] = "one"
+    Item = make(
+        source,
+        tagged=True,
+        refresh_after=0.5,
+        negative_ttl=timedelta(seconds=5),
+        stale_while_revalidate=timedelta(seconds=10),
+    )
+    assert await cacheme.get(Item(1)) == "one"
+    assert await cacheme.get(Item(2)) is None
+    clock.advance(60)
+    assert await cacheme.get(Item(1)) == "one"
+    assert await cacheme.get(Item(2)) is None  # negative, expired: reloaded in line
+    await settle(20)
+    assert sorted(source.calls) == [1, 1, 2, 2]
+
+
+async def test_refresh_and_invalidate_of_stamped_nodes(local: Any, clock: Clock) -> None:
+    source = Source()
+    source.data[1] = "a"
+    Item = make(source, negative_ttl=timedelta(seconds=5), tagged=True)
+    assert await cacheme.get(Item(1)) == "a"
+    source.data[1] = "b"
+    assert await cacheme.refresh(Item(1)) == "b"
+    assert await cacheme.get(Item(1)) == "b"
+    await cacheme.invalidate(Item(1))
+    assert tier("local").get(f"cacheme:{Item(1).key()}:") is MISS
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("refresh_after", 1.5, "refresh_after must be a positive timedelta or a float in"),
+        ("refresh_after", timedelta(0), "refresh_after"),
+        ("stale_while_revalidate", 3, "stale_while_revalidate must be a positive timedelta"),
+        ("negative_ttl", timedelta(seconds=-1), "negative_ttl must be a positive timedelta"),
+        ("not_found", "nope", "not_found must be an exception class"),
+        ("not_found", (KeyError, int), "not_found must be an exception class"),
+    ],
+)
+def test_meta_validation(option: str, value: Any, message: str) -> None:
+    meta = type("Meta", (cacheme.Node.Meta,), {option: value})
+    with pytest.raises(cacheme.ConfigurationError, match=message) as info:
+        cacheme.node.Config("Bad", meta)
+    assert "Bad.Meta" in str(info.value)
+
+
+def test_cache_negative_ttl_is_checked() -> None:
+    meta = type(
+        "Meta",
+        (cacheme.Node.Meta,),
+        {"caches": [cacheme.Cache(storage="x", negative_ttl=5)]},  # type: ignore[arg-type]
+    )
+    with pytest.raises(cacheme.ConfigurationError, match=r"caches\[0\].negative_ttl"):
+        cacheme.node.Config("Bad", meta)
+
+
+def test_envelope_round_trip() -> None:
+    st = freshness.Stamp({"a": 1}, 123, False, ("", "t"))
+    data = freshness.encode(st, 456, [b"v1", b"v2"], lambda v: repr(v).encode())
+    assert data.startswith(freshness.MAGIC)
+    back, recorded = freshness.decode(data, lambda b: b.decode())
+    assert back.value == "{'a': 1}" and back.written == 123 and back.expires == 456
+    assert recorded == [["", b"v1"], ["t", b"v2"]]
+    with pytest.raises(cacheme.DecodeError):
+        freshness.decode(b"\x93\x01\x02\x03", lambda b: b)
