@@ -194,7 +194,13 @@ class KeyWalk:
                 self.rt.flights.fail(key, call, error)
                 return
             if pending is not None:
-                await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+                if len(pending) == 1:  # the usual case; gather would cost a future and more
+                    try:  # noqa: SIM105 - suppress() would be one more object per load
+                        await pending[0][1]
+                    except Exception:  # looked at by _write_error
+                        pass
+                else:
+                    await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
                 error = self._write_error(pending, pending[0][1])
                 if error is not None:
                     self.rt.flights.fail(key, call, error)
@@ -219,7 +225,6 @@ class Walk:
         "calls",
         "cfg",
         "failed",
-        "fresh",
         "index",
         "loader",
         "mark",
@@ -250,8 +255,6 @@ class Walk:
         self.failed: set[int] = set()  # tiers that failed (open) during this walk
         self.backfill: dict[int, list[str]] = {}
         self.mark = backplane.sequence()  # see backplane.changed_since
-        # A stamped node's reads and writes (freshness.Pass); None: the tiers' own.
-        self.fresh: Any = None
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -271,10 +274,7 @@ class Walk:
     def _next(self) -> None:
         tiers = self.cfg.tiers
         if self.missing and self.index < len(tiers):
-            if self.fresh is None:
-                tiers[self.index].read(self.missing, self._arrived)
-            else:
-                self.fresh.read(tiers[self.index], self.missing, self._arrived)
+            tiers[self.index].read(self.missing, self._arrived)
         elif self.missing:
             self.rt.spawn(self._load_and_finish(admit=True))
         else:
@@ -320,10 +320,7 @@ class Walk:
                 live = {k: v for k, v in live.items() if not backplane.changed_since(k, self.mark)}
             if not live:
                 continue
-            if self.fresh is None:
-                write, failed = tier.write(live)
-            else:
-                write, failed = self.fresh.write(tier, live)
+            write, failed = tier.write(live)
             errors.update(failed)
             if write is not None:
                 pending.append((tier, write))
@@ -381,8 +378,6 @@ class Walk:
             cfg = self.cfg
             missing = {k: self.nodes[k] for k in self.missing}
             loaded, stale, errors = await self._load(missing, leased=admit)
-            if self.fresh is not None:  # stamps, negative entries, the stored stale copy
-                self.fresh.after_load(loaded, stale, errors)
             self.values.update(stale)
             self.values.update(loaded)
             for key in stale:
@@ -449,7 +444,7 @@ class Walk:
             if not isinstance(outcome, BaseException):
                 loaded[key] = outcome
                 # A call detached by invalidate()/refresh() leaves nothing behind.
-                if cfg.stale_if_error is not None and not cfg.stamped and not self.calls[key].stale:
+                if cfg.stale_if_error is not None and not self.calls[key].stale:
                     _remember(cfg, key, outcome, now)
                 continue
             kept = cfg.last_good.get(key)
@@ -481,10 +476,7 @@ class Walk:
             for tier in cfg.tiers:
                 if not tier.immediate and tier.index not in self.failed:
                     fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-                    if self.fresh is None:
-                        tier.read([key], fut.set_result)
-                    else:
-                        self.fresh.read(tier, [key], fut.set_result)
+                    tier.read([key], fut.set_result)
                     found = await fut
                     if isinstance(found, dict) and key in found:
                         return True, (tier.index, found[key])
