@@ -75,14 +75,20 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None) -> Any:
         return await freshness.fetch(node, cfg, loader, key)
     rec = cfg.stats
     rec.requests += 1
-    for tier in cfg.front:
-        value = tier.peek(key)
+    peek = cfg.peek  # the first tier's lookup when it answers at once (the hot path)
+    if peek is not None:
+        value = peek(key)
         if value is not MISS:
             rec.hits += 1
-            rec.tier_hits[tier.index] += 1
-            if tier.index:
-                _copy_forward(cfg, tier.index, key, value)
+            rec.tier_hits[0] += 1
             return value
+        for tier in cfg.front[1:]:
+            value = tier.peek(key)
+            if value is not MISS:
+                rec.hits += 1
+                rec.tier_hits[tier.index] += 1
+                _copy_forward(cfg, tier.index, key, value)
+                return value
     rt = runtime.current()
     flights = rt.flights
     call = flights.get(key)

@@ -161,6 +161,7 @@ class Config:
         self.generation = -1
         self.tiers: tuple[Tier, ...] = ()
         self.front: tuple[Tier, ...] = ()  # the leading tiers that answer without waiting
+        self.peek: Callable[[str], Any] | None = None  # front[0]'s lookup, bound once
         # Last loaded values for stale-if-error: key -> (value, monotonic deadline).
         self.last_good: OrderedDict[str, tuple[Any, float]] = OrderedDict()
 
@@ -174,6 +175,7 @@ class Config:
         derived.generation = -1
         derived.tiers = ()
         derived.front = ()
+        derived.peek = None
         return derived
 
     def resolve(self) -> None:
@@ -197,6 +199,7 @@ class Config:
             front.append(tier)
         self.tiers = tiers
         self.front = tuple(front)
+        self.peek = front[0].peek_function() if front else None
         self.generation = registry.generation
 
     def same_settings(self, other: Config) -> bool:

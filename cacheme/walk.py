@@ -225,6 +225,7 @@ class Walk:
         "calls",
         "cfg",
         "failed",
+        "fresh",
         "index",
         "loader",
         "mark",
@@ -255,6 +256,8 @@ class Walk:
         self.failed: set[int] = set()  # tiers that failed (open) during this walk
         self.backfill: dict[int, list[str]] = {}
         self.mark = backplane.sequence()  # see backplane.changed_since
+        # A stamped node's reads and writes (freshness.Pass); None: the tiers' own.
+        self.fresh: Any = None
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -274,7 +277,10 @@ class Walk:
     def _next(self) -> None:
         tiers = self.cfg.tiers
         if self.missing and self.index < len(tiers):
-            tiers[self.index].read(self.missing, self._arrived)
+            if self.fresh is None:
+                tiers[self.index].read(self.missing, self._arrived)
+            else:
+                self.fresh.read(tiers[self.index], self.missing, self._arrived)
         elif self.missing:
             self.rt.spawn(self._load_and_finish(admit=True))
         else:
@@ -320,7 +326,10 @@ class Walk:
                 live = {k: v for k, v in live.items() if not backplane.changed_since(k, self.mark)}
             if not live:
                 continue
-            write, failed = tier.write(live)
+            if self.fresh is None:
+                write, failed = tier.write(live)
+            else:
+                write, failed = self.fresh.write(tier, live)
             errors.update(failed)
             if write is not None:
                 pending.append((tier, write))
@@ -378,6 +387,8 @@ class Walk:
             cfg = self.cfg
             missing = {k: self.nodes[k] for k in self.missing}
             loaded, stale, errors = await self._load(missing, leased=admit)
+            if self.fresh is not None:  # stamps, negative entries, the stored stale copy
+                self.fresh.after_load(loaded, stale, errors)
             self.values.update(stale)
             self.values.update(loaded)
             for key in stale:
@@ -444,7 +455,7 @@ class Walk:
             if not isinstance(outcome, BaseException):
                 loaded[key] = outcome
                 # A call detached by invalidate()/refresh() leaves nothing behind.
-                if cfg.stale_if_error is not None and not self.calls[key].stale:
+                if cfg.stale_if_error is not None and not cfg.stamped and not self.calls[key].stale:
                     _remember(cfg, key, outcome, now)
                 continue
             kept = cfg.last_good.get(key)
@@ -476,7 +487,10 @@ class Walk:
             for tier in cfg.tiers:
                 if not tier.immediate and tier.index not in self.failed:
                     fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-                    tier.read([key], fut.set_result)
+                    if self.fresh is None:
+                        tier.read([key], fut.set_result)
+                    else:
+                        self.fresh.read(tier, [key], fut.set_result)
                     found = await fut
                     if isinstance(found, dict) and key in found:
                         return True, (tier.index, found[key])

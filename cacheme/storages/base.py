@@ -174,12 +174,22 @@ class LocalStorage(BaseStorage[OptionsT]):
         """Seconds each live entry of ``keys`` has left (``math.inf``: no expiry)."""
 
     def discard_threadsafe(self, keys: Iterable[str]) -> None:
-        """From any thread: drop ``keys`` before this storage's next operation."""
+        """From any thread: drop ``keys``. They are gone for ``get`` at once (one dict
+        operation each, atomic under the GIL); the eviction policy hears of it at the
+        storage's next ``set`` or ``remove``."""
+        keys = list(keys)
+        self._forget_now(keys)
         self._handoff.extend(keys)
 
     def clear_threadsafe(self) -> None:
-        """From any thread: drop every entry before this storage's next operation."""
+        """From any thread: drop every entry (for ``get`` at once; see ``discard_threadsafe``)."""
+        self._forget_now(None)
         self._handoff.append(None)
+
+    @abstractmethod
+    def _forget_now(self, keys: list[str] | None) -> None:
+        """Make ``keys`` (``None``: every key) invisible to ``get``: only operations that are
+        atomic under the GIL, since another thread calls it."""
 
     def _apply_handoff(self) -> None:
         handoff = self._handoff
@@ -188,7 +198,11 @@ class LocalStorage(BaseStorage[OptionsT]):
             if key is None:
                 self.clear()
             else:
-                self.remove(key)
+                self._forgotten(key)
+
+    def _forgotten(self, key: str) -> None:
+        """Finish dropping ``key`` after ``_forget_now`` hid it (on the storage's thread)."""
+        self.remove(key)
 
 
 class Reader(Protocol):
@@ -672,12 +686,12 @@ class RemoteStorage(BaseStorage[OptionsT]):
 
     async def _write_isolating(
         self, entries: list[Entry]
-    ) -> list[tuple[list[Entry], None | BaseException]]:
+    ) -> list[tuple[list[Entry], BaseException | None]]:
         """Write ``entries`` in chunks; a chunk refused for another reason than a timeout or
         the open breaker is written again entry by entry, so that one entry the server
         refuses (too large, say) fails alone instead of failing its neighbours."""
         results = await self._chunked(self._set_many, entries, "write")
-        out: list[tuple[list[Entry], None | BaseException]] = []
+        out: list[tuple[list[Entry], BaseException | None]] = []
         for chunk, result in results:
             if (
                 len(chunk) > 1

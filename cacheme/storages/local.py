@@ -68,8 +68,6 @@ class TinyLFUStorage(LocalStorage[LocalOptions]):
         self._writes = 0
 
     def get(self, key: str) -> Any:
-        if self._handoff:
-            self._apply_handoff()
         entry = self._map.get(key)
         if entry is None:
             return MISS
@@ -115,6 +113,20 @@ class TinyLFUStorage(LocalStorage[LocalOptions]):
         self._keys.clear()
         self._reads.clear()
 
+    def _forget_now(self, keys: list[str] | None) -> None:
+        if keys is None:
+            self._map.clear()
+            return
+        pop = self._map.pop
+        for key in keys:
+            pop(key, None)
+
+    def _forgotten(self, key: str) -> None:
+        h = spread(hash(key))
+        if key not in self._map and self._keys.get(h) == key:
+            del self._keys[h]
+            self._core.remove(h)
+
     def remaining(self, keys: Sequence[str]) -> dict[str, float]:
         now = monotonic_ns()
         found = {}
@@ -152,8 +164,6 @@ class LRUStorage(LocalStorage[LocalOptions]):
         self._size = options.size
 
     def get(self, key: str) -> Any:
-        if self._handoff:
-            self._apply_handoff()
         try:
             value, deadline = self._data[key]
         except KeyError:
@@ -182,6 +192,14 @@ class LRUStorage(LocalStorage[LocalOptions]):
 
     def clear(self) -> None:
         self._data.clear()
+
+    def _forget_now(self, keys: list[str] | None) -> None:
+        if keys is None:
+            self._data.clear()
+            return
+        pop = self._data.pop
+        for key in keys:
+            pop(key, None)
 
     def remaining(self, keys: Sequence[str]) -> dict[str, float]:
         now = monotonic_ns()
