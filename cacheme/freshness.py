@@ -121,12 +121,12 @@ class Policy:
         self.negative = False  # None results are negative entries
         self.not_found: tuple[type[BaseException], ...] = ()
         self.tagged = False
-        self.rules: dict[tuple[int, float | None], Rule] = {}
+        self.rules: dict[Tier, Rule] = {}  # by tier object (new ones after a re-registration)
 
     def rule(self, tier: Tier) -> Rule:
-        rule = self.rules.get((tier.index, tier.ttl))
+        rule = self.rules.get(tier)
         if rule is None:
-            rule = self.rules[(tier.index, tier.ttl)] = Rule(self, tier, self.caches[tier.index])
+            rule = self.rules[tier] = Rule(self, tier, self.caches[tier.index])
         return rule
 
 
@@ -339,7 +339,8 @@ def _classify(
 
 
 def front(cfg: Config, key: str, now: int, due: list[str]) -> tuple[Stamp, int] | None:
-    """The leading local tiers' answer for ``key``: ``(stamp, tier index)`` or ``None``."""
+    """The leading local tiers' answer for ``key``: ``(stamp, tier index)`` or ``None``
+    (``_classify`` inlined: this is the hot path of a stamped node)."""
     p = cfg.fresh
     assert p is not None
     tiers = cfg.front
@@ -349,12 +350,18 @@ def front(cfg: Config, key: str, now: int, due: list[str]) -> tuple[Stamp, int] 
             continue
         if st.tags and not tags.local_valid(st.tags, st.versions):
             continue
-        rule = p.rule(tier)
-        found: dict[str, Stamp] = {}
-        _classify(p, rule, key, st, now, found, due, None)
-        got = found.get(key)
-        if got is None:
+        expires = st.expires
+        if not expires or now < expires:
+            got = st
+            if not st.negative:
+                refresh_ms = p.rule(tier).refresh_ms
+                if refresh_ms and now - st.written >= refresh_ms:
+                    due.append(key)
+        elif st.negative or now >= expires + p.swr_ms:
             continue
+        else:
+            got = Stamp(st.value, st.written, False, st.tags, st.versions, expires, True)
+            due.append(key)
         if tier.index and not got.stale:
             for earlier in tiers[: tier.index]:
                 _put_local(earlier, p.rule(earlier), key, got, got.versions, now)
