@@ -1,6 +1,6 @@
 """Every ```python block of README.md and docs/**/*.md runs, so the docs cannot rot.
 
-The convention (also written down in docs/contributing-docs.md):
+The convention (also written down in docs/writing-docs.md):
 
 - The python blocks of one page run in order, in one namespace, like cells of a notebook: a
   block may use what an earlier block of the same page defined. Top-level ``await`` is
