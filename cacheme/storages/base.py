@@ -622,29 +622,35 @@ class RemoteStorage(BaseStorage[OptionsT]):
 
     async def _run_reads(self, pending: _Pending[str, dict[str, bytes]]) -> None:
         try:
-            await self._read_and_settle(pending)
+            calls = pending.calls
+            if len(calls) == 1:
+                keys = list(calls[0][0])
+            else:
+                keys = _unique([k for items, _ in calls for k in items])
+            found: dict[str, bytes] = {}
+            failed: dict[str, BaseException] = {}
+            if len(keys) <= self.options.batch_size:  # one round trip, no list of chunks
+                try:
+                    found = await self._call(self._get_many, keys, len(keys), "read")
+                except Exception as exc:
+                    failed = dict.fromkeys(keys, exc)
+            else:
+                for chunk, result in await self._chunked(self._get_many, keys, "read"):
+                    if isinstance(result, BaseException):
+                        failed.update(dict.fromkeys(chunk, result))
+                    else:
+                        found.update(result)
+            calls = list(calls)
+            pending.calls.clear()
+            for items, sink in calls:
+                error = next((failed[k] for k in items if k in failed), None) if failed else None
+                if error is not None:
+                    _deliver(sink, error, True)
+                else:
+                    _deliver(sink, {k: found[k] for k in items if k in found}, False)
         finally:
             self._abandon(pending)  # no-op unless cancelled (close) before settling
             self._flushing.discard(pending)
-
-    async def _read_and_settle(self, pending: _Pending[str, dict[str, bytes]]) -> None:
-        keys = _unique([k for items, _ in pending.calls for k in items])
-        results = await self._chunked(self._get_many, keys, "read")
-        found: dict[str, bytes] = {}
-        failed: dict[str, BaseException] = {}
-        for chunk, result in results:
-            if isinstance(result, BaseException):
-                failed.update(dict.fromkeys(chunk, result))
-            else:
-                found.update(result)
-        calls = list(pending.calls)
-        pending.calls.clear()
-        for items, sink in calls:
-            error = next((failed[k] for k in items if k in failed), None)
-            if error is not None:
-                _deliver(sink, error, True)
-            else:
-                _deliver(sink, {k: found[k] for k in items if k in found}, False)
 
     async def _run_writes(
         self, writes: _Pending[Entry, None], removes: _Pending[str, None]
@@ -786,7 +792,11 @@ class RemoteStorage(BaseStorage[OptionsT]):
                 raise
         stats.round_trips += 1
         try:
-            result = await _with_timeout(op(items), self.options.timeout)
+            if sys.version_info >= (3, 11):  # asyncio.timeout: no task per operation
+                async with asyncio.timeout(self.options.timeout):
+                    result = await op(items)
+            else:  # pragma: no cover - Python 3.10
+                result = await asyncio.wait_for(op(items), self.options.timeout)
         except Exception as exc:
             if isinstance(exc, (asyncio.TimeoutError, TimeoutError, *self.timeout_errors)):
                 stats.timeouts += 1
@@ -855,6 +865,8 @@ def _check_keys(storage: str, keys: Sequence[str]) -> None:
 
 def _reject_bad_keys(storage: str, pending: _Pending[T, Any], key_of: Callable[[T], str]) -> None:
     """Fail, alone, the calls of ``pending`` that hold a key no driver can send."""
+    if not pending.calls:
+        return
     bad = []
     for entry in pending.calls:
         for item in entry[0]:
@@ -894,15 +906,3 @@ def describe(exc: BaseException, url: str) -> str:
 def _shorten(text: str, limit: int = 400) -> str:
     """Driver messages can embed whole topologies or values; keep errors readable."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more chars)"
-
-
-if sys.version_info >= (3, 11):
-
-    async def _with_timeout(aw: Awaitable[T], seconds: float) -> T:
-        async with asyncio.timeout(seconds):
-            return await aw
-
-else:  # pragma: no cover - Python 3.10
-
-    async def _with_timeout(aw: Awaitable[T], seconds: float) -> T:
-        return await asyncio.wait_for(aw, seconds)
