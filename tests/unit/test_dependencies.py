@@ -51,9 +51,14 @@ def imports(path: Path, top_level_only: bool) -> set[str]:
     return {name for name in names if third_party(name)}
 
 
+# Import names whose distribution is named otherwise, for when it is not installed (the
+# minimal install runs these tests without the optional drivers).
+NOT_INSTALLED = {"opentelemetry": ["opentelemetry-api"]}
+
+
 def distributions(module: str) -> set[str]:
     """The distributions that provide ``module`` (its own name when it is not installed)."""
-    found = packages_distributions().get(module) or [module]
+    found = packages_distributions().get(module) or NOT_INSTALLED.get(module, [module])
     return {canonicalize_name(name) for name in found}
 
 

@@ -85,6 +85,7 @@ def prometheus_samples(registry_: Any) -> dict[tuple[str, frozenset[tuple[str, s
     }
 
 
+@pytest.mark.needs_dev  # the exporter's library is an optional extra
 async def test_prometheus_scrape(traffic: type[Node]) -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
@@ -143,6 +144,7 @@ async def test_prometheus_scrape(traffic: type[Node]) -> None:
     assert "cacheme_" not in generate_latest(reg).decode()
 
 
+@pytest.mark.needs_dev  # the exporter's library is an optional extra
 def test_prometheus_register_defaults_to_global_registry() -> None:
     from prometheus_client import REGISTRY
 
@@ -179,6 +181,7 @@ def point(points: list[tuple[dict[str, Any], float]], **attrs: str) -> float:
     return found[0]
 
 
+@pytest.mark.needs_dev  # the exporter's library is an optional extra
 async def test_opentelemetry_reader(traffic: type[Node]) -> None:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
