@@ -134,7 +134,7 @@ class LocalTier(Tier):
 class RemoteTier(Tier):
     """A storage behind the network or a file: the node's serializer's bytes."""
 
-    __slots__ = ("serializer", "storage", "ttl_ms")
+    __slots__ = ("serializer", "storage")
     immediate = False
 
     def __init__(
@@ -150,8 +150,6 @@ class RemoteTier(Tier):
         self.storage = storage
         self.serializer = serializer
         self.fail_open = fail_open
-        # Straight from seconds: a timedelta would overflow near ``timedelta.max``.
-        self.ttl_ms = None if ttl is None else max(1, round(ttl * 1000))
 
     def peek(self, key: str) -> Any:
         return MISS
@@ -194,7 +192,9 @@ class RemoteTier(Tier):
         errors: dict[str, Exception] = {}
         entries = []
         dumps = self.serializer.dumps
-        ttl_ms = self.ttl_ms
+        # What the storage contract takes: whole milliseconds, a positive TTL never rounded
+        # down to 0 (straight from seconds: a timedelta would overflow near timedelta.max).
+        ttl_ms = None if self.ttl is None else max(1, round(self.ttl * 1000))
         for key, value in values.items():
             try:
                 entries.append(Entry(key, dumps(value), ttl_ms))
