@@ -604,7 +604,7 @@ class Pass:
                 st = Stamp(st.value, st.written, st.negative, names)
                 for k in self.tagkeys[key]:
                     v = versions.get(k)
-                    if v is None:  # missing: the writer creates it
+                    if v is None:  # missing: the writer adds it (set-if-absent, see tags)
                         v = versions[k] = tags.new_token()
                         tag_entries.append(Entry(k, v, None))
                     recorded.append(v)
@@ -621,7 +621,13 @@ class Pass:
         if not entries:
             return None, errors
         try:
-            return tier.storage.set_many(tag_entries + entries), errors
+            if not tag_entries:
+                return tier.storage.set_many(entries), errors
+            # The entries record this writer's new versions: they are valid only while its
+            # add of the tag keys won (a tag key another writer or an invalidation stored
+            # first keeps its version, and these entries stay misses).
+            added = tier.storage.add_many(tag_entries)
+            return asyncio.gather(added, tier.storage.set_many(entries)), errors
         except StorageError as exc:
             error = tier._failed(exc, "write")
             if error is not None:

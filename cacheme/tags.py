@@ -9,9 +9,13 @@ of keys per tag.
 
 - **Remote tiers** keep each version in a small key ``{prefix}:tag:{NodeName}:{tag}`` (a
   random 8-byte token, no expiry). A read of tagged entries asks for their tag keys in the
-  same batch as the entry keys (one round trip). A tag key missing at read time is created
-  by the writer of the entry (a new token, in the same write batch); an entry is never
-  valid against a missing tag key.
+  same batch as the entry keys (one round trip). A tag key missing at read time is added by
+  the writer of the entry (a new token, set-if-absent with ``add_many``, in the same loop
+  turn as the entry): if an invalidation or another writer stored the key first, its
+  version stays and this writer's entries, which record the writer's token, are misses. A
+  writer never adopts a version it did not read before its load: one an invalidation stored
+  during the load would make the value loaded before it valid. An entry is never valid
+  against a missing tag key.
 - **Local tiers** compare against this process's table of versions (``_local``), bumped by
   ``invalidate_tag``/``invalidate_node`` and, with the backplane, by the messages of other
   processes (a tag invalidation is published as its tag key).

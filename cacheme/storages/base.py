@@ -4,7 +4,9 @@ A tier is either *local* (in-process, holds Python objects, answers synchronousl
 *remote* (holds bytes, answers asynchronously). Backends implement only raw operations:
 
 - ``LocalStorage``: ``get``, ``set``, ``remove``.
-- ``RemoteStorage``: ``_connect``, ``_close``, ``_get_many``, ``_set_many``, ``_remove_many``.
+- ``RemoteStorage``: ``_connect``, ``_close``, ``_get_many``, ``_set_many``, ``_remove_many``,
+  and ``_add_many`` (set-if-absent: the base has a fallback of two round trips that is not
+  atomic; every shipped backend overrides it with one atomic round trip per batch).
 
 ``RemoteStorage`` does everything else once, for every backend: coalescing the operations
 issued in one event-loop turn into batches of at most ``batch_size``, the timeout (pool
@@ -277,6 +279,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
     def _reset_loop_state(self) -> None:
         self._reads: _Pending[str, dict[str, bytes]] = _Pending()
         self._writes: _Pending[Entry, None] = _Pending()
+        self._adds: _Pending[Entry, None] = _Pending()
         self._removes: _Pending[str, None] = _Pending()
         self._flush_scheduled = False
         # The latest write task of each key with a write under way: later writes and removes
@@ -312,6 +315,20 @@ class RemoteStorage(BaseStorage[OptionsT]):
     @abstractmethod
     async def _remove_many(self, keys: Sequence[str]) -> None:
         """Delete ``keys`` (distinct) in one round trip; absent keys are fine."""
+
+    async def _add_many(self, entries: Sequence[Entry]) -> None:
+        """Store each of ``entries`` (distinct keys) only if its key is absent (or expired),
+        with its own TTL; return nothing. A key another writer holds keeps its value.
+
+        Backends override this with one round trip per batch that is atomic per key (two
+        processes adding one absent key: exactly one value stays). This fallback, for
+        backends that do not, reads then writes: two round trips, and a write that lands
+        between them is overwritten.
+        """
+        found = await self._get_many([e.key for e in entries])
+        absent = [e for e in entries if e.key not in found]
+        if absent:
+            await self._set_many(absent)
 
     # -- the driver of the running loop ---------------------------------------------------
 
@@ -434,7 +451,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
     async def close_loop(self) -> None:
         """Close this loop's driver: fail queued and running operations, close the client."""
         self._closed = True
-        for pending in (self._reads, self._writes, self._removes):
+        for pending in (self._reads, self._writes, self._adds, self._removes):
             self._abandon(pending)
         for task in list(self._tasks):
             task.cancel()
@@ -545,6 +562,30 @@ class RemoteStorage(BaseStorage[OptionsT]):
             lambda: self._call(self._set_many, unique, len(unique), "write"),
         )
 
+    def add_many(self, entries: Sequence[Entry]) -> Awaitable[None]:
+        """Store each entry only if its key is absent (or expired); return nothing.
+
+        Batched per event-loop turn, timed out, counted and ordered like ``set_many`` (an add
+        waits for the writes already issued for its key; within one batch, the plain writes
+        of a key land before its adds, and the first add of a key wins). Whether an entry
+        was stored is not reported: read the key back to know which value it holds. Raises
+        ``StorageError`` on failure or timeout.
+        """
+        driver = self.here()
+        if entries and driver.options.coalesce:
+            return driver._submit(driver._adds, entries)
+        return driver._add_many_now(entries)
+
+    async def _add_many_now(self, entries: Sequence[Entry]) -> None:
+        if not entries:
+            return
+        _check_keys(self.name, [e.key for e in entries])
+        unique = _first_per_key(entries)
+        await self._ordered_write(
+            [e.key for e in unique],
+            lambda: self._call(self._add_many, unique, len(unique), "write"),
+        )
+
     async def remove_many(self, keys: Sequence[str]) -> None:
         """Delete ``keys``; ordered after every write already issued to this storage."""
         if not keys:
@@ -601,16 +642,19 @@ class RemoteStorage(BaseStorage[OptionsT]):
         self._flush_scheduled = False
         reads, self._reads = self._reads, _Pending()
         writes, self._writes = self._writes, _Pending()
+        adds, self._adds = self._adds, _Pending()
         removes, self._removes = self._removes, _Pending()
         _reject_bad_keys(self.name, reads, _same)
         _reject_bad_keys(self.name, writes, _entry_key)
+        if adds.calls:
+            _reject_bad_keys(self.name, adds, _entry_key)
         _reject_bad_keys(self.name, removes, _same)
-        if writes.calls or removes.calls:
-            self._flushing |= {writes, removes}
+        if writes.calls or adds.calls or removes.calls:
+            self._flushing |= {writes, adds, removes}
             if not reads.calls:
-                await self._run_writes(writes, removes)
+                await self._run_writes(writes, adds, removes)
                 return
-            self._spawn(self._run_writes(writes, removes))
+            self._spawn(self._run_writes(writes, adds, removes))
         if reads.calls:
             self._flushing.add(reads)
             await self._run_reads(reads)
@@ -653,31 +697,38 @@ class RemoteStorage(BaseStorage[OptionsT]):
             self._flushing.discard(pending)
 
     async def _run_writes(
-        self, writes: _Pending[Entry, None], removes: _Pending[str, None]
+        self,
+        writes: _Pending[Entry, None],
+        adds: _Pending[Entry, None],
+        removes: _Pending[str, None],
     ) -> None:
         try:
-            await self._write_then_remove(writes, removes)
+            await self._write_then_remove(writes, adds, removes)
         finally:
             # On cancellation (close), the calls are still unsettled: fail them.
             self._abandon(writes)
+            self._abandon(adds)
             self._abandon(removes)
             self._flushing.discard(writes)
+            self._flushing.discard(adds)
             self._flushing.discard(removes)
 
     async def _write_then_remove(
-        self, writes: _Pending[Entry, None], removes: _Pending[str, None]
+        self,
+        writes: _Pending[Entry, None],
+        adds: _Pending[Entry, None],
+        removes: _Pending[str, None],
     ) -> None:
-        if writes.calls:
-            entries = _last_per_key([e for items, _ in writes.calls for e in items])
-            results = await self._ordered_write(
-                [e.key for e in entries], lambda: self._write_isolating(entries)
-            )
-            failed = {
-                e.key: r for chunk, r in results if isinstance(r, BaseException) for e in chunk
-            }
-            _settle(
-                writes, lambda items: next((failed[e.key] for e in items if e.key in failed), None)
-            )
+        if adds.calls:
+            if writes.calls:  # both at once; the writes registered first (see add_many)
+                await asyncio.gather(
+                    self._flush_writes(writes, self._set_many, _last_per_key),
+                    self._flush_writes(adds, self._add_many, _first_per_key),
+                )
+            else:
+                await self._flush_writes(adds, self._add_many, _first_per_key)
+        elif writes.calls:
+            await self._flush_writes(writes, self._set_many, _last_per_key)
         if removes.calls:
             keys = _unique([k for items, _ in removes.calls for k in items])
             await self._after_writes(keys)
@@ -690,13 +741,30 @@ class RemoteStorage(BaseStorage[OptionsT]):
                 lambda items: next((failed_keys[k] for k in items if k in failed_keys), None),
             )
 
+    async def _flush_writes(
+        self,
+        pending: _Pending[Entry, None],
+        op: Callable[[Sequence[Entry]], Awaitable[None]],
+        pick: Callable[[Sequence[Entry]], list[Entry]],
+    ) -> None:
+        """Run the queued writes (or adds) of ``pending`` with ``op``, ordered per key, and
+        settle each call; ``pick`` keeps one entry per key (the last write, the first add)."""
+        entries = pick([e for items, _ in pending.calls for e in items])
+        results = await self._ordered_write(
+            [e.key for e in entries], lambda: self._write_isolating(entries, op)
+        )
+        failed = {e.key: r for chunk, r in results if isinstance(r, BaseException) for e in chunk}
+        _settle(
+            pending, lambda items: next((failed[e.key] for e in items if e.key in failed), None)
+        )
+
     async def _write_isolating(
-        self, entries: list[Entry]
+        self, entries: list[Entry], op: Callable[[Sequence[Entry]], Awaitable[None]]
     ) -> list[tuple[list[Entry], BaseException | None]]:
-        """Write ``entries`` in chunks; a chunk refused for another reason than a timeout or
-        the open breaker is written again entry by entry, so that one entry the server
-        refuses (too large, say) fails alone instead of failing its neighbours."""
-        results = await self._chunked(self._set_many, entries, "write")
+        """Write ``entries`` with ``op`` in chunks; a chunk refused for another reason than a
+        timeout or the open breaker is written again entry by entry, so that one entry the
+        server refuses (too large, say) fails alone instead of failing its neighbours."""
+        results = await self._chunked(op, entries, "write")
         out: list[tuple[list[Entry], BaseException | None]] = []
         for chunk, result in results:
             if (
@@ -705,7 +773,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
                 and not isinstance(result, (StorageTimeoutError, StorageUnavailableError))
             ):
                 singles = await asyncio.gather(
-                    *(self._call(self._set_many, [e], 1, "write") for e in chunk),
+                    *(self._call(op, [e], 1, "write") for e in chunk),
                     return_exceptions=True,
                 )
                 out += [([e], r) for e, r in zip(chunk, singles, strict=True)]
@@ -896,6 +964,13 @@ def _unique(keys: Sequence[str]) -> list[str]:
 
 def _last_per_key(entries: Sequence[Entry]) -> list[Entry]:
     return list({e.key: e for e in entries}.values())
+
+
+def _first_per_key(entries: Sequence[Entry]) -> list[Entry]:
+    first: dict[str, Entry] = {}
+    for e in entries:
+        first.setdefault(e.key, e)
+    return list(first.values())
 
 
 def describe(exc: BaseException, url: str) -> str:

@@ -17,7 +17,11 @@ no expiry (``null``).
 
 Round trips: a batch read is one ``find({key: {$in: [...]}, <live>})`` whose first batch holds
 every hit; a batch write is one unordered ``bulk_write`` of ``UpdateOne(..., upsert=True)``;
-a batch remove is one ``delete_many({key: {$in: [...]}})``.
+a batch add (set-if-absent) is one unordered ``bulk_write`` of two updates per key: one that
+replaces the document only if it has expired (``{key, expire: {$lte: now}}``, no upsert) and
+one ``$setOnInsert`` upsert, which inserts only when no document exists (in either order,
+a live document stays and an expired or missing one takes the new value); a batch remove is
+one ``delete_many({key: {$in: [...]}})``.
 
 Reads return only live entries: ``expire`` is ``null`` (or absent) or later than now. MongoDB's TTL
 monitor deletes expired documents only about once a minute, so the read filter, not the
@@ -276,6 +280,27 @@ class MongoStorage(RemoteStorage[MongoOptions]):
             _, code, message = failed[0]
             raise OperationFailure(
                 f"{len(failed)} of {len(entries)} upsert(s) failed; first: error {code}: {message}",
+                code,
+            )
+
+    async def _add_many(self, entries: Sequence[Entry]) -> None:
+        now = datetime.now(timezone.utc)
+        ops: list[UpdateOne] = []
+        for key, value, ttl_ms in entries:
+            fields = {
+                "value": value,
+                "expire": None if ttl_ms is None else now + timedelta(milliseconds=ttl_ms),
+            }
+            ops.append(UpdateOne({"key": key, "expire": {"$lte": now}}, {"$set": fields}))
+            ops.append(UpdateOne({"key": key}, {"$setOnInsert": fields}, upsert=True))
+        # A duplicate key error is an upsert that lost a race with another writer's insert
+        # of the key: the key is present, so this add rightly stored nothing.
+        failed = [f for f in await self._bulk_upsert(ops) if f[1] != _DUPLICATE_KEY]
+        if failed:
+            _, code, message = failed[0]
+            raise OperationFailure(
+                f"{len(failed)} of {len(ops)} add operation(s) failed; first: error {code}: "
+                f"{message}",
                 code,
             )
 

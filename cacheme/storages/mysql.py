@@ -31,6 +31,10 @@ Statements (each one round trip)
             update uses ``VALUES(col)``; on MySQL >= 8.0.19 the row alias ``AS new``
             (``VALUES()`` there is deprecated and would make the server attach a warning
             to every write).
+    add     the same ``INSERT``, whose update keeps a live row: ``value = IF(expire <=
+            UTC_TIMESTAMP(6), new value, value)``, then ``expire`` likewise (in that order:
+            MySQL assigns left to right, so ``expire`` must change last) (set-if-absent;
+            an expired row counts as absent)
     remove  ``DELETE ... WHERE `key` IN (...)``
 
 Expiry
@@ -132,6 +136,7 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
         self._on_duplicate = (
             " ON DUPLICATE KEY UPDATE `value` = VALUES(`value`), `expire` = VALUES(`expire`)"
         )
+        self._on_duplicate_add = self._add_clause("VALUES(`value`)", "VALUES(`expire`)")
         self._delete = f"DELETE FROM {t} WHERE `key` IN "
         self._purge_sql = (
             f"DELETE FROM {t} WHERE `expire` <= UTC_TIMESTAMP(6) ORDER BY `expire` LIMIT %s"
@@ -154,6 +159,7 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
             self._on_duplicate = (
                 " AS new ON DUPLICATE KEY UPDATE `value` = new.`value`, `expire` = new.`expire`"
             )
+            self._on_duplicate_add = " AS new" + self._add_clause("new.`value`", "new.`expire`")
         try:
             await self._run([(f"SELECT `key`, `value`, `expire` FROM `{self.table}` LIMIT 0", ())])
         except mysql_errors.MySQLError as exc:
@@ -212,7 +218,23 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
             for key, left in rows
         }
 
+    @staticmethod
+    def _add_clause(value: str, expire: str) -> str:
+        """The update of an add: only a row that has expired takes the new value. ``value``
+        is assigned first: MySQL assigns left to right, and the test reads ``expire``."""
+        expired = "`expire` <= UTC_TIMESTAMP(6)"  # NULL (never expires): not expired
+        return (
+            f" ON DUPLICATE KEY UPDATE `value` = IF({expired}, {value}, `value`), "
+            f"`expire` = IF({expired}, {expire}, `expire`)"
+        )
+
     async def _set_many(self, entries: Sequence[Entry]) -> None:
+        await self._write(entries, self._on_duplicate)
+
+    async def _add_many(self, entries: Sequence[Entry]) -> None:
+        await self._write(entries, self._on_duplicate_add)
+
+    async def _write(self, entries: Sequence[Entry], on_duplicate: str) -> None:
         rows = sorted(
             (
                 (stored_key(e.key), e.value.hex(), None if e.ttl_ms is None else e.ttl_ms * 1000)
@@ -231,12 +253,12 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
                 too_big.append((row[0], len(row[1]) // 2))
                 continue
             if chunk and size + row_size > budget:
-                statements.append(self._upsert(chunk))
+                statements.append(self._upsert(chunk, on_duplicate))
                 chunk, size = [], 0
             chunk.append(row)
             size += row_size
         if chunk:
-            statements.append(self._upsert(chunk))
+            statements.append(self._upsert(chunk, on_duplicate))
         if statements:
             await self._run(statements)
         if too_big:  # the others are written; these would make the server drop the connection
@@ -247,13 +269,15 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
                 f"max_allowed_packet ({self.max_packet} bytes); raise max_allowed_packet"
             )
 
-    def _upsert(self, rows: list[tuple[str, str, int | None]]) -> tuple[str, list[Any]]:
+    def _upsert(
+        self, rows: list[tuple[str, str, int | None]], on_duplicate: str
+    ) -> tuple[str, list[Any]]:
         # The value goes in as a hex literal written here: hex digits need no escaping
         # (asyncmy's escaping of bytes costs ~100 ms per MiB) and cannot break out of it.
         values = ", ".join(
             f"(%s, X'{value}', UTC_TIMESTAMP(6) + INTERVAL %s MICROSECOND)" for _, value, _ in rows
         )
-        return self._insert + values + self._on_duplicate, [v for r in rows for v in (r[0], r[2])]
+        return self._insert + values + on_duplicate, [v for r in rows for v in (r[0], r[2])]
 
     async def _remove_many(self, keys: Sequence[str]) -> None:
         stored = sorted(stored_keys(keys))

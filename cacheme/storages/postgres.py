@@ -10,6 +10,8 @@ Statements (each one round trip, on a prepared statement asyncpg caches per conn
     write   ``INSERT ... SELECT ... FROM unnest($1::text[], $2::bytea[], $3::bigint[])
             ON CONFLICT (key) DO UPDATE``, rows sorted by key so concurrent batches from
             several processes lock rows in the same order and cannot deadlock
+    add     the same, ``ON CONFLICT (key) DO UPDATE ... WHERE t.expire <= now()``: a live
+            row stays, an expired one counts as absent (set-if-absent)
     remove  ``DELETE ... WHERE key = ANY($1::text[])``
 
 Expiry
@@ -110,6 +112,13 @@ class PostgresStorage(SQLStorage[PostgresOptions]):
             f'ON CONFLICT ("key") DO UPDATE SET "value" = EXCLUDED."value", '
             f'"expire" = EXCLUDED."expire"'
         )
+        self._add = (
+            f'INSERT INTO {t} AS t ("key", "value", "expire") '
+            f"SELECT u.k, u.v, now() + u.ttl * interval '1 millisecond' "
+            f"FROM unnest($1::text[], $2::bytea[], $3::bigint[]) AS u(k, v, ttl) "
+            f'ON CONFLICT ("key") DO UPDATE SET "value" = EXCLUDED."value", '
+            f'"expire" = EXCLUDED."expire" WHERE t."expire" <= now()'
+        )
         self._delete = f'DELETE FROM {t} WHERE "key" = ANY($1::text[])'
         self._purge_sql = (
             f'DELETE FROM {t} WHERE "key" IN (SELECT "key" FROM {t} '
@@ -193,6 +202,11 @@ class PostgresStorage(SQLStorage[PostgresOptions]):
         rows = sorted(((stored_key(e.key), e.value, e.ttl_ms) for e in entries), key=_first)
         keys, values, ttls = zip(*rows, strict=True)
         await self._using("execute", self._upsert, keys, values, ttls)
+
+    async def _add_many(self, entries: Sequence[Entry]) -> None:
+        rows = sorted(((stored_key(e.key), e.value, e.ttl_ms) for e in entries), key=_first)
+        keys, values, ttls = zip(*rows, strict=True)
+        await self._using("execute", self._add, keys, values, ttls)
 
     async def _remove_many(self, keys: Sequence[str]) -> None:
         await self._using("execute", self._delete, sorted(stored_keys(keys)))

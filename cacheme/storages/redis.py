@@ -1,9 +1,10 @@
 """Redis and Redis Cluster tier: ``redis://host:port/db`` and ``rediss://`` (TLS).
 
 Standalone: one ``MGET`` per batch read, one non-transactional pipeline of
-``SET key value [PX ms]`` per batch write, one ``UNLINK`` per batch remove, over a
-``BlockingConnectionPool`` of ``pool_size`` connections (a burst waits for a free connection;
-the storage ``timeout`` bounds that wait).
+``SET key value [PX ms]`` per batch write, the same with ``NX`` per batch add
+(set-if-absent; both sent as one script call when a batch has several keys), one ``UNLINK``
+per batch remove, over a ``BlockingConnectionPool`` of ``pool_size`` connections (a burst
+waits for a free connection; the storage ``timeout`` bounds that wait).
 
 Cluster (``cluster=True``): the same commands, split by hash slot and pipelined per node,
 every node at once (see ``_get_many``). The client keeps ``pool_size`` connections per node
@@ -44,6 +45,20 @@ for i = 1, #KEYS do
         redis.call('SET', KEYS[i], ARGV[2 * i - 1], 'PX', ttl)
     else
         redis.call('SET', KEYS[i], ARGV[2 * i - 1])
+    end
+end
+return #KEYS
+"""
+
+
+# The same with NX: each key is set only if it is absent (an expired key is absent).
+_ADD_MANY = """
+for i = 1, #KEYS do
+    local ttl = tonumber(ARGV[2 * i])
+    if ttl > 0 then
+        redis.call('SET', KEYS[i], ARGV[2 * i - 1], 'NX', 'PX', ttl)
+    else
+        redis.call('SET', KEYS[i], ARGV[2 * i - 1], 'NX')
     end
 end
 return #KEYS
@@ -91,6 +106,7 @@ class RedisStorage(RemoteStorage[RedisOptions]):
         self._client: redis.asyncio.Redis | None = None
         self._cluster: RedisCluster | None = None
         self._script: Any = None  # the registered _SET_MANY script (standalone only)
+        self._add_script: Any = None  # the registered _ADD_MANY script (standalone only)
         # Cluster only: bounds the operations in flight, since each one takes at most one
         # connection per node and the cluster client fails instead of waiting for one.
         # Made in _connect: a semaphore belongs to the loop that first waits on it.
@@ -144,6 +160,7 @@ class RedisStorage(RemoteStorage[RedisOptions]):
         if client is not None:
             await client.aclose()
         self._script = None
+        self._add_script = None
         if cluster is not None:
             await cluster.aclose()
 
@@ -211,6 +228,27 @@ class RedisStorage(RemoteStorage[RedisOptions]):
         for _, value, ttl_ms in entries:
             args += (value, ttl_ms or 0)
         await self._set_script(keys=[e.key for e in entries], args=args, client=client)
+
+    async def _add_many(self, entries: Sequence[Entry]) -> None:
+        # SET ... NX: atomic per key on the server; an expired key counts as absent.
+        if self._cluster is not None:
+            async with self._cluster_slots:
+                cpipe = self._cluster.pipeline()
+                for key, value, ttl_ms in entries:
+                    cpipe.set(key, value, px=ttl_ms, nx=True)
+                await cpipe.execute()
+            return
+        client = self._standalone()
+        if len(entries) == 1:
+            key, value, ttl_ms = entries[0]
+            await client.set(key, value, px=ttl_ms, nx=True)
+            return
+        if self._add_script is None:
+            self._add_script = client.register_script(_ADD_MANY)
+        args: list[bytes | int] = []
+        for _, value, ttl_ms in entries:
+            args += (value, ttl_ms or 0)
+        await self._add_script(keys=[e.key for e in entries], args=args, client=client)
 
     async def _remove_many(self, keys: Sequence[str]) -> None:
         # UNLINK: the keys disappear at once, their memory is reclaimed in the background

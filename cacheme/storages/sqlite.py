@@ -16,7 +16,9 @@ Statements
     The connection is in autocommit mode and every operation is one statement, so each is
     atomic on its own and a timed-out call never leaves a transaction open: reads are
     ``SELECT ... WHERE key IN (?, ?, ...)``, writes one multi-row
-    ``INSERT ... ON CONFLICT(key) DO UPDATE``, removes ``DELETE ... WHERE key IN (...)``.
+    ``INSERT ... ON CONFLICT(key) DO UPDATE``, adds (set-if-absent) the same with
+    ``DO UPDATE ... WHERE`` the stored row has expired, removes
+    ``DELETE ... WHERE key IN (...)``.
     (A batch with more bound values than SQLite allows in one statement, 32766 since
     SQLite 3.32, is split.) The journal is WAL with ``synchronous=NORMAL``: readers in other
     processes never wait for the writer, and a commit costs no fsync. The busy timeout is the
@@ -101,6 +103,8 @@ class SQLiteStorage(SQLStorage[SQLiteOptions]):
             ' ON CONFLICT ("key") DO UPDATE SET "value" = excluded."value", '
             '"expire" = excluded."expire"'
         )
+        # An add replaces only a row that has expired (``?``: now): a live one stays.
+        self._add_if = f' WHERE {t}."expire" IS NOT NULL AND {t}."expire" <= ?'
         self._delete = f'DELETE FROM {t} WHERE "key" IN '
         self._purge_sql = (
             f'DELETE FROM {t} WHERE "key" IN (SELECT "key" FROM {t} WHERE "expire" <= ? LIMIT ?)'
@@ -174,16 +178,24 @@ class SQLiteStorage(SQLStorage[SQLiteOptions]):
         return left
 
     async def _set_many(self, entries: Sequence[Entry]) -> None:
+        await self._write(entries, add=False)
+
+    async def _add_many(self, entries: Sequence[Entry]) -> None:
+        await self._write(entries, add=True)
+
+    async def _write(self, entries: Sequence[Entry], *, add: bool) -> None:
         now = utc_now()
         rows: list[Any] = []
         for e in entries:
             expire = expire_at(e.ttl_ms, now)
             rows.append((stored_key(e.key), e.value, None if expire is None else utc_text(expire)))
-        step = MAX_VARIABLES // 3
+        step = (MAX_VARIABLES - 1) // 3
+        tail = self._upsert + self._add_if if add else self._upsert
+        extra = [utc_text(now)] if add else []
         for i in range(0, len(rows), step):
             chunk = rows[i : i + step]
-            sql = self._insert + ",".join(["(?,?,?)"] * len(chunk)) + self._upsert
-            await self.db.execute_fetchall(sql, [v for row in chunk for v in row])
+            sql = self._insert + ",".join(["(?,?,?)"] * len(chunk)) + tail
+            await self.db.execute_fetchall(sql, [v for row in chunk for v in row] + extra)
 
     async def _remove_many(self, keys: Sequence[str]) -> None:
         stored = list(stored_keys(keys))

@@ -381,3 +381,55 @@ async def test_features_combine_on_local_redis(tmp_path: Path, clock: Clock) -> 
             assert cacheme.stats(Item).negative_hits == 1
         finally:
             await cacheme.close_storages()
+
+
+@pytest.mark.parametrize("where", ["here", "elsewhere"])
+@pytest.mark.parametrize("turns", [None, 0, 1, 2, 4, 8])
+async def test_first_invalidation_racing_the_tag_key_add(
+    backend: Backend, where: str, turns: int | None
+) -> None:
+    """A writer finds the tag key missing and adds it (set-if-absent) while the tag is
+    invalidated for the first time, here or by another process (a second connection),
+    before its load ends (``None``) or racing its write by a few loop turns: whatever lands
+    first, the value loaded before the invalidation is never served from the remote tier."""
+    from cacheme import tags
+    from cacheme.storages.base import Entry
+
+    source = Source()
+    Item = make(source, ("local", "remote"), tagged=True)
+    tag = f"race-{next(_ids)}"
+    tag_key = tags.tag_key(Item._cacheme_config.name, tag)
+    node = Item(1, tag=tag)
+    assert await backend.raw.get(tag_key) is None  # the first use of the tag
+    source.data[1] = "before"
+    source.gate = asyncio.Event()
+    reader = asyncio.ensure_future(cacheme.get(node))
+    for _ in range(200):
+        if source.calls:
+            break
+        await asyncio.sleep(0.005)
+    assert source.calls == [1]  # loading; its read found no tag key
+
+    async def invalidate() -> None:
+        source.data[1] = "after"
+        if where == "here":
+            await cacheme.invalidate_tag(Item, tag)
+        else:
+            await backend.raw.set_many([Entry(tag_key, tags.new_token(), None)])
+
+    if turns is None:
+        await invalidate()
+        source.gate.set()
+        await reader
+    else:
+        source.gate.set()
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        await asyncio.gather(reader, invalidate())
+    await settle()
+    stored = await backend.raw.get(tag_key)
+    assert stored is not None
+    await backend.restart()  # a process with only the remote tier's copy
+    assert await cacheme.get(node) == "after"
+    assert source.calls == [1, 1]
+    assert await backend.raw.get(tag_key) == stored  # the invalidation's version stays

@@ -172,3 +172,70 @@ async def test_remove_waits_for_an_earlier_write(remote: Remote) -> None:
         await remote.remove_many([key])
         await write
         assert await remote.get(key) is None
+
+
+async def test_add_many_only_when_absent(remote: Remote) -> None:
+    """``add_many`` stores a key only if it is absent or expired, one round trip a batch."""
+    await remote.set_many(
+        [Entry("cacheme:add:live:v1", b"kept", 60_000), Entry("cacheme:add:old:v1", b"old", 100)]
+    )
+    await remote.set_many([Entry("cacheme:add:forever:v1", b"kept", None)])
+    await asyncio.sleep(0.3)  # cacheme:add:old:v1 has expired (maybe still stored)
+    trips = remote.stats.round_trips
+    await asyncio.gather(
+        remote.add_many([Entry("cacheme:add:live:v1", b"new", 60_000)]),
+        remote.add_many([Entry("cacheme:add:forever:v1", b"new", 60_000)]),
+        remote.add_many([Entry("cacheme:add:old:v1", b"new", 60_000)]),
+        remote.add_many([Entry("cacheme:add:absent:v1", b"new", None)]),
+    )
+    assert remote.stats.round_trips == trips + 1
+    keys = ["live", "forever", "old", "absent"]
+    found = await remote.get_many([f"cacheme:add:{k}:v1" for k in keys])
+    assert found == {
+        "cacheme:add:live:v1": b"kept",
+        "cacheme:add:forever:v1": b"kept",
+        "cacheme:add:old:v1": b"new",
+        "cacheme:add:absent:v1": b"new",
+    }
+    # The new entries carry their own TTLs: the re-added expired key lives again.
+    left = await remote.remaining_ttl(["cacheme:add:old:v1", "cacheme:add:absent:v1"])
+    assert 55 < left["cacheme:add:old:v1"] <= 60
+    assert left["cacheme:add:absent:v1"] == math.inf
+    # A batch of several keys, some present; the first add of a key in a batch wins.
+    many = [Entry(f"cacheme:add:many:{i}:v1", b"first", 60_000) for i in range(10)]
+    await remote.set_many(many[:5])
+    await asyncio.gather(
+        remote.add_many([Entry(e.key, b"added", 60_000) for e in many]),
+        remote.add_many([Entry(e.key, b"second", 60_000) for e in many]),
+    )
+    assert await remote.get_many([e.key for e in many]) == {
+        e.key: b"first" if i < 5 else b"added" for i, e in enumerate(many)
+    }
+    # A plain write issued in the same turn as an add of the same key lands first.
+    await asyncio.gather(
+        remote.add_many([Entry("cacheme:add:race:v1", b"added", 60_000)]),
+        remote.set_many([Entry("cacheme:add:race:v1", b"set", 60_000)]),
+    )
+    assert await remote.get("cacheme:add:race:v1") == b"set"
+
+
+async def test_add_many_concurrent_writers_keep_one_value(remote: Remote) -> None:
+    """Concurrent adds of one absent key from several connections: exactly one value stays,
+    and every adder sees the same one."""
+    others: list[Remote] = []
+    try:
+        for _ in range(3):
+            others.append(type(remote)(remote.name, remote.url, remote.options))
+        for round_ in range(5):
+            key = f"cacheme:add:contended:{round_}:v1"
+            await asyncio.gather(
+                *(
+                    s.add_many([Entry(key, f"writer-{i}".encode(), 60_000)])
+                    for i, s in enumerate([remote, *others])
+                )
+            )
+            values = {await s.get(key) for s in [remote, *others]}
+            assert len(values) == 1 and values != {None}, values
+    finally:
+        for other in others:
+            await other.close()
