@@ -6,6 +6,9 @@ per line, on stdin/stdout. Every reply is one JSON line. The process kills itsel
 
 The node's value comes from a file (``source``: an integer); each load appends a line to
 ``loads`` (``start <pid>`` then ``done <pid>``), so the parent counts loads across processes.
+``TItem`` is a tagged node on the same chain (its tag given per item, its value from the same
+file; loads counted per tag in the process), for the ``tget``/``twait``/``invalidate_tag``
+commands.
 """
 
 from __future__ import annotations
@@ -80,6 +83,31 @@ async def main() -> None:
             if lease_ms:
                 lease = timedelta(milliseconds=lease_ms)
 
+    tagged_loads: dict[str, int] = {}
+
+    class TItem(cacheme.Node):
+        def __init__(self, name: str, tag: str) -> None:
+            self.name = name
+            self.tag = tag
+
+        def key(self) -> str:
+            return self.name
+
+        def tags(self) -> list[str]:
+            return [self.tag]
+
+        async def load(self) -> int:
+            tagged_loads[self.tag] = tagged_loads.get(self.tag, 0) + 1
+            return int(Path(source).read_text().strip() or 0)  # noqa: ASYNC240
+
+        class Meta(cacheme.Node.Meta):
+            version = "v1"
+            caches = chain
+            serializer = JSONSerializer()
+
+    def titems(cmd: dict[str, Any]) -> list[TItem]:
+        return [TItem(name, tag) for name, tag in cmd["items"]]
+
     key = setup["key"]
     loop = asyncio.get_running_loop()
     out = sys.stdout
@@ -136,6 +164,30 @@ async def main() -> None:
                 for i in range(n):
                     await cacheme.invalidate(Item(f"{key}:{i}"))
                 reply(seconds=time.perf_counter() - t0)
+            elif op == "tget":
+                # The tagged items' values, with this process's local-tier hits and loads so far.
+                values = await cacheme.get_all(titems(cmd))
+                reply(
+                    values=values,
+                    local_hits=cacheme.stats(TItem).tier_hits.get("local", 0),
+                    loads=dict(tagged_loads),
+                )
+            elif op == "twait":
+                # Poll get_all() of the tagged items every ms until each returns ``value``.
+                nodes = titems(cmd)
+                end = time.monotonic() + cmd["within"]
+                seen = []
+                while time.monotonic() < end:
+                    seen = await cacheme.get_all(nodes)
+                    if all(v == cmd["value"] for v in seen):
+                        reply(ok=True, at=time.monotonic())
+                        break
+                    await asyncio.sleep(0.001)
+                else:
+                    reply(ok=False, seen=seen)
+            elif op == "invalidate_tag":
+                await cacheme.invalidate_tag(TItem, cmd["tag"])
+                reply(ok=True, at=time.monotonic())
             elif op == "stats":
                 reply(backplane=backplane.stats().__dict__, lease=lease.stats().__dict__)
             elif op == "disable":

@@ -154,6 +154,66 @@ def test_no_stale_value_after_the_redis_server_restarts(
             assert child.call("get")["value"] == 1, child.pid
 
 
+@pytest.mark.redis
+def test_invalidate_tag_reaches_every_process(tmp_path: Path, children_factory: Any) -> None:
+    """[local, redis] tagged nodes in 4 processes with the backplane: one invalidates a tag;
+    within the bound no other process serves an entry of it from its local tier (nor from
+    Redis), and every entry of the other tag stays a local hit."""
+    url = redis_or_skip()
+    setup = _setup(tmp_path, {"redis": {"url": url}}, "redis", "redis")
+    children = children_factory(4, setup)
+    source = Path(setup["source"])
+    name = setup["key"]
+    items_a = [[f"{name}:a:{i}", "tag-a"] for i in range(20)]
+    items_b = [[f"{name}:b:{i}", "tag-b"] for i in range(20)]
+    both = items_a + items_b
+    # Fill every local tier. Each load's write-back is published and drops the others'
+    # copies, and concurrent first writers of a tag key leave one version (the others'
+    # entries reload once): repeat until a round loads nothing, then every tier holds all.
+    seen_loads = dict.fromkeys((c.pid for c in children), -1)
+    for _ in range(10):
+        time.sleep(0.1)
+        settled = True
+        for child in children:
+            reply = child.call("tget", items=both)
+            assert reply["values"] == [0] * 40
+            loads = sum(reply["loads"].values())
+            settled = settled and loads == seen_loads[child.pid]
+            seen_loads[child.pid] = loads
+        if settled:
+            break
+    else:
+        pytest.fail("the local tiers never settled")
+    time.sleep(0.1)
+    hits = {}
+    for child in children:
+        reply = child.call("tget", items=both)
+        hits[child.pid] = reply["local_hits"]
+        reply = child.call("tget", items=both)
+        assert reply["local_hits"] - hits[child.pid] == 40, child.pid  # all local hits
+        hits[child.pid] = reply["local_hits"]
+    loads_b = {c.pid: c.call("tget", items=[])["loads"].get("tag-b", 0) for c in children}
+
+    source.write_text("1")
+    done = children[0].call("invalidate_tag", tag="tag-a")
+    assert done["ok"]
+    for child in children[1:]:
+        child.send("twait", items=items_a, value=1, within=2.0)
+    delays = []
+    for child in children[1:]:
+        reply = child.recv(5)
+        assert reply["ok"], f"process {child.pid} still serves {reply.get('seen')!r}"
+        delays.append(reply["at"] - done["at"])
+    assert max(delays) < PROPAGATION_BOUND, delays
+    for child in children:
+        before = child.call("tget", items=[])["local_hits"]
+        reply = child.call("tget", items=items_b)
+        assert reply["values"] == [0] * 20, child.pid  # never reloaded: the old value
+        assert reply["local_hits"] - before == 20, child.pid
+        assert reply["loads"].get("tag-b", 0) == loads_b[child.pid], child.pid
+        assert child.call("tget", items=items_a)["values"] == [1] * 20
+
+
 # -- in this process ----------------------------------------------------------------------
 
 
