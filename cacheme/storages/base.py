@@ -525,7 +525,10 @@ class RemoteStorage(BaseStorage[OptionsT]):
         if not keys:
             return {}
         _check_keys(self.name, keys)
-        return await self._call(self._get_many, _unique(keys), len(keys), "read")
+        unique = _unique(keys)
+        if self._key_writes:  # writes or removals of these keys still under way
+            await self._after_writes(unique)
+        return await self._call(self._get_many, unique, len(keys), "read")
 
     async def get(self, key: str) -> bytes | None:
         return (await self.get_many((key,))).get(key)
@@ -594,8 +597,10 @@ class RemoteStorage(BaseStorage[OptionsT]):
         if not driver.options.coalesce:
             _check_keys(self.name, keys)
             unique_keys = _unique(keys)
-            await driver._after_writes(unique_keys)
-            await driver._call(driver._remove_many, unique_keys, len(unique_keys), "remove")
+            await driver._ordered_write(
+                unique_keys,
+                lambda: driver._call(driver._remove_many, unique_keys, len(unique_keys), "remove"),
+            )
             return
         await driver._submit(driver._removes, keys)
 
@@ -649,14 +654,20 @@ class RemoteStorage(BaseStorage[OptionsT]):
         if adds.calls:
             _reject_bad_keys(self.name, adds, _entry_key)
         _reject_bad_keys(self.name, removes, _same)
+        if reads.calls:
+            self._flushing.add(reads)  # settled by close() if this task never gets to them
         if writes.calls or adds.calls or removes.calls:
             self._flushing |= {writes, adds, removes}
             if not reads.calls:
                 await self._run_writes(writes, adds, removes)
                 return
-            self._spawn(self._run_writes(writes, adds, removes))
+            if _overlap(reads, writes, adds, removes):
+                # A read never overtakes a write or removal issued before it for its key:
+                # it would bring back what an invalidate() just removed.
+                await self._run_writes(writes, adds, removes)
+            else:
+                self._spawn(self._run_writes(writes, adds, removes))
         if reads.calls:
-            self._flushing.add(reads)
             await self._run_reads(reads)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
@@ -671,6 +682,8 @@ class RemoteStorage(BaseStorage[OptionsT]):
                 keys = list(calls[0][0])
             else:
                 keys = _unique([k for items, _ in calls for k in items])
+            if self._key_writes:  # writes or removals of these keys still under way
+                await self._after_writes(keys)
             found: dict[str, bytes] = {}
             failed: dict[str, BaseException] = {}
             if len(keys) <= self.options.batch_size:  # one round trip, no list of chunks
@@ -731,8 +744,11 @@ class RemoteStorage(BaseStorage[OptionsT]):
             await self._flush_writes(writes, self._set_many, _last_per_key)
         if removes.calls:
             keys = _unique([k for items, _ in removes.calls for k in items])
-            await self._after_writes(keys)
-            removed = await self._chunked(self._remove_many, keys, "remove")
+            # Ordered after the writes of these keys, and registered so that later reads and
+            # writes of them wait for it.
+            removed = await self._ordered_write(
+                keys, lambda: self._chunked(self._remove_many, keys, "remove")
+            )
             failed_keys = {
                 k: r for chunk, r in removed if isinstance(r, BaseException) for k in chunk
             }
@@ -901,6 +917,18 @@ class RemoteStorage(BaseStorage[OptionsT]):
                     self.options.breaker_cooldown,
                 )
             breaker.open_until = time.monotonic() + self.options.breaker_cooldown
+
+
+def _overlap(
+    reads: _Pending[str, Any],
+    writes: _Pending[Entry, None],
+    adds: _Pending[Entry, None],
+    removes: _Pending[str, None],
+) -> bool:
+    """Whether a key read in this turn is also written, added or removed in it."""
+    changed = {e.key for p in (writes, adds) for items, _ in p.calls for e in items}
+    changed.update(k for items, _ in removes.calls for k in items)
+    return any(k in changed for items, _ in reads.calls for k in items)
 
 
 def _same(key: str) -> str:

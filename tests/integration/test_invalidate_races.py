@@ -1,0 +1,107 @@
+"""An invalidate is never lost to a get racing it, on a ``[local, remote]`` chain.
+
+The kind: a read of the remote tier that lands after an ``invalidate`` of its key was issued
+must not see the removed value (the storage orders reads after the writes and removals
+already issued for their keys), and a load or read that an ``invalidate`` detached writes
+nothing back, to any tier. Each order is tried: the get first, the invalidate first, the
+get's read and the removal in one event-loop turn, and through ``get_all``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cacheme
+from cacheme import Cache, Node
+from cacheme.serializer import MsgPackSerializer
+from cacheme.storages.base import Entry, RemoteStorage
+from cacheme.storages.registry import storages
+
+from .backends import BACKENDS, FACTORIES
+
+SOURCE: dict[str, int] = {}
+
+
+class Item(Node):
+    _cacheme_abstract = True
+
+    def __init__(self, k: str) -> None:
+        self.k = k
+
+    def key(self) -> str:
+        return f"race:{self.k}"
+
+    async def load(self) -> int:
+        return SOURCE[self.k]
+
+
+def item_class() -> type[Item]:
+    meta = type(
+        "Meta",
+        (Node.Meta,),
+        {
+            "version": "v1",
+            "caches": [
+                Cache(storage="local", ttl=timedelta(seconds=30)),
+                Cache(storage="remote", ttl=timedelta(seconds=30)),
+            ],
+            "serializer": MsgPackSerializer(),
+        },
+    )
+    return type("RaceItem", (Item,), {"Meta": meta, "__module__": __name__})
+
+
+@pytest.fixture(params=[pytest.param(b, marks=getattr(pytest.mark, b)) for b in BACKENDS])
+async def remote(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[RemoteStorage[Any]]:
+    name: str = request.param
+    async with FACTORIES[name](tmp_path, f"race-{name}") as raw:
+        options = raw.options.model_dump(exclude_defaults=True)
+        await cacheme.register_storage("remote", cacheme.Storage(raw.url, **options))
+        await cacheme.register_storage("local", cacheme.Storage("local://tlfu", size=1000))
+        try:
+            storage = storages()["remote"]
+            assert isinstance(storage, RemoteStorage)
+            yield storage
+        finally:
+            await cacheme.close_storages()
+
+
+async def stored_elsewhere(storage: RemoteStorage[Any], k: str, value: int) -> None:
+    """Another process cached ``value`` for ``k`` in the shared tier."""
+    await storage.set_many([Entry(f"cacheme:race:{k}:v1", MsgPackSerializer().dumps(value), None)])
+
+
+@pytest.mark.parametrize("order", ["get-first", "invalidate-first", "get_all"])
+async def test_a_get_racing_invalidate_never_brings_the_old_value_back(
+    remote: RemoteStorage[Any], order: str
+) -> None:
+    node_cls = item_class()
+    for round_ in range(10):
+        k = f"{order}-{round_}-{uuid.uuid4().hex[:6]}"
+        SOURCE[k] = 1
+        await stored_elsewhere(remote, k, 1)
+        if order == "invalidate-first":
+            SOURCE[k] = 2
+            removal = asyncio.ensure_future(cacheme.invalidate(node_cls(k)))
+            racing = asyncio.ensure_future(cacheme.get(node_cls(k)))
+            await removal
+        else:
+            if order == "get_all":
+                racing = asyncio.ensure_future(cacheme.get_all([node_cls(k), node_cls(k)]))
+            else:
+                racing = asyncio.ensure_future(cacheme.get(node_cls(k)))
+            SOURCE[k] = 2
+            await cacheme.invalidate(node_cls(k))
+        await racing  # concurrent with the invalidate: either value is fine for it
+        # Once invalidate returned and the racing get is done, only the new value is served.
+        assert await cacheme.get(node_cls(k)) == 2, f"round {round_}: the old value came back"
+        assert await cacheme.get(node_cls(k)) == 2
