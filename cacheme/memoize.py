@@ -11,6 +11,7 @@ may return an instance of that class or a plain ``DynamicNode(key=...)``; ``.nod
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
@@ -33,6 +34,11 @@ class Memoize:
         self.node_cls = node_cls
 
     def __call__(self, fn: Callable[P, Awaitable[R]]) -> Memoized[P, R]:
+        if not _is_async(fn):
+            raise ConfigurationError(
+                f"Memoize({self.node_cls.__qualname__}) decorates async functions; "
+                f"{getattr(fn, '__qualname__', fn)!r} is not one (define it with async def)"
+            )
         return Memoized(fn, self.node_cls)
 
 
@@ -108,3 +114,12 @@ class Memoized(Generic[P, R]):
         if obj is None:
             return self
         return functools.partial(self.__call__, obj)
+
+
+def _is_async(fn: Any) -> bool:
+    """``fn`` is a coroutine function, or a callable object whose ``__call__`` is one."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - a callable object's async __call__
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import typing
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -120,8 +121,11 @@ class Config:
         self.serializer: Serializer | None = _option(name, meta, "serializer", None, Serializer)
         self.doorkeeper: DoorKeeper | None = _option(name, meta, "doorkeeper", None, DoorKeeper)
         timeout = _option(name, meta, "load_timeout", None, (int, float))
-        if timeout is not None and timeout <= 0:
-            raise ConfigurationError(f"{name}.Meta.load_timeout must be positive, got {timeout!r}")
+        if timeout is not None and not (0 < timeout < math.inf):
+            raise ConfigurationError(
+                f"{name}.Meta.load_timeout must be a positive, finite number of seconds, "
+                f"got {timeout!r}"
+            )
         self.load_timeout: float | None = timeout
         stale = _option(name, meta, "stale_if_error", None, timedelta)
         if stale is not None and stale <= timedelta(0):

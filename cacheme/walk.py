@@ -115,18 +115,21 @@ class KeyWalk:
         self, value: Any, upto: int
     ) -> tuple[list[tuple[Tier, asyncio.Future[Any]]] | None, BaseException | None]:
         """Start the writes; ``(pending writes or None, an encode error)``."""
-        if self.call.stale:  # forgotten by invalidate()/refresh(): write nothing
-            return None, None
         key = self.key
+        # Forgotten by invalidate()/refresh(), or another process invalidated the key since
+        # this walk began (the backplane said so): what it read or loaded may be the old
+        # value, so it is written nowhere.
+        if self.call.stale or backplane.changed_since(key, self.mark):
+            return None, None
         pending: list[tuple[Tier, asyncio.Future[Any]]] | None = None
         tiers = self.cfg.tiers
-        for j in range(upto):
+        # Remote tiers first: a value their serializer refuses must not land in memory
+        # either, or the next get would serve what this one failed with.
+        order = sorted(range(upto), key=lambda j: tiers[j].immediate)
+        for j in order:
             if self.failed >> j & 1:
                 continue
             tier = tiers[j]
-            # Another process's drop came after our read: keep the old value out of memory.
-            if tier.immediate and backplane.changed_since(key, self.mark):
-                continue
             write, errors = tier.write({key: value})
             if errors:
                 return None, errors[key]
@@ -318,12 +321,18 @@ class Walk:
         pending: list[tuple[Tier, Awaitable[Any]]] = []
         calls = self.calls
         tiers = self.cfg.tiers
-        for j, keys in self.backfill.items():
-            # A call forgotten by invalidate()/refresh() must not write back.
-            live = {k: self.values[k] for k in keys if k not in errors and not calls[k].stale}
+        # Remote tiers first: a key whose value cannot be encoded is kept out of memory too.
+        for j, keys in sorted(self.backfill.items(), key=lambda item: tiers[item[0]].immediate):
+            # A call forgotten by invalidate()/refresh() must not write back, nor one whose
+            # key another process invalidated since this walk began (see KeyWalk._write).
+            live = {
+                k: self.values[k]
+                for k in keys
+                if k not in errors
+                and not calls[k].stale
+                and not backplane.changed_since(k, self.mark)
+            }
             tier = tiers[j]
-            if tier.immediate:  # another process's drop came after our read
-                live = {k: v for k, v in live.items() if not backplane.changed_since(k, self.mark)}
             if not live:
                 continue
             if self.fresh is None:
@@ -563,12 +572,7 @@ async def _timed(cfg: Config, fn: Callable[[], Awaitable[Any]], count: int) -> A
         if cfg.load_timeout is None:
             value = await fn()
         else:
-            try:
-                value = await asyncio.wait_for(fn(), cfg.load_timeout)
-            except asyncio.TimeoutError:
-                raise LoadTimeoutError(
-                    f"node {cfg.name}: load took longer than {cfg.load_timeout:g}s"
-                ) from None
+            value = await _bounded(cfg, fn, cfg.load_timeout)
     except Exception as exc:
         rec.load_failures += count
         rec.load_time_ns += time.perf_counter_ns() - start
@@ -576,3 +580,28 @@ async def _timed(cfg: Config, fn: Callable[[], Awaitable[Any]], count: int) -> A
     rec.load_successes += count
     rec.load_time_ns += time.perf_counter_ns() - start
     return value
+
+
+async def _bounded(cfg: Config, fn: Callable[[], Awaitable[Any]], seconds: float) -> Any:
+    """``await fn()``, but for ``seconds`` at most: then ``LoadTimeoutError``.
+
+    Unlike ``asyncio.wait_for``, the callers do not wait for the load to finish cancelling:
+    a ``load()`` that takes its time over cancellation (or ignores it) is cancelled and left
+    behind, its outcome discarded.
+    """
+    task = asyncio.ensure_future(fn())
+    try:
+        done, _ = await asyncio.wait((task,), timeout=seconds)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_discard)
+        raise LoadTimeoutError(f"node {cfg.name}: load took longer than {seconds:g}s")
+    return task.result()
+
+
+def _discard(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a late failure of an abandoned load is not logged

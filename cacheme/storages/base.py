@@ -437,7 +437,14 @@ class RemoteStorage(BaseStorage[OptionsT]):
                     await driver.close_loop()
                 elif rt.loop.is_running() and not rt.loop.is_closed():
                     handed = asyncio.run_coroutine_threadsafe(driver.close_loop(), rt.loop)
-                    await asyncio.wait_for(asyncio.wrap_future(handed), self.options.timeout)
+                    closing = asyncio.wrap_future(handed)
+                    try:
+                        await asyncio.wait_for(asyncio.shield(closing), self.options.timeout)
+                    except asyncio.CancelledError:
+                        if not closing.cancelled():
+                            raise  # this task is being cancelled
+                        # That loop shut down meanwhile and cancelled our close: its own
+                        # shutdown closes its drivers (see runtime).
                 else:
                     driver.drop_loop()
             except Exception as exc:
@@ -493,8 +500,10 @@ class RemoteStorage(BaseStorage[OptionsT]):
     def get_many(self, keys: Sequence[str]) -> Awaitable[dict[str, bytes]]:
         """Values found for ``keys``; raises ``StorageError`` on failure or timeout.
 
-        A key no driver can send (not encodable as UTF-8, e.g. a lone surrogate) fails only
-        its own call, with ``InvalidKeyError``, and never counts toward the breaker.
+        A key no driver can send (not encodable as UTF-8, e.g. a lone surrogate) can never
+        be stored: it reads as absent, a removal of it does nothing, and a write made only of
+        such keys fails with ``InvalidKeyError``; the other keys of the same call go ahead,
+        and none of this counts toward the breaker.
         """
         driver = self.here()
         if keys and driver.options.coalesce:
@@ -522,10 +531,9 @@ class RemoteStorage(BaseStorage[OptionsT]):
         asyncio.ensure_future(driver._get_many_now(keys)).add_done_callback(settle)
 
     async def _get_many_now(self, keys: Sequence[str]) -> dict[str, bytes]:
-        if not keys:
+        unique = _unique(_sendable(self.name, keys))
+        if not unique:
             return {}
-        _check_keys(self.name, keys)
-        unique = _unique(keys)
         if self._key_writes:  # writes or removals of these keys still under way
             await self._after_writes(unique)
         return await self._call(self._get_many, unique, len(keys), "read")
@@ -540,8 +548,9 @@ class RemoteStorage(BaseStorage[OptionsT]):
         if not keys:
             return {}
         driver = self.here()
-        _check_keys(self.name, keys)
-        unique = _unique(keys)
+        unique = _unique(_sendable(self.name, keys))
+        if not unique:
+            return {}
         return await driver._call(driver._ttl_many, unique, len(unique), "read")
 
     async def _ttl_many(self, keys: Sequence[str]) -> dict[str, float]:
@@ -558,8 +567,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
     async def _set_many_now(self, entries: Sequence[Entry]) -> None:
         if not entries:
             return
-        _check_keys(self.name, [e.key for e in entries])
-        unique = _last_per_key(entries)
+        unique = _last_per_key(_sendable_entries(self.name, entries))
         await self._ordered_write(
             [e.key for e in unique],
             lambda: self._call(self._set_many, unique, len(unique), "write"),
@@ -582,8 +590,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
     async def _add_many_now(self, entries: Sequence[Entry]) -> None:
         if not entries:
             return
-        _check_keys(self.name, [e.key for e in entries])
-        unique = _first_per_key(entries)
+        unique = _first_per_key(_sendable_entries(self.name, entries))
         await self._ordered_write(
             [e.key for e in unique],
             lambda: self._call(self._add_many, unique, len(unique), "write"),
@@ -595,8 +602,9 @@ class RemoteStorage(BaseStorage[OptionsT]):
             return
         driver = self.here()
         if not driver.options.coalesce:
-            _check_keys(self.name, keys)
-            unique_keys = _unique(keys)
+            unique_keys = _unique(_sendable(self.name, keys))
+            if not unique_keys:
+                return
             await driver._ordered_write(
                 unique_keys,
                 lambda: driver._call(driver._remove_many, unique_keys, len(unique_keys), "remove"),
@@ -649,11 +657,11 @@ class RemoteStorage(BaseStorage[OptionsT]):
         writes, self._writes = self._writes, _Pending()
         adds, self._adds = self._adds, _Pending()
         removes, self._removes = self._removes, _Pending()
-        _reject_bad_keys(self.name, reads, _same)
-        _reject_bad_keys(self.name, writes, _entry_key)
+        _reject_bad_keys(self.name, reads, _same, _found_nothing)
+        _reject_bad_keys(self.name, writes, _entry_key, _stored_nothing)
         if adds.calls:
-            _reject_bad_keys(self.name, adds, _entry_key)
-        _reject_bad_keys(self.name, removes, _same)
+            _reject_bad_keys(self.name, adds, _entry_key, _stored_nothing)
+        _reject_bad_keys(self.name, removes, _same, _removed_nothing)
         if reads.calls:
             self._flushing.add(reads)  # settled by close() if this task never gets to them
         if writes.calls or adds.calls or removes.calls:
@@ -952,27 +960,59 @@ def _key_error(storage: str, key: str) -> InvalidKeyError | None:
     return None
 
 
-def _check_keys(storage: str, keys: Sequence[str]) -> None:
-    for key in keys:
-        error = _key_error(storage, key)
-        if error is not None:
-            raise error
+def _sendable(storage: str, keys: Sequence[str]) -> list[str]:
+    """``keys`` without the ones no driver can send (they can never be stored)."""
+    return [k for k in keys if _key_error(storage, k) is None]
 
 
-def _reject_bad_keys(storage: str, pending: _Pending[T, Any], key_of: Callable[[T], str]) -> None:
-    """Fail, alone, the calls of ``pending`` that hold a key no driver can send."""
+def _sendable_entries(storage: str, entries: Sequence[Entry]) -> list[Entry]:
+    """``entries`` without the ones whose key no driver can send; ``InvalidKeyError`` if that
+    leaves none (a caller that asked to store only those must hear it cannot be done)."""
+    good = [e for e in entries if _key_error(storage, e.key) is None]
+    if not good:
+        error = _key_error(storage, entries[0].key)
+        assert error is not None
+        raise error
+    return good
+
+
+def _reject_bad_keys(
+    storage: str,
+    pending: _Pending[T, Any],
+    key_of: Callable[[T], str],
+    nothing_left: Callable[[InvalidKeyError], tuple[Any, bool]],
+) -> None:
+    """Take the keys no driver can send out of the calls of ``pending``: the rest of each
+    call goes ahead (a bad key never fails its neighbours). A call left with nothing gets
+    ``nothing_left(error)``: ``(outcome, failed)``, e.g. "nothing found" for a read."""
     if not pending.calls:
         return
-    bad = []
-    for entry in pending.calls:
-        for item in entry[0]:
+    for i, (items, sink) in enumerate(pending.calls):
+        error = None
+        for item in items:
             error = _key_error(storage, key_of(item))
             if error is not None:
-                bad.append((entry, error))
                 break
-    for entry, error in bad:
-        pending.calls.remove(entry)
-        _deliver(entry[1], error, True)
+        if error is None:
+            continue
+        good = [item for item in items if _key_error(storage, key_of(item)) is None]
+        pending.calls[i] = (good, sink)
+    for items, sink in [c for c in pending.calls if not c[0]]:
+        pending.calls.remove((items, sink))
+        outcome, failed = nothing_left(InvalidKeyError(f"storage {storage!r}: no key to send"))
+        _deliver(sink, outcome, failed)
+
+
+def _found_nothing(error: InvalidKeyError) -> tuple[Any, bool]:
+    return {}, False  # a key that cannot be stored is not stored: a miss
+
+
+def _stored_nothing(error: InvalidKeyError) -> tuple[Any, bool]:
+    return error, True  # the caller asked to store it: say it cannot be
+
+
+def _removed_nothing(error: InvalidKeyError) -> tuple[Any, bool]:
+    return None, False  # a key that cannot be stored has nothing to remove
 
 
 def _settle(

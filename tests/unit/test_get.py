@@ -267,5 +267,7 @@ async def test_stale_if_error_serves_the_last_value_without_storing_it() -> None
 )
 def test_non_positive_timeouts_are_rejected(option: str, value: object) -> None:
     meta = type("Meta", (Node.Meta,), {option: value})
-    with pytest.raises(cacheme.ConfigurationError, match=rf"Bad\.Meta\.{option} must be positive"):
+    with pytest.raises(
+        cacheme.ConfigurationError, match=rf"Bad\.Meta\.{option} must be (a )?positive"
+    ):
         type("Bad", (Node,), {"Meta": meta})

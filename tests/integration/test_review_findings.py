@@ -1,0 +1,110 @@
+"""Faults a fresh reviewer found by trying the docs, on every remote backend.
+
+- A value the node's serializer refuses raises ``EncodeError`` on every ``get``: it is not
+  kept in the local tier in front either (it used to be served from there the second time).
+- ``invalidate`` of a key no tier can store (a lone surrogate) has nothing to remove: it
+  succeeds, as ``get`` of that key loads without caching.
+- ``close_storages()`` while a loop of another thread that used the storage shuts down
+  finishes without ``CancelledError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cacheme
+from cacheme import Cache, Node
+from cacheme.serializer import JSONSerializer
+from cacheme.storages.base import RemoteStorage
+from cacheme.storages.registry import storages
+
+from .backends import BACKENDS, FACTORIES
+
+VALUES: dict[str, Any] = {}
+
+
+@pytest.fixture(params=[pytest.param(b, marks=getattr(pytest.mark, b)) for b in BACKENDS])
+async def remote(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    name: str = request.param
+    async with FACTORIES[name](tmp_path, f"review-{name}") as raw:
+        options = raw.options.model_dump(exclude_defaults=True)
+        await cacheme.register_storage("remote", cacheme.Storage(raw.url, **options))
+        await cacheme.register_storage("local", cacheme.Storage("local://tlfu", size=100))
+        try:
+            yield raw.url
+        finally:
+            await cacheme.close_storages()
+
+
+def node_class() -> type[Node]:
+    class Thing(Node):
+        def __init__(self, k: str) -> None:
+            self.k = k
+
+        def key(self) -> str:
+            return f"review:{self.k}"
+
+        async def load(self) -> Any:
+            return VALUES[self.k]
+
+        class Meta(Node.Meta):
+            version = "v1"
+            caches = [
+                Cache(storage="local", ttl=timedelta(seconds=30)),
+                Cache(storage="remote", ttl=timedelta(seconds=30)),
+            ]
+            serializer = JSONSerializer()
+
+    return Thing
+
+
+async def test_a_value_the_serializer_refuses_is_never_served_from_memory(remote: str) -> None:
+    thing = node_class()
+    VALUES["lock"] = {"lock": threading.Lock()}
+    for _ in range(3):
+        with pytest.raises(cacheme.EncodeError):
+            await cacheme.get(thing("lock"))
+    assert cacheme.stats(thing).load_count() == 3
+
+
+async def test_invalidate_of_a_key_no_tier_can_store_succeeds(remote: str) -> None:
+    thing = node_class()
+    VALUES["a\ud800b"] = 1
+    assert await cacheme.get(thing("a\ud800b")) == 1
+    await cacheme.invalidate(thing("a\ud800b"))
+    storage = storages()["remote"]
+    assert isinstance(storage, RemoteStorage) and not storage.breaker_open
+
+
+async def test_close_while_another_threads_loop_shuts_down(remote: str) -> None:
+    thing = node_class()
+    VALUES["t"] = 1
+    used = threading.Event()
+    done = threading.Event()
+
+    def worker() -> None:
+        async def work() -> None:
+            await cacheme.get(thing("t"))
+            used.set()
+            await asyncio.to_thread(done.wait)
+
+        asyncio.run(work())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert await asyncio.to_thread(used.wait, 10)
+        closing = asyncio.ensure_future(cacheme.close_storages())
+        await asyncio.sleep(0)
+        done.set()  # the worker's loop shuts down while the close runs
+        await asyncio.wait_for(closing, 10)  # no CancelledError, no hang
+    finally:
+        done.set()
+        await asyncio.to_thread(thread.join, 10)
