@@ -26,7 +26,7 @@ def unavailable(service: str, url: str, error: BaseException) -> NoReturn:
 
     reason = (
         f"{service} not reachable at {redact(url)} ({type(error).__name__}: {error}); "
-        f"start it (see README, 'Test servers') or set the URL variable"
+        f"start it (see docs/development.md, 'Test servers') or set the URL variable"
     )
     if REQUIRE:
         pytest.fail(f"CACHEME_REQUIRE_SERVICES=1 but {reason}", pytrace=False)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 # Query parameters that drivers accept as credentials (e.g. ?password=..., ?authSource is not).
 _SECRET_PARAM = re.compile(r"pass|pwd|secret|token|credential|apikey|api_key", re.IGNORECASE)
+# "scheme:" as RFC 3986 (and urlsplit) reads it, and the end of an authority ("//...").
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+_AUTHORITY_END = re.compile(r"[/?#]")
 
 
 def scheme_of(url: str) -> str:
@@ -29,22 +32,34 @@ def secrets_of(url: str) -> set[str]:
 def redact(url: str) -> str:
     """``url`` with its password and secret query values replaced by ``***``.
 
-    Works on multi-host URLs too (``mongodb://u:pw@h1:27017,h2:27018/db``); the rest of the
-    URL is kept exactly as written.
+    Works on multi-host URLs too (``mongodb://u:pw@h1:27017,h2:27018/db``). Only the secrets
+    change: the rest of the URL is kept character for character, so a URL without credentials
+    comes back unchanged (``sqlite:////var/cache/app.db`` keeps its four slashes).
     """
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    userinfo, at, hosts = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{hosts}"
-    query = parts.query
+    # Cut the URL as urlsplit does (scheme, "//" authority up to the first "/?#", path,
+    # "?" query, "#" fragment), but never re-join it with urlunsplit, which rewrites paths
+    # of URLs without a host ("sqlite:///rel.db" came back as "sqlite:/rel.db").
+    scheme = _SCHEME.match(url)
+    head = scheme.group(0) if scheme else ""
+    rest = url[len(head) :]
+    netloc = ""
+    if rest.startswith("//"):
+        end = _AUTHORITY_END.search(rest, 2)
+        cut = end.start() if end else len(rest)
+        netloc, rest = rest[2:cut], rest[cut:]
+        userinfo, at, hosts = netloc.rpartition("@")
+        if at and ":" in userinfo:
+            netloc = f"{userinfo.split(':', 1)[0]}:***@{hosts}"
+        head += "//" + netloc
+    rest, hash_, fragment = rest.partition("#")
+    path, question, query = rest.partition("?")
     if query:
         pieces = []
         for piece in query.split("&"):
             name, eq, _ = piece.partition("=")
             pieces.append(f"{name}=***" if eq and _SECRET_PARAM.search(unquote(name)) else piece)
         query = "&".join(pieces)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return f"{head}{path}{question}{query}{hash_}{fragment}"
 
 
 def scrub(text: str, url: str) -> str:
