@@ -16,7 +16,7 @@ from typing import Any, TypeVar, overload
 from . import backplane, freshness, runtime
 from . import node as _node
 from .errors import ConfigurationError, InvalidKeyError, StorageError
-from .flight import Call
+from .flight import join_all
 from .metrics import StatsSnapshot, snapshot
 from .node import Config, Node
 from .stats import NodeStats
@@ -138,7 +138,7 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
     rec = cfg.stats
     rec.requests += len(nodes)
     results: list[Any] = [None] * len(nodes)
-    pending: dict[str, list[int]] = {}
+    missed: list[int] = []  # positions the front tiers did not answer
     front = cfg.front
     for i, key in enumerate(keys):
         for tier in front:
@@ -151,34 +151,28 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
                 results[i] = value
                 break
         else:
-            pending.setdefault(key, []).append(i)
-    if not pending:
+            missed.append(i)
+    if not missed:
         return results
     rt = runtime.current()
-    flights = rt.flights
-    calls: dict[str, Call] = {}
-    waiters: list[asyncio.Future[Any]] = []
-    started: dict[str, Node] = {}
-    for key, where in pending.items():
-        call = flights.get(key)
-        if call is None:
-            call = flights.start(key)
-            started[key] = nodes[where[0]]
-            rec.coalesced += len(where) - 1
-        else:
-            rec.coalesced += len(where)
-        calls[key] = call
-        waiters.append(call.join())
-    if started:
-        Walk(cfg, rt, started, {k: calls[k] for k in started}, None).start()
-    # Plain futures: gather wraps none of them in a task.
-    outcomes = await asyncio.gather(*waiters)
-    for where, (value, source) in zip(pending.values(), outcomes, strict=True):
-        for i in where:
-            results[i] = value
+    # The first position of each key (no list per key: every object kept alive while the
+    # loads run is work for the garbage collector).
+    first: dict[str, int] = {}
+    for i in missed:
+        first.setdefault(keys[i], i)
+    calls, outcome = join_all(rt.flights, first)
+    # Every request that missed the front tiers joined a flight, except one per flight begun.
+    rec.coalesced += len(missed) - len(calls)
+    if calls:
+        Walk(cfg, rt, {k: nodes[first[k]] for k in calls}, calls, None).start()
+    outcomes = await outcome
+    tier_hits = rec.tier_hits
+    for i in missed:
+        value, source = outcomes[keys[i]]
+        results[i] = value
         if source >= 0:
-            rec.hits += len(where)
-            rec.tier_hits[source] += len(where)
+            rec.hits += 1
+            tier_hits[source] += 1
     return results
 
 

@@ -14,7 +14,8 @@ A table belongs to one event loop (``runtime.Runtime``): futures never cross loo
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Union
 
 # Where a value came from: the index of the tier that held it, or one of these.
 LOADED = -1  # load() ran (a miss)
@@ -23,30 +24,72 @@ STALE = -2  # load() failed; a stale value was served (a miss)
 Outcome = tuple[Any, int]  # (value, source)
 
 
+class Group:
+    """One caller waiting on many calls at once (``get_all``): one future for all of them.
+
+    The future gets the outcomes by key once every call is settled, or the first error;
+    cancelling it affects none of the calls or their other waiters.
+    """
+
+    __slots__ = ("future", "left", "outcomes")
+
+    def __init__(self, size: int) -> None:
+        self.future: asyncio.Future[dict[str, Outcome]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.outcomes: dict[str, Outcome] = {}
+        self.left = size
+
+    def settle(self, key: str, outcome: Outcome) -> None:
+        self.outcomes[key] = outcome
+        self.left -= 1
+        if self.left == 0 and not self.future.done():
+            self.future.set_result(self.outcomes)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            if isinstance(error, asyncio.CancelledError):
+                self.future.cancel()
+            else:
+                self.future.set_exception(error)
+
+
+# A waiter: a caller's own future, or the group of a get_all.
+Waiter = Union["asyncio.Future[Outcome]", Group]
+
+
 class Call:
-    """One in-flight fetch of one key, and the futures of its waiters."""
+    """One in-flight fetch of one key, and its waiters."""
 
-    __slots__ = ("first", "others", "stale")
+    __slots__ = ("first", "key", "others", "stale")
 
-    def __init__(self) -> None:
-        # The first waiter's future, and a list only when more join (most calls have one).
-        self.first: asyncio.Future[Outcome] | None = None
-        self.others: list[asyncio.Future[Outcome]] | None = None
+    def __init__(self, key: str) -> None:
+        self.key = key
+        # The first waiter, and a list only when more join (most calls have one).
+        self.first: Waiter | None = None
+        self.others: list[Waiter] | None = None
         self.stale = False  # set by forget(): the result must not be written or remembered
+
+    def _add(self, waiter: Waiter) -> None:
+        if self.first is None:
+            self.first = waiter
+        elif self.others is None:
+            self.others = [waiter]
+        else:
+            self.others.append(waiter)
 
     def join(self) -> asyncio.Future[Outcome]:
         """A new future that gets this call's outcome; cancelling it affects nobody else."""
         fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        if self.first is None:
-            self.first = fut
-        elif self.others is None:
-            self.others = [fut]
-        else:
-            self.others.append(fut)
+        self._add(fut)
         return fut
 
-    def _take(self) -> list[asyncio.Future[Outcome]]:
-        waiters = [] if self.first is None else [self.first]
+    def join_group(self, group: Group) -> None:
+        """Hand this call's outcome to ``group``, under this call's key."""
+        self._add(group)
+
+    def _take(self) -> list[Waiter]:
+        waiters: list[Waiter] = [] if self.first is None else [self.first]
         if self.others:
             waiters += self.others
         self.first = self.others = None
@@ -54,23 +97,27 @@ class Call:
 
     def resolve(self, outcome: Outcome) -> None:
         first = self.first
-        if self.others is None and first is not None:  # the common case: one waiter
-            self.first = None
+        if self.others is None and isinstance(first, asyncio.Future):
+            self.first = None  # the common case: one caller's future
             if not first.done():
                 first.set_result(outcome)
             return
-        for fut in self._take():
-            if not fut.done():
-                fut.set_result(outcome)
+        for waiter in self._take():
+            if isinstance(waiter, Group):
+                waiter.settle(self.key, outcome)
+            elif not waiter.done():
+                waiter.set_result(outcome)
 
     def reject(self, error: BaseException) -> None:
         cancelled = isinstance(error, asyncio.CancelledError)
-        for fut in self._take():
-            if not fut.done():
+        for waiter in self._take():
+            if isinstance(waiter, Group):
+                waiter.fail(error)
+            elif not waiter.done():
                 if cancelled:
-                    fut.cancel()
+                    waiter.cancel()
                 else:
-                    fut.set_exception(error)
+                    waiter.set_exception(error)
 
 
 class Flights:
@@ -89,7 +136,7 @@ class Flights:
 
     def start(self, key: str) -> Call:
         """Register a new call for ``key`` (replacing none: check ``get`` first)."""
-        call = self._calls[key] = Call()
+        call = self._calls[key] = Call(key)
         return call
 
     def settle(self, key: str, call: Call, outcome: Outcome) -> None:
@@ -116,3 +163,22 @@ class Flights:
     def _drop(self, key: str, call: Call) -> None:
         if self._calls.get(key) is call:
             del self._calls[key]
+
+
+def join_all(
+    flights: Flights, keys: Iterable[str]
+) -> tuple[dict[str, Call], asyncio.Future[dict[str, Outcome]]]:
+    """Join (or start) the call of each of ``keys`` (distinct) for one caller.
+
+    Returns the calls this started, by key (the caller starts their walk), and one future
+    that gets every key's outcome, by key.
+    """
+    keys = list(keys)
+    group = Group(len(keys))
+    started: dict[str, Call] = {}
+    for key in keys:
+        call = flights.get(key)
+        if call is None:
+            call = started[key] = flights.start(key)
+        call.join_group(group)
+    return started, group.future

@@ -51,7 +51,7 @@ import msgpack
 
 from . import backplane, runtime, tags
 from .errors import ConfigurationError, DecodeError, EncodeError, StorageError
-from .flight import Call
+from .flight import Call, join_all
 from .storages.base import MISS, Entry
 from .tiers import RemoteTier, Tier, warn
 
@@ -650,7 +650,7 @@ def trigger(
     todo = {k: n for k, n in nodes.items() if k not in table}
     if not todo:
         return
-    calls = {k: Call() for k in todo}
+    calls = {k: Call(k) for k in todo}
     table.update(calls)
     cfg.stats.refreshes += len(todo)
     rt.spawn(_refresh(cfg, rt, todo, calls, names, loader))
@@ -781,27 +781,17 @@ async def get_all(nodes: list[Node], cfg: Config, keys: list[str]) -> list[Any]:
         trigger(cfg, by_key, _names(cfg, by_key), None)
     if pending:
         rt = runtime.current()
-        flights = rt.flights
-        started: dict[str, Node] = {}
-        calls: dict[str, Call] = {}
         names = _names(cfg, {k: nodes[where[0]] for k, where in pending.items()})
-        waiters = []
-        for key, where in pending.items():
-            call = flights.get(key)
-            if call is None:
-                call = flights.start(key)
-                started[key] = nodes[where[0]]
-                rec.coalesced += len(where) - 1
-            else:
-                rec.coalesced += len(where)
-            calls[key] = call
-            waiters.append(call.join())
-        if started:
-            walk = Walk(cfg, rt, started, {k: calls[k] for k in started}, None)
+        calls, outcome = join_all(rt.flights, pending)
+        rec.coalesced += sum(len(where) for where in pending.values()) - len(calls)
+        if calls:
+            started = {k: nodes[pending[k][0]] for k in calls}
+            walk = Walk(cfg, rt, started, calls, None)
             walk.fresh = Pass(cfg, walk, names)
             walk.start()
-        outcomes = await asyncio.gather(*waiters)
-        for where, (st, source) in zip(pending.values(), outcomes, strict=True):
+        outcomes = await outcome
+        for key, where in pending.items():
+            st, source = outcomes[key]
             for i in where:
                 stamps[i] = st
             if source >= 0:
