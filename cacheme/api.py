@@ -93,11 +93,14 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None) -> Any:
     flights = rt.flights
     call = flights.get(key)
     if call is None:
-        call = flights.start(key)
-        waiter = call.join()
         if cfg.lease is None:
-            KeyWalk(cfg, rt, key, node, call, loader).start()
+            walk = KeyWalk(key, cfg, rt, node, loader)
+            flights.put(key, walk)
+            waiter = walk.join()
+            walk.start()
         else:
+            call = flights.start(key)
+            waiter = call.join()
             Walk(cfg, rt, {key: node}, {key: call}, loader).start()
     else:
         rec.coalesced += 1

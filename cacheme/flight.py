@@ -139,6 +139,10 @@ class Flights:
         call = self._calls[key] = Call(key)
         return call
 
+    def put(self, key: str, call: Call) -> None:
+        """Register ``call`` (a ``Call`` or a subclass) for ``key`` (check ``get`` first)."""
+        self._calls[key] = call
+
     def settle(self, key: str, call: Call, outcome: Outcome) -> None:
         call.resolve(outcome)
         self._drop(key, call)

@@ -28,7 +28,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ConfigurationError, DecodeError, EncodeError, StorageError, StorageTimeoutError
 from .serializer import Serializer
@@ -41,6 +41,14 @@ logger = logging.getLogger("cacheme")
 
 ReadResult = dict[str, Any] | StorageError | None
 Done = Callable[[ReadResult], None]
+
+
+class Reader(Protocol):
+    """What ``Tier.read_into`` reports to (``walk.KeyWalk`` is one)."""
+
+    def arrived(self, found: ReadResult) -> None: ...
+
+    def delivered(self, raw: Any) -> None: ...
 
 
 class Tier(ABC):
@@ -68,6 +76,17 @@ class Tier(ABC):
     @abstractmethod
     def read(self, keys: Sequence[str], done: Done) -> None:
         """Look ``keys`` up; call ``done`` exactly once (see the module docstring)."""
+
+    def read_into(self, keys: Sequence[str], reader: Reader) -> None:
+        """``read``, for a reader object: a local tier calls ``reader.arrived(result)``; a
+        remote tier has its storage call ``reader.delivered(raw)``, which must hand the raw
+        answer to ``accept`` and the result to ``arrived`` (no closure, no relay object)."""
+        self.read(keys, reader.arrived)
+
+    def accept(self, raw: Any) -> ReadResult:
+        """A remote tier's raw storage answer (values by key, or an exception) as a
+        ``read`` result; local tiers never produce one."""
+        raise NotImplementedError(f"tier {self.name!r} answers reads itself")
 
     @abstractmethod
     def write(self, values: dict[str, Any]) -> tuple[Awaitable[Any] | None, dict[str, Exception]]:
@@ -159,6 +178,12 @@ class RemoteTier(Tier):
             self.storage.read_many(keys, _Relay(self, done))
         except StorageError as exc:
             done(self._failed(exc, "read"))
+
+    def read_into(self, keys: Sequence[str], reader: Reader) -> None:
+        try:
+            self.storage.read_many(keys, reader)
+        except StorageError as exc:
+            reader.arrived(self._failed(exc, "read"))
 
     def accept(self, raw: Any) -> ReadResult:
         """The storage's answer (values by key, or an exception) as a ``read`` result."""

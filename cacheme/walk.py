@@ -37,21 +37,21 @@ Loader = Callable[[], Awaitable[Any]]
 _STALE_KEEP = 10_000  # last-good values kept per node for stale-if-error
 
 
-class KeyWalk:
+class KeyWalk(Call):
     """The walk of one key for ``get``: the same steps as ``Walk``, without its per-key
-    dictionaries (a ``get`` is the common case, and every object it keeps alive while the
-    load runs is work for the garbage collector)."""
+    dictionaries, and itself the key's flight and the reader of its remote tiers (a ``get``
+    is the common case, and every object it keeps alive while the load runs is work for the
+    garbage collector)."""
 
-    __slots__ = ("call", "cfg", "failed", "index", "key", "loader", "mark", "node", "rt")
+    __slots__ = ("cfg", "failed", "index", "loader", "mark", "node", "rt")
 
     def __init__(
-        self, cfg: Config, rt: Runtime, key: str, node: Node, call: Call, loader: Loader | None
+        self, key: str, cfg: Config, rt: Runtime, node: Node, loader: Loader | None
     ) -> None:
+        super().__init__(key)
         self.cfg = cfg
         self.rt = rt
-        self.key = key
         self.node = node
-        self.call = call
         self.loader = loader
         self.index = 0
         self.failed = 0  # bit i: tier i failed (open) during this walk
@@ -68,9 +68,13 @@ class KeyWalk:
     def _next(self) -> None:
         tiers = self.cfg.tiers
         if self.index < len(tiers):
-            tiers[self.index].read((self.key,), self.arrived)
+            tiers[self.index].read_into((self.key,), self)
         else:
             self.rt.spawn(self._load())
+
+    def delivered(self, raw: Any) -> None:
+        """A remote tier's storage answered (see ``Tier.read_into``)."""
+        self.arrived(self.cfg.tiers[self.index].accept(raw))
 
     def arrived(self, found: dict[str, Any] | StorageError | None) -> None:
         try:
@@ -96,7 +100,7 @@ class KeyWalk:
         if error is not None:
             self._fail(error)
         elif pending is None:
-            self.rt.flights.settle(self.key, self.call, (value, source))
+            self.rt.flights.settle(self.key, self, (value, source))
         else:
 
             def landed(fut: asyncio.Future[Any]) -> None:
@@ -104,7 +108,7 @@ class KeyWalk:
                 if error is not None:
                     self._fail(error)
                 else:
-                    self.rt.flights.settle(self.key, self.call, (value, source))
+                    self.rt.flights.settle(self.key, self, (value, source))
 
             done = pending[0][1]
             if len(pending) > 1:
@@ -119,7 +123,7 @@ class KeyWalk:
         # Forgotten by invalidate()/refresh(), or another process invalidated the key since
         # this walk began (the backplane said so): what it read or loaded may be the old
         # value, so it is written nowhere.
-        if self.call.stale or backplane.changed_since(key, self.mark):
+        if self.stale or backplane.changed_since(key, self.mark):
             return None, None
         pending: list[tuple[Tier, asyncio.Future[Any]]] | None = None
         tiers = self.cfg.tiers
@@ -154,7 +158,7 @@ class KeyWalk:
     async def _load(self) -> None:
         cfg = self.cfg
         key = self.key
-        call = self.call
+        call = self
         try:
             fn = self.loader or self.node.load
             if cfg.load_timeout is not None:
@@ -217,7 +221,7 @@ class KeyWalk:
                 raise
 
     def _fail(self, exc: BaseException) -> None:
-        self.rt.flights.fail(self.key, self.call, exc)
+        self.rt.flights.fail(self.key, self, exc)
 
 
 class Walk:
