@@ -34,9 +34,7 @@ class Group:
     __slots__ = ("future", "left", "outcomes")
 
     def __init__(self, size: int) -> None:
-        self.future: asyncio.Future[dict[str, Outcome]] = (
-            asyncio.get_running_loop().create_future()
-        )
+        self.future: asyncio.Future[dict[str, Outcome]] = asyncio.get_running_loop().create_future()
         self.outcomes: dict[str, Outcome] = {}
         self.left = size
 
