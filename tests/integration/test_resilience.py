@@ -80,9 +80,7 @@ async def _isolated() -> AsyncIterator[str]:
     cacheme.set_prefix(prefix)
     try:
         yield prefix
-        running = list(runtime.current().tasks)
-        if running:
-            await asyncio.wait_for(asyncio.gather(*running, return_exceptions=True), 10)
+        await runtime.current().quiesce(10)
         assert len(runtime.current().flights) == 0, (
             f"{len(runtime.current().flights)} in-flight entries outlived the test"
         )

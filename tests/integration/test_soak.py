@@ -140,9 +140,7 @@ async def run_workload(seed: int) -> tuple[Outcomes, float]:
         task.result()  # a worker that crashed fails the test here
     elapsed = time.monotonic() - started
     # The flights of cancelled callers finish on their own; give them a moment.
-    await asyncio.wait_for(
-        asyncio.gather(*list(runtime.current().tasks), return_exceptions=True), 10
-    )
+    await runtime.current().quiesce(10)
     return out, elapsed
 
 

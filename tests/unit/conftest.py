@@ -7,7 +7,6 @@ storage and put the key prefix back.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,9 +21,7 @@ from cacheme.storages.base import LocalStorage
 async def _reset_cacheme() -> AsyncIterator[None]:
     yield
     try:
-        running = list(runtime.current().tasks)
-        if running:
-            await asyncio.wait_for(asyncio.gather(*running, return_exceptions=True), 5)
+        await runtime.current().quiesce(5)
         leaked = len(runtime.current().flights)
     finally:
         await cacheme.close_storages()
