@@ -124,7 +124,8 @@ def of_loop(loop: asyncio.AbstractEventLoop) -> Runtime | None:
 
 def live() -> list[Runtime]:
     """Every runtime whose loop is still referenced somewhere."""
-    return list(_live)
+    with _create_lock:  # another thread may be adding its loop's runtime
+        return list(_live)
 
 
 def _create(loop: asyncio.AbstractEventLoop) -> Runtime:
