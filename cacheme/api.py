@@ -199,6 +199,7 @@ async def invalidate(node: Node, cfg: Config | None = None) -> None:
         )
     key = full_key(cfg, node)
     _forget_everywhere(key)
+    backplane.note_invalidated((key,))  # for the walks of other threads' loops
     if cfg.stamped:
         freshness.forget(key)  # a background reload under way must not write it back
     cfg.last_good.pop(key, None)
@@ -214,6 +215,14 @@ async def invalidate(node: Node, cfg: Config | None = None) -> None:
         backplane.publish((key,))
         return
     outcomes = await asyncio.gather(*(op for _, op in removals), return_exceptions=True)
+    # Once the remote removals landed, drop the key from the local tiers again: a loop of
+    # another thread may have read the old remote value before they landed and put it back
+    # (and a walk begun before this point writes nothing: see backplane.changed_since).
+    with backplane.write_guard:  # see its comment
+        backplane.note_invalidated((key,))
+        for tier in cfg.tiers:
+            if tier.immediate:
+                tier.remove((key,))
     backplane.publish((key,))
     failed = []
     for (tier, _), outcome in zip(removals, outcomes, strict=True):

@@ -243,7 +243,7 @@ def _log(kind: str, message: str, *args: Any) -> None:
 
 # -- changes seen (for the core's write-back race guard) ------------------------------------
 
-_seq = 0  # messages applied so far (written by the subscriber thread only)
+_seq = 0  # changes noted so far (messages applied, this process's invalidations)
 _floor = 0  # every key counts as changed at or below... this sequence number
 _changed: dict[str, int] = {}
 
@@ -263,17 +263,31 @@ def changed_since(key: str, mark: int) -> bool:
     return _floor > mark or _changed.get(key, 0) > mark
 
 
+_changes_lock = threading.Lock()
+# Held around "has the key changed since this walk began? then write it back" and around
+# "note an invalidation, then drop the key from the local tiers", so that, across threads,
+# neither can fall between the two steps of the other.
+write_guard = threading.Lock()
+
+
 def _record_changes(keys: Sequence[str] | None) -> None:
-    """Note a change of ``keys`` (``None``: of everything). Subscriber thread only."""
+    """Note a change of ``keys`` (``None``: of everything), from any thread."""
     global _seq, _floor
-    seq = _seq + 1
-    if keys is None or len(_changed) + len(keys) > _CHANGED_MAX:
-        _changed.clear()
-        _floor = seq
-    else:
-        for key in keys:
-            _changed[key] = seq
-    _seq = seq
+    with _changes_lock:
+        seq = _seq + 1
+        if keys is None or len(_changed) + len(keys) > _CHANGED_MAX:
+            _changed.clear()
+            _floor = seq
+        else:
+            for key in keys:
+                _changed[key] = seq
+        _seq = seq
+
+
+def note_invalidated(keys: Sequence[str]) -> None:
+    """Note that this process invalidated ``keys``: a walk of another event loop (another
+    thread) that began before cannot write what it read or loaded (see ``changed_since``)."""
+    _record_changes(keys)
 
 
 # -- local tiers ----------------------------------------------------------------------------

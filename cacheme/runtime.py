@@ -78,14 +78,16 @@ class Runtime:
         """Wait, ``timeout`` seconds at most, until nothing cacheme started in this loop is
         still running: loads, and the batches of every storage driver of the loop (a flight
         whose callers were all cancelled finishes on its own). Raises ``TimeoutError``."""
-        async with asyncio.timeout(timeout) if hasattr(asyncio, "timeout") else _nothing():
-            while True:
-                running = [*self.tasks]
-                for driver in self.instances.values():
-                    running += driver._tasks
-                if not running:
-                    return
-                await asyncio.gather(*running, return_exceptions=True)
+        await asyncio.wait_for(self._drain(), timeout)
+
+    async def _drain(self) -> None:
+        while True:
+            running = [*self.tasks]
+            for driver in self.instances.values():
+                running += driver._tasks
+            if not running:
+                return
+            await asyncio.gather(*running, return_exceptions=True)
 
     async def close_instances(self) -> list[tuple[str, BaseException]]:
         """Close every storage driver this loop opened; ``(storage name, error)`` of failures."""
@@ -98,11 +100,6 @@ class Runtime:
                 instance.drop_loop()
         self.instances.clear()
         return failed
-
-
-@contextlib.asynccontextmanager
-async def _nothing() -> AsyncGenerator[None, None]:  # pragma: no cover - Python 3.10
-    yield
 
 
 def current() -> Runtime:

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import ConfigurationError, DecodeError, EncodeError, StorageError, StorageTimeoutError
+from .errors import ConfigurationError, EncodeError, StorageError, StorageTimeoutError
 from .serializer import Serializer
 from .storages.base import MISS, BaseStorage, Entry, LocalStorage, RemoteStorage
 
@@ -202,7 +202,7 @@ class RemoteTier(Tier):
         for key, data in raw.items():
             try:
                 values[key] = loads(data, value_type)
-            except DecodeError as exc:
+            except Exception as exc:  # DecodeError by contract; any other from a custom one
                 cfg.stats.decode_errors += 1
                 warn(
                     self.name,
@@ -277,7 +277,11 @@ class _Relay:
         self.done = done
 
     def delivered(self, raw: Any) -> None:
-        self.done(self.tier.accept(raw))
+        try:
+            result = self.tier.accept(raw)
+        except Exception as exc:  # never leave the reader without an answer
+            result = StorageError(f"storage {self.tier.name!r}: read failed: {exc!r}")
+        self.done(result)
 
 
 def count_failure(cfg: Config, exc: StorageError) -> None:

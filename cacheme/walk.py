@@ -74,7 +74,12 @@ class KeyWalk(Call):
 
     def delivered(self, raw: Any) -> None:
         """A remote tier's storage answered (see ``Tier.read_into``)."""
-        self.arrived(self.cfg.tiers[self.index].accept(raw))
+        try:
+            result = self.cfg.tiers[self.index].accept(raw)
+        except Exception as exc:  # never leave the flight unsettled
+            self._fail(exc)
+            return
+        self.arrived(result)
 
     def arrived(self, found: dict[str, Any] | StorageError | None) -> None:
         try:
@@ -119,6 +124,12 @@ class KeyWalk(Call):
         self, value: Any, upto: int
     ) -> tuple[list[tuple[Tier, asyncio.Future[Any]]] | None, BaseException | None]:
         """Start the writes; ``(pending writes or None, an encode error)``."""
+        with backplane.write_guard:  # see its comment
+            return self._write_guarded(value, upto)
+
+    def _write_guarded(
+        self, value: Any, upto: int
+    ) -> tuple[list[tuple[Tier, asyncio.Future[Any]]] | None, BaseException | None]:
         key = self.key
         # Forgotten by invalidate()/refresh(), or another process invalidated the key since
         # this walk began (the backplane said so): what it read or loaded may be the old
@@ -321,6 +332,12 @@ class Walk:
 
     def _writes(self) -> tuple[list[tuple[Tier, Awaitable[Any]]], dict[str, BaseException]]:
         """Start the write-backs; ``(pending writes, errors by key)``."""
+        with backplane.write_guard:  # see its comment
+            return self._writes_guarded()
+
+    def _writes_guarded(
+        self,
+    ) -> tuple[list[tuple[Tier, Awaitable[Any]]], dict[str, BaseException]]:
         errors: dict[str, BaseException] = {}
         pending: list[tuple[Tier, Awaitable[Any]]] = []
         calls = self.calls

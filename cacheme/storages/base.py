@@ -435,16 +435,19 @@ class RemoteStorage(BaseStorage[OptionsT]):
             try:
                 if rt is current:
                     await driver.close_loop()
+                elif rt.closed:
+                    pass  # that loop is shutting down: its shutdown closes its drivers
                 elif rt.loop.is_running() and not rt.loop.is_closed():
                     handed = asyncio.run_coroutine_threadsafe(driver.close_loop(), rt.loop)
                     closing = asyncio.wrap_future(handed)
                     try:
                         await asyncio.wait_for(asyncio.shield(closing), self.options.timeout)
-                    except asyncio.CancelledError:
-                        if not closing.cancelled():
-                            raise  # this task is being cancelled
-                        # That loop shut down meanwhile and cancelled our close: its own
-                        # shutdown closes its drivers (see runtime).
+                    except (asyncio.CancelledError, asyncio.TimeoutError):
+                        if not (closing.cancelled() or rt.closed or not rt.loop.is_running()):
+                            raise  # this task is being cancelled, or that loop hangs
+                        # That loop shut down meanwhile, before or while running our close:
+                        # its own shutdown closes its drivers (see runtime).
+                        driver.drop_loop()
                 else:
                     driver.drop_loop()
             except Exception as exc:
@@ -501,9 +504,8 @@ class RemoteStorage(BaseStorage[OptionsT]):
         """Values found for ``keys``; raises ``StorageError`` on failure or timeout.
 
         A key no driver can send (not encodable as UTF-8, e.g. a lone surrogate) can never
-        be stored: it reads as absent, a removal of it does nothing, and a write made only of
-        such keys fails with ``InvalidKeyError``; the other keys of the same call go ahead,
-        and none of this counts toward the breaker.
+        be stored: it reads as absent, and writes and removals of it do nothing; the other
+        keys of the same call go ahead, and none of this counts toward the breaker.
         """
         driver = self.here()
         if keys and driver.options.coalesce:
@@ -568,6 +570,8 @@ class RemoteStorage(BaseStorage[OptionsT]):
         if not entries:
             return
         unique = _last_per_key(_sendable_entries(self.name, entries))
+        if not unique:
+            return
         await self._ordered_write(
             [e.key for e in unique],
             lambda: self._call(self._set_many, unique, len(unique), "write"),
@@ -591,26 +595,31 @@ class RemoteStorage(BaseStorage[OptionsT]):
         if not entries:
             return
         unique = _first_per_key(_sendable_entries(self.name, entries))
+        if not unique:
+            return
         await self._ordered_write(
             [e.key for e in unique],
             lambda: self._call(self._add_many, unique, len(unique), "write"),
         )
 
-    async def remove_many(self, keys: Sequence[str]) -> None:
-        """Delete ``keys``; ordered after every write already issued to this storage."""
+    def remove_many(self, keys: Sequence[str]) -> Awaitable[None]:
+        """Delete ``keys``; ordered after every write already issued to this storage.
+
+        The removal is queued when this is called, not when it is awaited: a read issued
+        afterwards (even in the same event-loop turn) waits for it.
+        """
         if not keys:
-            return
+            return _completed(None)
         driver = self.here()
         if not driver.options.coalesce:
             unique_keys = _unique(_sendable(self.name, keys))
             if not unique_keys:
-                return
-            await driver._ordered_write(
+                return _completed(None)
+            return driver._ordered(
                 unique_keys,
                 lambda: driver._call(driver._remove_many, unique_keys, len(unique_keys), "remove"),
             )
-            return
-        await driver._submit(driver._removes, keys)
+        return driver._submit(driver._removes, keys)
 
     @property
     def breaker_open(self) -> bool:
@@ -740,47 +749,35 @@ class RemoteStorage(BaseStorage[OptionsT]):
         adds: _Pending[Entry, None],
         removes: _Pending[str, None],
     ) -> None:
+        # Every write, add and removal of the turn is registered (per key, in that order)
+        # before anything is awaited: a later read or write of one of its keys waits for it,
+        # and a removal waits only for the writes of its own keys, never for unrelated ones.
+        jobs: list[Awaitable[None]] = []
+        if writes.calls:
+            jobs.append(self._flush_writes(writes, self._set_many, _last_per_key))
         if adds.calls:
-            if writes.calls:  # both at once; the writes registered first (see add_many)
-                await asyncio.gather(
-                    self._flush_writes(writes, self._set_many, _last_per_key),
-                    self._flush_writes(adds, self._add_many, _first_per_key),
-                )
-            else:
-                await self._flush_writes(adds, self._add_many, _first_per_key)
-        elif writes.calls:
-            await self._flush_writes(writes, self._set_many, _last_per_key)
+            jobs.append(self._flush_writes(adds, self._add_many, _first_per_key))
         if removes.calls:
             keys = _unique([k for items, _ in removes.calls for k in items])
-            # Ordered after the writes of these keys, and registered so that later reads and
-            # writes of them wait for it.
-            removed = await self._ordered_write(
-                keys, lambda: self._chunked(self._remove_many, keys, "remove")
-            )
-            failed_keys = {
-                k: r for chunk, r in removed if isinstance(r, BaseException) for k in chunk
-            }
-            _settle(
-                removes,
-                lambda items: next((failed_keys[k] for k in items if k in failed_keys), None),
-            )
+            removal = self._ordered(keys, lambda: self._chunked(self._remove_many, keys, "remove"))
+            jobs.append(_settle_removes(removes, removal))
+        if len(jobs) == 1:
+            await jobs[0]
+        else:
+            await asyncio.gather(*jobs)
 
-    async def _flush_writes(
+    def _flush_writes(
         self,
         pending: _Pending[Entry, None],
         op: Callable[[Sequence[Entry]], Awaitable[None]],
         pick: Callable[[Sequence[Entry]], list[Entry]],
-    ) -> None:
-        """Run the queued writes (or adds) of ``pending`` with ``op``, ordered per key, and
-        settle each call; ``pick`` keeps one entry per key (the last write, the first add)."""
+    ) -> Awaitable[None]:
+        """Register the queued writes (or adds) of ``pending`` with ``op``, ordered per key;
+        the awaitable settles each call. ``pick`` keeps one entry per key (the last write,
+        the first add)."""
         entries = pick([e for items, _ in pending.calls for e in items])
-        results = await self._ordered_write(
-            [e.key for e in entries], lambda: self._write_isolating(entries, op)
-        )
-        failed = {e.key: r for chunk, r in results if isinstance(r, BaseException) for e in chunk}
-        _settle(
-            pending, lambda items: next((failed[e.key] for e in items if e.key in failed), None)
-        )
+        task = self._ordered([e.key for e in entries], lambda: self._write_isolating(entries, op))
+        return _settle_writes(pending, task)
 
     async def _write_isolating(
         self, entries: list[Entry], op: Callable[[Sequence[Entry]], Awaitable[None]]
@@ -805,12 +802,9 @@ class RemoteStorage(BaseStorage[OptionsT]):
                 out.append((chunk, result))
         return out
 
-    async def _ordered_write(self, keys: list[str], op: Callable[[], Awaitable[T]]) -> T:
-        """Run ``op`` (a write of ``keys``) after the writes already issued for those keys.
-
-        The task is registered before this coroutine first awaits, so issue order is kept;
-        it is shielded, so a cancelled caller does not leave a half-known write behind.
-        """
+    def _ordered(self, keys: list[str], op: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
+        """Start ``op`` (a write or removal of ``keys``) after the writes and removals already
+        issued for those keys, and register it at once, so that what comes later waits."""
         before = {id(f): f for k in keys if (f := self._key_writes.get(k)) is not None}
 
         async def run() -> T:
@@ -829,7 +823,12 @@ class RemoteStorage(BaseStorage[OptionsT]):
                     del key_writes[key]
 
         task.add_done_callback(forget)
-        return await asyncio.shield(task)
+        return task
+
+    async def _ordered_write(self, keys: list[str], op: Callable[[], Awaitable[T]]) -> T:
+        """``_ordered``, awaited; shielded, so a cancelled caller does not leave a half-known
+        write behind."""
+        return await asyncio.shield(self._ordered(keys, op))
 
     async def _after_writes(self, keys: Sequence[str]) -> None:
         """Wait for the writes already issued for ``keys``."""
@@ -966,14 +965,8 @@ def _sendable(storage: str, keys: Sequence[str]) -> list[str]:
 
 
 def _sendable_entries(storage: str, entries: Sequence[Entry]) -> list[Entry]:
-    """``entries`` without the ones whose key no driver can send; ``InvalidKeyError`` if that
-    leaves none (a caller that asked to store only those must hear it cannot be done)."""
-    good = [e for e in entries if _key_error(storage, e.key) is None]
-    if not good:
-        error = _key_error(storage, entries[0].key)
-        assert error is not None
-        raise error
-    return good
+    """``entries`` without the ones whose key no driver can send (never stored)."""
+    return [e for e in entries if _key_error(storage, e.key) is None]
 
 
 def _reject_bad_keys(
@@ -1008,11 +1001,33 @@ def _found_nothing(error: InvalidKeyError) -> tuple[Any, bool]:
 
 
 def _stored_nothing(error: InvalidKeyError) -> tuple[Any, bool]:
-    return error, True  # the caller asked to store it: say it cannot be
+    return None, False  # a key that cannot be stored is never stored: it reads as absent
 
 
 def _removed_nothing(error: InvalidKeyError) -> tuple[Any, bool]:
     return None, False  # a key that cannot be stored has nothing to remove
+
+
+def _completed(value: T) -> asyncio.Future[T]:
+    fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    fut.set_result(value)
+    return fut
+
+
+async def _settle_writes(
+    pending: _Pending[Entry, None], task: asyncio.Task[list[tuple[list[Entry], Any]]]
+) -> None:
+    results = await asyncio.shield(task)
+    failed = {e.key: r for chunk, r in results if isinstance(r, BaseException) for e in chunk}
+    _settle(pending, lambda items: next((failed[e.key] for e in items if e.key in failed), None))
+
+
+async def _settle_removes(
+    pending: _Pending[str, None], task: asyncio.Task[list[tuple[list[str], Any]]]
+) -> None:
+    removed = await asyncio.shield(task)
+    failed = {k: r for chunk, r in removed if isinstance(r, BaseException) for k in chunk}
+    _settle(pending, lambda items: next((failed[k] for k in items if k in failed), None))
 
 
 def _settle(

@@ -105,3 +105,61 @@ async def test_a_get_racing_invalidate_never_brings_the_old_value_back(
         # Once invalidate returned and the racing get is done, only the new value is served.
         assert await cacheme.get(node_cls(k)) == 2, f"round {round_}: the old value came back"
         assert await cacheme.get(node_cls(k)) == 2
+
+
+async def test_a_removal_is_queued_when_invalidate_is_called(remote: RemoteStorage[Any]) -> None:
+    """A get issued in the same turn right after invalidate (behind an unrelated read that
+    opened the turn's batch) reads after the removal, not before it."""
+    node_cls = item_class()
+    for round_ in range(10):
+        k = f"same-turn-{round_}-{uuid.uuid4().hex[:6]}"
+        SOURCE[k] = 1
+        SOURCE[f"{k}-other"] = 0
+        assert await cacheme.get(node_cls(k)) == 1
+        SOURCE[k] = 2
+        other = asyncio.ensure_future(cacheme.get(node_cls(f"{k}-other")))
+        removal = asyncio.ensure_future(cacheme.invalidate(node_cls(k)))
+        racing = asyncio.ensure_future(cacheme.get(node_cls(k)))
+        await asyncio.gather(other, removal, racing)
+        assert await cacheme.get(node_cls(k)) == 2, f"round {round_}: the old value came back"
+
+
+async def test_many_rounds_of_invalidate_among_concurrent_readers(
+    remote: RemoteStorage[Any],
+) -> None:
+    """20 readers (get and get_all) on 5 keys; each writer bumps its key's source,
+    invalidates, and must then read at least the new value, 100 times per key."""
+    node_cls = item_class()
+    tag = uuid.uuid4().hex[:6]
+    keys = [f"{tag}-{i}" for i in range(5)]
+    for k in keys:
+        SOURCE[k] = 0
+    stop = asyncio.Event()
+    stale: list[tuple[str, int, int]] = []
+
+    async def reader(seed: int) -> None:
+        i = seed
+        while not stop.is_set():
+            i += 1
+            if i % 2:
+                await cacheme.get(node_cls(keys[i % 5]))
+            else:
+                await cacheme.get_all([node_cls(keys[i % 5]), node_cls(keys[(i * 7) % 5])])
+            await asyncio.sleep(0)
+
+    async def writer(k: str) -> None:
+        for _ in range(100):
+            SOURCE[k] += 1
+            wanted = SOURCE[k]
+            await cacheme.invalidate(node_cls(k))
+            got = await cacheme.get(node_cls(k))
+            if got < wanted:
+                stale.append((k, got, wanted))
+
+    readers = [asyncio.ensure_future(reader(n)) for n in range(20)]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(writer(k) for k in keys)), 60)
+    finally:
+        stop.set()
+        await asyncio.gather(*readers)
+    assert not stale, stale[:5]

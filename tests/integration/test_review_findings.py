@@ -108,3 +108,30 @@ async def test_close_while_another_threads_loop_shuts_down(remote: str) -> None:
     finally:
         done.set()
         await asyncio.to_thread(thread.join, 10)
+
+
+async def test_a_serializer_raising_outside_its_contract_never_hangs_a_key(remote: str) -> None:
+    """``loads`` must raise only DecodeError; one that raises something else is treated as
+    undecodable (reloaded), never left with its flight unsettled."""
+
+    class Broken(JSONSerializer):
+        def loads(self, data: bytes, value_type: Any = Any) -> Any:
+            raise ValueError("corrupt")
+
+    class Odd(Node):
+        def key(self) -> str:
+            return "review:odd"
+
+        async def load(self) -> int:
+            return 1
+
+        class Meta(Node.Meta):
+            version = "v1"
+            caches = [Cache(storage="remote", ttl=timedelta(seconds=30))]
+            serializer = Broken()
+
+    assert await cacheme.get(Odd()) == 1
+    for _ in range(3):
+        assert await asyncio.wait_for(cacheme.get(Odd()), 5) == 1
+        assert await asyncio.wait_for(cacheme.get_all([Odd()]), 5) == [1]
+    assert cacheme.stats(Odd).decode_error_count() >= 6
