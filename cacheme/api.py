@@ -15,7 +15,7 @@ from typing import Any, TypeVar, overload
 
 from . import backplane, freshness, runtime
 from . import node as _node
-from .errors import ConfigurationError, InvalidKeyError, StorageError
+from .errors import ConfigurationError, StorageError
 from .flight import join_all
 from .metrics import StatsSnapshot, snapshot
 from .node import Config, Node
@@ -226,8 +226,6 @@ async def invalidate(node: Node, cfg: Config | None = None) -> None:
     backplane.publish((key,))
     failed = []
     for (tier, _), outcome in zip(removals, outcomes, strict=True):
-        if isinstance(outcome, InvalidKeyError):
-            continue  # a key no tier can store was never stored: nothing to remove
         if isinstance(outcome, StorageError):
             count_failure(cfg, outcome)
             failed.append((tier.name, outcome))

@@ -10,7 +10,7 @@ Every exception cacheme raises on purpose is a ``CachemeError``::
     ├── StorageError                            a tier failed (connection, protocol, server)
     │   ├── StorageTimeoutError (also TimeoutError)  a tier did not answer within its timeout
     │   ├── StorageUnavailableError             the tier's circuit breaker is open
-    │   └── InvalidKeyError (also ValueError)   one key no driver can send (e.g. not UTF-8)
+    │   └── InvalidKeyError (also ValueError)   kept for callers; no longer raised (see below)
     ├── SerializationError
     │   ├── EncodeError (also TypeError)        a value the node's serializer cannot encode
     │   └── DecodeError                         stored bytes that cannot be decoded
@@ -58,8 +58,9 @@ class StorageUnavailableError(StorageError):
 class InvalidKeyError(StorageError, ValueError):
     """A key that no remote tier can store (it does not encode as UTF-8).
 
-    It fails only the operation that carries the key, never its neighbours in a batch, and
-    never counts toward the circuit breaker: the server was not at fault.
+    cacheme no longer raises it: such a key is never stored, so it reads as absent and its
+    writes and removals do nothing, never failing its neighbours or counting toward the
+    breaker. The class stays importable for code written against the version that did.
     """
 
 

@@ -53,7 +53,7 @@ from . import backplane, runtime, tags
 from .errors import ConfigurationError, DecodeError, EncodeError, StorageError
 from .flight import Call, join_all
 from .storages.base import MISS, Entry
-from .tiers import RemoteTier, Tier, warn
+from .tiers import RemoteTier, Tier, undecodable
 
 if TYPE_CHECKING:
     from .node import Cache, Config, Node
@@ -487,15 +487,8 @@ class Pass:
                 continue
             try:
                 st, recorded = decode(data, loads)
-            except DecodeError as exc:
-                cfg.stats.decode_errors += 1
-                warn(
-                    tier.name,
-                    cfg.name,
-                    "decode",
-                    f"cacheme: node {cfg.name}: entry {key!r} in storage {tier.name!r} cannot "
-                    f"be decoded ({exc}); reloading it",
-                )
+            except Exception as exc:  # DecodeError by contract; any other from a custom one
+                undecodable(cfg, tier.name, key, exc)
                 continue
             if p.tagged:
                 expected = self.tagkeys[key]

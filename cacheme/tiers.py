@@ -203,14 +203,7 @@ class RemoteTier(Tier):
             try:
                 values[key] = loads(data, value_type)
             except Exception as exc:  # DecodeError by contract; any other from a custom one
-                cfg.stats.decode_errors += 1
-                warn(
-                    self.name,
-                    cfg.name,
-                    "decode",
-                    f"cacheme: node {cfg.name}: entry {key!r} in storage {self.name!r} "
-                    f"cannot be decoded ({exc}); reloading it",
-                )
+                undecodable(cfg, self.name, key, exc)
         return values
 
     def write(self, values: dict[str, Any]) -> tuple[Awaitable[Any] | None, dict[str, Exception]]:
@@ -282,6 +275,20 @@ class _Relay:
         except Exception as exc:  # never leave the reader without an answer
             result = StorageError(f"storage {self.tier.name!r}: read failed: {exc!r}")
         self.done(result)
+
+
+def undecodable(cfg: Config, storage: str, key: str, exc: BaseException) -> None:
+    """Count and log an entry of ``storage`` that cannot be decoded: it is read as a miss,
+    then reloaded and overwritten. ``exc`` is a ``DecodeError`` by the serializer contract,
+    or whatever a serializer outside it raised."""
+    cfg.stats.decode_errors += 1
+    warn(
+        storage,
+        cfg.name,
+        "decode",
+        f"cacheme: node {cfg.name}: entry {key!r} in storage {storage!r} cannot be decoded "
+        f"({exc}); reloading it",
+    )
 
 
 def count_failure(cfg: Config, exc: StorageError) -> None:

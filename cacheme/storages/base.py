@@ -34,7 +34,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import runtime
 from ..errors import (
-    InvalidKeyError,
     StorageError,
     StorageTimeoutError,
     StorageUnavailableError,
@@ -63,13 +62,6 @@ class Entry(NamedTuple):
     key: str
     value: bytes
     ttl_ms: int | None
-
-
-def ttl_to_ms(ttl: timedelta | None) -> int | None:
-    """A tier TTL as whole milliseconds, never rounding a positive TTL down to zero."""
-    if ttl is None:
-        return None
-    return max(1, round(ttl.total_seconds() * 1000))
 
 
 class StorageOptions(BaseModel):
@@ -533,7 +525,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
         asyncio.ensure_future(driver._get_many_now(keys)).add_done_callback(settle)
 
     async def _get_many_now(self, keys: Sequence[str]) -> dict[str, bytes]:
-        unique = _unique(_sendable(self.name, keys))
+        unique = _unique(_sendable(keys))
         if not unique:
             return {}
         if self._key_writes:  # writes or removals of these keys still under way
@@ -550,7 +542,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
         if not keys:
             return {}
         driver = self.here()
-        unique = _unique(_sendable(self.name, keys))
+        unique = _unique(_sendable(keys))
         if not unique:
             return {}
         return await driver._call(driver._ttl_many, unique, len(unique), "read")
@@ -569,7 +561,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
     async def _set_many_now(self, entries: Sequence[Entry]) -> None:
         if not entries:
             return
-        unique = _last_per_key(_sendable_entries(self.name, entries))
+        unique = _last_per_key(_sendable_entries(entries))
         if not unique:
             return
         await self._ordered_write(
@@ -594,7 +586,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
     async def _add_many_now(self, entries: Sequence[Entry]) -> None:
         if not entries:
             return
-        unique = _first_per_key(_sendable_entries(self.name, entries))
+        unique = _first_per_key(_sendable_entries(entries))
         if not unique:
             return
         await self._ordered_write(
@@ -612,7 +604,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
             return _completed(None)
         driver = self.here()
         if not driver.options.coalesce:
-            unique_keys = _unique(_sendable(self.name, keys))
+            unique_keys = _unique(_sendable(keys))
             if not unique_keys:
                 return _completed(None)
             return driver._ordered(
@@ -666,11 +658,10 @@ class RemoteStorage(BaseStorage[OptionsT]):
         writes, self._writes = self._writes, _Pending()
         adds, self._adds = self._adds, _Pending()
         removes, self._removes = self._removes, _Pending()
-        _reject_bad_keys(self.name, reads, _same, _found_nothing)
-        _reject_bad_keys(self.name, writes, _entry_key, _stored_nothing)
-        if adds.calls:
-            _reject_bad_keys(self.name, adds, _entry_key, _stored_nothing)
-        _reject_bad_keys(self.name, removes, _same, _removed_nothing)
+        _reject_bad_keys(reads, _same, {})
+        _reject_bad_keys(writes, _entry_key, None)
+        _reject_bad_keys(adds, _entry_key, None)
+        _reject_bad_keys(removes, _same, None)
         if reads.calls:
             self._flushing.add(reads)  # settled by close() if this task never gets to them
         if writes.calls or adds.calls or removes.calls:
@@ -946,66 +937,43 @@ def _entry_key(entry: Entry) -> str:
     return entry.key
 
 
-def _key_error(storage: str, key: str) -> InvalidKeyError | None:
-    """Why no driver can send ``key`` (it must encode as UTF-8), or ``None``."""
+def _sendable_key(key: str) -> bool:
+    """Whether a driver can send ``key``: it must encode as UTF-8 (no lone surrogate)."""
     if key.isascii():
-        return None
+        return True
     try:
         key.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return InvalidKeyError(
-            f"storage {storage!r}: key {key!r} cannot be stored: it is not valid UTF-8 ({exc})"
-        )
-    return None
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
-def _sendable(storage: str, keys: Sequence[str]) -> list[str]:
+def _sendable(keys: Sequence[str]) -> list[str]:
     """``keys`` without the ones no driver can send (they can never be stored)."""
-    return [k for k in keys if _key_error(storage, k) is None]
+    return [k for k in keys if _sendable_key(k)]
 
 
-def _sendable_entries(storage: str, entries: Sequence[Entry]) -> list[Entry]:
+def _sendable_entries(entries: Sequence[Entry]) -> list[Entry]:
     """``entries`` without the ones whose key no driver can send (never stored)."""
-    return [e for e in entries if _key_error(storage, e.key) is None]
+    return [e for e in entries if _sendable_key(e.key)]
 
 
 def _reject_bad_keys(
-    storage: str,
-    pending: _Pending[T, Any],
-    key_of: Callable[[T], str],
-    nothing_left: Callable[[InvalidKeyError], tuple[Any, bool]],
+    pending: _Pending[T, Any], key_of: Callable[[T], str], nothing_left: Any
 ) -> None:
     """Take the keys no driver can send out of the calls of ``pending``: the rest of each
     call goes ahead (a bad key never fails its neighbours). A call left with nothing gets
-    ``nothing_left(error)``: ``(outcome, failed)``, e.g. "nothing found" for a read."""
+    ``nothing_left``: what the operation gives for keys that cannot be stored ({} for a
+    read: a miss; None for a write or a removal: nothing to do)."""
     if not pending.calls:
         return
     for i, (items, sink) in enumerate(pending.calls):
-        error = None
-        for item in items:
-            error = _key_error(storage, key_of(item))
-            if error is not None:
-                break
-        if error is None:
+        if all(_sendable_key(key_of(item)) for item in items):
             continue
-        good = [item for item in items if _key_error(storage, key_of(item)) is None]
-        pending.calls[i] = (good, sink)
-    for items, sink in [c for c in pending.calls if not c[0]]:
-        pending.calls.remove((items, sink))
-        outcome, failed = nothing_left(InvalidKeyError(f"storage {storage!r}: no key to send"))
-        _deliver(sink, outcome, failed)
-
-
-def _found_nothing(error: InvalidKeyError) -> tuple[Any, bool]:
-    return {}, False  # a key that cannot be stored is not stored: a miss
-
-
-def _stored_nothing(error: InvalidKeyError) -> tuple[Any, bool]:
-    return None, False  # a key that cannot be stored is never stored: it reads as absent
-
-
-def _removed_nothing(error: InvalidKeyError) -> tuple[Any, bool]:
-    return None, False  # a key that cannot be stored has nothing to remove
+        pending.calls[i] = ([item for item in items if _sendable_key(key_of(item))], sink)
+    for call in [c for c in pending.calls if not c[0]]:
+        pending.calls.remove(call)
+        _deliver(call[1], nothing_left, False)
 
 
 def _completed(value: T) -> asyncio.Future[T]:
