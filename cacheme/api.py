@@ -8,7 +8,6 @@ the values back and settles every waiter. Counting follows the rules in ``stats`
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar, overload
@@ -22,7 +21,7 @@ from .node import Config, Node
 from .stats import NodeStats
 from .storages import registry
 from .storages.base import MISS
-from .tiers import count_failure
+from .tiers import failures, raised
 from .walk import KeyWalk, Loader, Walk
 
 N = TypeVar("N", bound=Node)
@@ -208,13 +207,13 @@ async def invalidate(node: Node, cfg: Config | None = None) -> None:
         try:
             pending = tier.remove((key,))
         except StorageError as exc:
-            pending = _failed_now(exc)
+            pending = raised(exc)
         if pending is not None:
             removals.append((tier, pending))
     if not removals:
         backplane.publish((key,))
         return
-    outcomes = await asyncio.gather(*(op for _, op in removals), return_exceptions=True)
+    failed = await failures(cfg, removals)
     # Once the remote removals landed, drop the key from the local tiers again: a loop of
     # another thread may have read the old remote value before they landed and put it back
     # (and a walk begun before this point writes nothing: see backplane.changed_since).
@@ -224,23 +223,12 @@ async def invalidate(node: Node, cfg: Config | None = None) -> None:
             if tier.immediate:
                 tier.remove((key,))
     backplane.publish((key,))
-    failed = []
-    for (tier, _), outcome in zip(removals, outcomes, strict=True):
-        if isinstance(outcome, StorageError):
-            count_failure(cfg, outcome)
-            failed.append((tier.name, outcome))
-        elif isinstance(outcome, BaseException):
-            raise outcome
     if failed:
         names = ", ".join(repr(name) for name, _ in failed)
         raise StorageError(
             f"invalidate of node {cfg.name} key {key!r}: storage {names} could not remove it "
             f"({failed[0][1]})"
         ) from failed[0][1]
-
-
-async def _failed_now(exc: StorageError) -> None:
-    raise exc
 
 
 def _forget_everywhere(key: str) -> None:

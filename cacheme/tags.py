@@ -23,7 +23,6 @@ of keys per tag.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 from collections.abc import Iterable, Sequence
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from . import backplane
 from .errors import ConfigurationError, StorageError
 from .storages.base import Entry
-from .tiers import RemoteTier, count_failure
+from .tiers import RemoteTier, failures, raised
 
 if TYPE_CHECKING:
     from .node import Config, Node
@@ -145,26 +144,15 @@ async def _invalidate(cfg: Config, tag: str) -> None:
             try:
                 writes.append((tier, tier.storage.set_many([Entry(key, new_token(), None)])))
             except StorageError as exc:
-                writes.append((tier, _failed_now(exc)))
-    outcomes = await asyncio.gather(*(w for _, w in writes), return_exceptions=True)
+                writes.append((tier, raised(exc)))
+    failed = await failures(cfg, writes)
     # Again: a walk that started after the first bump may have read a remote entry before
     # the new remote version landed, and copied it to a local tier under the new version.
     bump_local((key,))
     backplane.publish((key,))
-    failed = []
-    for (tier, _), outcome in zip(writes, outcomes, strict=True):
-        if isinstance(outcome, StorageError):
-            count_failure(cfg, outcome)
-            failed.append((tier.name, outcome))
-        elif isinstance(outcome, BaseException):
-            raise outcome
     if failed:
         name, error = failed[0]
         raise StorageError(
             f"invalidate of tag {tag!r} of node {cfg.name}: storage {name!r} did not take the "
             f"new version; its entries of that tag may still be served: {error}"
         ) from error
-
-
-async def _failed_now(exc: StorageError) -> None:
-    raise exc

@@ -23,6 +23,7 @@ Failures of a tier never escape as driver errors: a remote tier raises or report
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -289,6 +290,29 @@ def undecodable(cfg: Config, storage: str, key: str, exc: BaseException) -> None
         f"cacheme: node {cfg.name}: entry {key!r} in storage {storage!r} cannot be decoded "
         f"({exc}); reloading it",
     )
+
+
+async def failures(
+    cfg: Config, ops: Sequence[tuple[Tier, Awaitable[Any]]]
+) -> list[tuple[str, StorageError]]:
+    """Await one operation per tier (all at once) whatever fails; count each
+    ``StorageError`` for the node and return them with their tier's name. Any other
+    exception is raised. (For the calls that must report a tier they could not reach:
+    ``invalidate``, ``invalidate_tag``.)"""
+    outcomes = await asyncio.gather(*(op for _, op in ops), return_exceptions=True)
+    failed = []
+    for (tier, _), outcome in zip(ops, outcomes, strict=True):
+        if isinstance(outcome, StorageError):
+            count_failure(cfg, outcome)
+            failed.append((tier.name, outcome))
+        elif isinstance(outcome, BaseException):
+            raise outcome
+    return failed
+
+
+async def raised(exc: StorageError) -> None:
+    """An operation that failed before it could start, as an awaitable (see ``failures``)."""
+    raise exc
 
 
 def count_failure(cfg: Config, exc: StorageError) -> None:
