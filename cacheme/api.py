@@ -95,8 +95,7 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None) -> Any:
         if cfg.lease is None:
             walk = KeyWalk(key, cfg, rt, node, loader)
             flights.put(key, walk)
-            waiter = walk.join()
-            walk.start()
+            waiter = walk.begin(len(cfg.front))
         else:
             call = flights.start(key)
             waiter = call.join()
@@ -166,7 +165,14 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
     # Every request that missed the front tiers joined a flight, except one per flight begun.
     rec.coalesced += len(missed) - len(calls)
     if calls:
-        Walk(cfg, rt, {k: nodes[first[k]] for k in calls}, calls, None).start()
+        walk = Walk(cfg, rt, {k: nodes[first[k]] for k in calls}, calls, None)
+        direct = walk.begin(len(front))
+        if direct is not None:
+            try:
+                await direct
+            except BaseException:
+                outcome.cancel()  # this caller is gone: what the walk settles goes nowhere
+                raise
     outcomes = await outcome
     tier_hits = rec.tier_hits
     for i in missed:

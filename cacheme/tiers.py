@@ -84,14 +84,25 @@ class Tier(ABC):
         answer to ``accept`` and the result to ``arrived`` (no closure, no relay object)."""
         self.read(keys, reader.arrived)
 
+    def read_now(self, keys: Sequence[str]) -> Awaitable[Any] | None:
+        """A remote tier whose storage is idle in this loop: the raw read of ``keys`` sent at
+        once (its answer for ``accept``; it raises what a storage raises), for the caller to
+        await in its own task. ``None``: use ``read``/``read_into`` (a local tier, a busy
+        storage, or one that cannot take it)."""
+        return None
+
     def accept(self, raw: Any) -> ReadResult:
         """A remote tier's raw storage answer (values by key, or an exception) as a
         ``read`` result; local tiers never produce one."""
         raise NotImplementedError(f"tier {self.name!r} answers reads itself")
 
     @abstractmethod
-    def write(self, values: dict[str, Any]) -> tuple[Awaitable[Any] | None, dict[str, Exception]]:
-        """Store ``values``; ``(pending write or None, encode errors by key)``."""
+    def write(
+        self, values: dict[str, Any], now: bool = False
+    ) -> tuple[Awaitable[Any] | None, dict[str, Exception]]:
+        """Store ``values``; ``(pending write or None, encode errors by key)``. ``now``: the
+        caller awaits the pending write at once, in its own task, so a remote tier whose
+        storage is idle may send it from there (see ``RemoteStorage.write_now``)."""
 
     @abstractmethod
     def remove(self, keys: Sequence[str]) -> Awaitable[Any] | None:
@@ -135,7 +146,9 @@ class LocalTier(Tier):
                 found[key] = value
         done(found)
 
-    def write(self, values: dict[str, Any]) -> tuple[Awaitable[Any] | None, dict[str, Exception]]:
+    def write(
+        self, values: dict[str, Any], now: bool = False
+    ) -> tuple[Awaitable[Any] | None, dict[str, Exception]]:
         put = self.storage.set
         ttl = self.ttl
         for key, value in values.items():
@@ -186,6 +199,12 @@ class RemoteTier(Tier):
         except StorageError as exc:
             reader.arrived(self._failed(exc, "read"))
 
+    def read_now(self, keys: Sequence[str]) -> Awaitable[Any] | None:
+        try:
+            return self.storage.read_now(keys)
+        except StorageError:  # e.g. closed: read_into reports it
+            return None
+
     def accept(self, raw: Any) -> ReadResult:
         """The storage's answer (values by key, or an exception) as a ``read`` result."""
         if isinstance(raw, dict):
@@ -207,7 +226,9 @@ class RemoteTier(Tier):
                 undecodable(cfg, self.name, key, exc)
         return values
 
-    def write(self, values: dict[str, Any]) -> tuple[Awaitable[Any] | None, dict[str, Exception]]:
+    def write(
+        self, values: dict[str, Any], now: bool = False
+    ) -> tuple[Awaitable[Any] | None, dict[str, Exception]]:
         errors: dict[str, Exception] = {}
         entries = []
         dumps = self.serializer.dumps
@@ -222,6 +243,10 @@ class RemoteTier(Tier):
         if not entries:
             return None, errors
         try:
+            if now:
+                direct = self.storage.write_now(entries)
+                if direct is not None:
+                    return direct, errors
             return self.storage.set_many(entries), errors
         except StorageError as exc:  # refused before any round trip (e.g. closed)
             error = self._failed(exc, "write")

@@ -25,7 +25,7 @@ from typing import Any
 
 from . import backplane, lease
 from .errors import LoadError, LoadTimeoutError, StorageError
-from .flight import LOADED, STALE, Call
+from .flight import LOADED, STALE, Call, Outcome
 from .node import Config, Node
 from .runtime import Runtime
 from .tiers import Tier
@@ -56,6 +56,57 @@ class KeyWalk(Call):
         self.index = 0
         self.failed = 0  # bit i: tier i failed (open) during this walk
         self.mark = backplane.sequence()  # see backplane.changed_since
+
+    def begin(self, skip: int) -> Awaitable[Outcome]:
+        """Start the walk for the caller that registered it, past the first ``skip`` tiers
+        (the front tiers it already peeked); what that caller awaits.
+
+        When the first tier to read is a remote one whose storage is idle, the read runs in
+        the caller's own task (see ``RemoteStorage.read_now``): no future, no extra turn.
+        """
+        self.index = skip
+        tiers = self.cfg.tiers
+        if skip < len(tiers):
+            direct = tiers[skip].read_now((self.key,))
+            if direct is not None:
+                return self._lead(direct)
+        waiter = self.join()
+        self.start()
+        return waiter
+
+    async def _lead(self, direct: Awaitable[Any]) -> Outcome:
+        try:
+            raw = await direct
+        except asyncio.CancelledError:
+            if self.first is not None:  # others joined: read again for them
+                self.start()
+            else:
+                self._fail(asyncio.CancelledError())  # drops the flight
+            raise
+        except Exception as exc:  # a StorageError, or a driver bug: accept() sorts them
+            raw = exc
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        i = self.index
+        if i == 0 and type(raw) is dict:
+            # The usual hit of a chain that starts remote: nothing to write back, so the
+            # outcome is settled here, with no future for this caller.
+            try:
+                found = self.cfg.tiers[0].accept(raw)
+            except Exception as exc:
+                found = StorageError(f"storage {self.cfg.tiers[0].name!r}: read failed: {exc!r}")
+            if found and type(found) is dict:
+                outcome = (found[self.key], 0)
+                self.index = 1
+                self.rt.flights.settle(self.key, self, outcome)
+                return outcome
+            waiter = self.join()
+            self.arrived(found)
+            return await waiter
+        waiter = self.join()
+        self.delivered(raw)
+        return await waiter
 
     def start(self) -> None:
         try:
@@ -125,18 +176,21 @@ class KeyWalk(Call):
     ) -> tuple[list[tuple[Tier, asyncio.Future[Any]]] | None, BaseException | None]:
         """Start the writes; ``(pending writes or None, an encode error)``."""
         with backplane.write_guard:  # see its comment
-            return self._write_guarded(value, upto)
+            pending, error = self._write_guarded(value, upto, False)
+        if pending is None:
+            return None, error
+        return [(tier, asyncio.ensure_future(op)) for tier, op in pending], error
 
     def _write_guarded(
-        self, value: Any, upto: int
-    ) -> tuple[list[tuple[Tier, asyncio.Future[Any]]] | None, BaseException | None]:
+        self, value: Any, upto: int, now: bool
+    ) -> tuple[list[tuple[Tier, Awaitable[Any]]] | None, BaseException | None]:
         key = self.key
         # Forgotten by invalidate()/refresh(), or another process invalidated the key since
         # this walk began (the backplane said so): what it read or loaded may be the old
         # value, so it is written nowhere.
         if self.stale or backplane.changed_since(key, self.mark):
             return None, None
-        pending: list[tuple[Tier, asyncio.Future[Any]]] | None = None
+        pending: list[tuple[Tier, Awaitable[Any]]] | None = None
         tiers = self.cfg.tiers
         # Remote tiers first: a value their serializer refuses must not land in memory
         # either, or the next get would serve what this one failed with.
@@ -145,17 +199,22 @@ class KeyWalk(Call):
             if self.failed >> j & 1:
                 continue
             tier = tiers[j]
-            write, errors = tier.write({key: value})
+            write, errors = tier.write({key: value}, now)
             if errors:
+                if pending is not None:  # direct writes already registered: let them run
+                    for _, op in pending:
+                        task = asyncio.ensure_future(op)
+                        self.rt.tasks.add(task)
+                        task.add_done_callback(self.rt.tasks.discard)
                 return None, errors[key]
             if write is not None:
                 if pending is None:
                     pending = []
-                pending.append((tier, asyncio.ensure_future(write)))
+                pending.append((tier, write))
         return pending, None
 
     def _write_error(
-        self, pending: list[tuple[Tier, asyncio.Future[Any]]], done: asyncio.Future[Any]
+        self, pending: Sequence[tuple[Tier, asyncio.Future[Any]]], done: asyncio.Future[Any]
     ) -> BaseException | None:
         """The error of a fail-closed tier's write, if one failed."""
         for tier, fut in pending:
@@ -207,19 +266,24 @@ class KeyWalk(Call):
             if source == STALE or (keeper is not None and not keeper.admit(key)):
                 self.rt.flights.settle(key, call, (value, source))
                 return
-            pending, error = self._write(value, len(cfg.tiers))
+            # The writes are awaited right here: a remote tier may send its write from this
+            # task (no batch, no extra turn) when its storage has nothing else queued.
+            with backplane.write_guard:  # see its comment
+                pending, error = self._write_guarded(value, len(cfg.tiers), True)
             if error is not None:
                 self.rt.flights.fail(key, call, error)
                 return
             if pending is not None:
                 if len(pending) == 1:  # the usual case; gather would cost a future and more
-                    try:  # noqa: SIM105 - suppress() would be one more object per load
-                        await pending[0][1]
-                    except Exception:  # looked at by _write_error
-                        pass
+                    written, op = pending[0]
+                    try:
+                        await op
+                    except Exception as exc:
+                        error = written.write_failed(exc)
                 else:
-                    await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
-                error = self._write_error(pending, pending[0][1])
+                    futures = [(t, asyncio.ensure_future(op)) for t, op in pending]
+                    await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
+                    error = self._write_error(futures, futures[0][1])
                 if error is not None:
                     self.rt.flights.fail(key, call, error)
                     return
@@ -287,6 +351,42 @@ class Walk:
             self._fail_all(exc)  # the callers joined first: they get it
             if not isinstance(exc, Exception):
                 raise
+
+    def begin(self, skip: int) -> Awaitable[None] | None:
+        """``start``, past the first ``skip`` tiers (the front tiers its caller already
+        peeked). When the first tier to read is a remote one whose storage is idle, the read
+        is returned for the caller to await in its own task (see ``KeyWalk.begin``); the
+        rest of the walk goes on from there as usual."""
+        self.index = skip
+        tiers = self.cfg.tiers
+        if self.fresh is None and skip < len(tiers):
+            tier = tiers[skip]
+            direct = tier.read_now(self.missing)
+            if direct is not None:
+                return self._lead(tier, direct)
+        self.start()
+        return None
+
+    async def _lead(self, tier: Tier, direct: Awaitable[Any]) -> None:
+        try:
+            raw = await direct
+        except asyncio.CancelledError:
+            if any(call.others is not None for call in self.calls.values()):
+                self.start()  # others joined: read again for them
+            else:
+                self._fail_all(asyncio.CancelledError())  # drops the flights
+            raise
+        except Exception as exc:  # a StorageError, or a driver bug: accept() sorts them
+            raw = exc
+        except BaseException as exc:
+            self._fail_all(exc)
+            raise
+        try:
+            result = tier.accept(raw)
+        except Exception as exc:  # never leave the calls unsettled
+            self._fail_all(exc)
+            return
+        self._arrived(result)
 
     def reload(self) -> None:
         """Skip the tiers: load every key and write it everywhere (``refresh``)."""

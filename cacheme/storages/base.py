@@ -274,6 +274,11 @@ class RemoteStorage(BaseStorage[OptionsT]):
         self._adds: _Pending[Entry, None] = _Pending()
         self._removes: _Pending[str, None] = _Pending()
         self._flush_scheduled = False
+        self._reading = 0  # reads under way (queued batches and direct reads)
+        self._writing = 0  # write, add and removal batches under way, direct writes too
+        # The deadlines of the round trips under way: close() brings them forward, so that
+        # an operation running in a caller's own task (read_now, write_now) ends at once.
+        self._deadlines: set[Any] = set()  # asyncio.Timeout (3.11+)
         # The latest write task of each key with a write under way: later writes and removes
         # of the key wait for it, so what lands last on the server is what was issued last.
         self._key_writes: dict[str, asyncio.Future[Any]] = {}
@@ -457,6 +462,9 @@ class RemoteStorage(BaseStorage[OptionsT]):
             self._abandon(pending)
         for task in list(self._tasks):
             task.cancel()
+        now = asyncio.get_running_loop().time()
+        for deadline in list(self._deadlines):
+            deadline.reschedule(now)  # an operation in a caller's task: it fails at once
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         # A runner cancelled before its first step never ran: settle its calls here.
@@ -524,6 +532,41 @@ class RemoteStorage(BaseStorage[OptionsT]):
 
         asyncio.ensure_future(driver._get_many_now(keys)).add_done_callback(settle)
 
+    def read_now(self, keys: Sequence[str]) -> Awaitable[dict[str, bytes]] | None:
+        """The read of ``keys``, sent at once from the caller's own task, when this loop's
+        driver is idle: no read under way, nothing queued in this turn, no write or removal
+        of these keys under way, every key sendable. ``None`` otherwise: then queue it
+        (``read_many``).
+
+        A lone caller thus pays one round trip and no extra loop turn; under load, reads
+        are always under way, so they keep coalescing per turn. Raises like ``get_many``.
+        """
+        driver = self.here()
+        if (
+            driver._reading
+            or not driver.options.coalesce
+            or driver._reads.calls
+            or driver._writes.calls  # queued in this turn, before this read: they go first
+            or driver._adds.calls
+            or driver._removes.calls
+            or driver._closed
+            or driver._dead
+            or sys.version_info < (3, 11)  # close() could not end it early (see _call)
+        ):
+            return None
+        key_writes = driver._key_writes
+        for key in keys:
+            if key in key_writes or not _sendable_key(key):
+                return None
+        return driver._read_direct(keys)
+
+    async def _read_direct(self, keys: Sequence[str]) -> dict[str, bytes]:
+        self._reading += 1
+        try:
+            return await self._call(self._get_many, keys, len(keys), "read")
+        finally:
+            self._reading -= 1
+
     async def _get_many_now(self, keys: Sequence[str]) -> dict[str, bytes]:
         unique = _unique(_sendable(keys))
         if not unique:
@@ -568,6 +611,51 @@ class RemoteStorage(BaseStorage[OptionsT]):
             [e.key for e in unique],
             lambda: self._call(self._set_many, unique, len(unique), "write"),
         )
+
+    def write_now(self, entries: Sequence[Entry]) -> Awaitable[None] | None:
+        """The write of ``entries``, sent at once from the caller's own task, when this loop's
+        driver has no write, add or removal queued or under way and every key is sendable;
+        ``None`` otherwise (then use ``set_many``, which coalesces per turn).
+
+        The write is registered for ordering when this is called (later reads and writes
+        of its keys wait for it), so the returned awaitable must be awaited (or wrapped in
+        a task) at once. Raises like ``set_many``; an entry the server refuses fails alone.
+        """
+        driver = self.here()
+        if (
+            driver._writing  # under load, writes keep coalescing per turn
+            or not driver.options.coalesce
+            or driver._writes.calls
+            or driver._adds.calls
+            or driver._removes.calls
+            or driver._closed
+            or driver._dead
+            or sys.version_info < (3, 11)  # close() could not end it early (see _call)
+        ):
+            return None
+        key_writes = driver._key_writes
+        for entry in entries:
+            if entry.key in key_writes or not _sendable_key(entry.key):
+                return None
+        unique = _last_per_key(entries)
+        marker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for entry in unique:
+            key_writes[entry.key] = marker
+        return driver._write_direct(unique, marker)
+
+    async def _write_direct(self, entries: list[Entry], marker: asyncio.Future[None]) -> None:
+        self._writing += 1
+        try:
+            for _, result in await self._write_isolating(entries, self._set_many):
+                if isinstance(result, BaseException):
+                    raise result
+        finally:
+            self._writing -= 1
+            marker.set_result(None)
+            key_writes = self._key_writes
+            for entry in entries:
+                if key_writes.get(entry.key) is marker:
+                    del key_writes[entry.key]
 
     def add_many(self, entries: Sequence[Entry]) -> Awaitable[None]:
         """Store each entry only if its key is absent (or expired); return nothing.
@@ -666,6 +754,9 @@ class RemoteStorage(BaseStorage[OptionsT]):
             self._flushing.add(reads)  # settled by close() if this task never gets to them
         if writes.calls or adds.calls or removes.calls:
             self._flushing |= {writes, adds, removes}
+            # Counted from now (not when _run_writes starts): no direct write may slip in
+            # before this turn's writes register their keys.
+            self._writing += 1
             if not reads.calls:
                 await self._run_writes(writes, adds, removes)
                 return
@@ -684,6 +775,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
         task.add_done_callback(self._tasks.discard)
 
     async def _run_reads(self, pending: _Pending[str, dict[str, bytes]]) -> None:
+        self._reading += 1
         try:
             calls = pending.calls
             if len(calls) == 1:
@@ -714,6 +806,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
                 else:
                     _deliver(sink, {k: found[k] for k in items if k in found}, False)
         finally:
+            self._reading -= 1
             self._abandon(pending)  # no-op unless cancelled (close) before settling
             self._flushing.discard(pending)
 
@@ -726,6 +819,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
         try:
             await self._write_then_remove(writes, adds, removes)
         finally:
+            self._writing -= 1  # counted by _run_turn
             # On cancellation (close), the calls are still unsettled: fail them.
             self._abandon(writes)
             self._abandon(adds)
@@ -875,11 +969,20 @@ class RemoteStorage(BaseStorage[OptionsT]):
         stats.round_trips += 1
         try:
             if sys.version_info >= (3, 11):  # asyncio.timeout: no task per operation
-                async with asyncio.timeout(self.options.timeout):
-                    result = await op(items)
+                async with asyncio.timeout(self.options.timeout) as deadline:
+                    deadlines = self._deadlines
+                    deadlines.add(deadline)
+                    try:
+                        result = await op(items)
+                    finally:
+                        deadlines.discard(deadline)
             else:  # pragma: no cover - Python 3.10
                 result = await asyncio.wait_for(op(items), self.options.timeout)
         except Exception as exc:
+            if self._closed:
+                raise StorageError(
+                    f"storage {self.name!r} was closed before the operation finished"
+                ) from exc
             if isinstance(exc, (asyncio.TimeoutError, TimeoutError, *self.timeout_errors)):
                 stats.timeouts += 1
                 self._failed()

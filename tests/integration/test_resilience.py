@@ -951,6 +951,9 @@ async def test_load_timeout_fails_every_waiter_then_loads_again(shared_redis: st
         assert isinstance(result, cacheme.LoadTimeoutError), result
         assert isinstance(result, TimeoutError) and isinstance(result, cacheme.CachemeError)
     assert node.__qualname__ in str(results[0]) and "0.05" in str(results[0])
+    # get_all fails at its first error; key 2's own load (a turn behind key 1's, which was
+    # read in the caller's task) times out just after: then no flight is left.
+    await runtime.current().quiesce(0.05 + MARGIN)
     assert len(runtime.current().flights) == 0
     node.delay = 0.0
     assert await bounded(cacheme.get(node(1))) == value_of(1)
@@ -1329,3 +1332,196 @@ async def test_failures_are_logged_naming_storage_and_node(
     on_corrupt.error = RuntimeError("the source is down")
     assert await bounded(cacheme.get(on_corrupt(1))) == value_of(1)  # stale
     assert records("LoggedCorruptNode", "stale"), caplog.text
+
+
+# -- 12. A round trip in the caller's own task (an idle storage) -----------------------------
+# A lone get/get_all reads from its own task, and a load writes back from its own, when the
+# storage has nothing else queued or under way (RemoteStorage.read_now / write_now). These
+# break that path: its caller cancelled, a close during it, and the ordering it must keep.
+
+# Keeps the Redis server busy for ARGV[1] milliseconds (a real server that answers late).
+BUSY = """
+local t = redis.call('TIME')
+local start = t[1] * 1000000 + t[2]
+while true do
+    t = redis.call('TIME')
+    if t[1] * 1000000 + t[2] - start > ARGV[1] * 1000 then return 1 end
+end
+"""
+
+
+async def _busy_for(url: str, ms: int) -> asyncio.Task[Any]:
+    """Start blocking the server for ``ms`` milliseconds; returns once it is blocked."""
+
+    async def run() -> None:
+        async with raw_redis(url) as client:
+            await client.eval(BUSY, 0, ms)
+
+    task = asyncio.ensure_future(run())
+    await asyncio.sleep(0.05)
+    return task
+
+
+def _driver(name: str) -> RemoteStorage[Any]:
+    return remote(name).here()
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("stored", [True, False], ids=["hit", "miss"])
+async def test_cancelled_lone_reader_leaves_its_joiners_served(
+    redis_server: RedisServer, stored: bool
+) -> None:
+    url = redis_server.url()
+    await cacheme.register_storage("r", cacheme.Storage(url, timeout=3))
+    node = item_class(cacheme.Cache(storage="r", ttl=timedelta(minutes=5)))
+    if stored:
+        assert await bounded(cacheme.get(node(1))) == value_of(1)
+        node.loads = 0
+    busy = await _busy_for(url, 300)
+    leader = asyncio.ensure_future(cacheme.get(node(1)))
+    await asyncio.sleep(0.02)
+    driver = _driver("r")
+    assert driver._reading == 1 and not driver._tasks, "the read runs in the caller's task"
+    joiner = asyncio.ensure_future(cacheme.get(node(1)))
+    await asyncio.sleep(0.02)
+    leader.cancel()
+    assert await bounded(joiner) == value_of(1)
+    await busy
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    assert node.loads == (0 if stored else 1)
+    assert await bounded(cacheme.get(node(1))) == value_of(1)
+
+
+@pytest.mark.redis
+async def test_cancelled_lone_reader_alone_leaves_no_flight(redis_server: RedisServer) -> None:
+    url = redis_server.url()
+    await cacheme.register_storage("r", cacheme.Storage(url, timeout=3))
+    node = item_class(cacheme.Cache(storage="r", ttl=timedelta(minutes=5)))
+    busy = await _busy_for(url, 200)
+    leader = asyncio.ensure_future(cacheme.get(node(1)))
+    await asyncio.sleep(0.02)
+    leader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+    assert len(runtime.current().flights) == 0
+    assert node.loads == 0
+    await busy
+    assert await bounded(cacheme.get(node(1))) == value_of(1)
+    assert node.loads == 1
+
+
+@pytest.mark.redis
+async def test_cancelled_get_all_leaves_a_joined_get_served(redis_server: RedisServer) -> None:
+    url = redis_server.url()
+    await cacheme.register_storage("r", cacheme.Storage(url, timeout=3))
+    node = item_class(cacheme.Cache(storage="r", ttl=timedelta(minutes=5)))
+    assert await bounded(cacheme.get(node(2))) == value_of(2)
+    busy = await _busy_for(url, 300)
+    batch = asyncio.ensure_future(cacheme.get_all([node(i) for i in range(4)]))
+    await asyncio.sleep(0.02)
+    assert _driver("r")._reading == 1
+    joiners = [asyncio.ensure_future(cacheme.get(node(i))) for i in (1, 2)]
+    await asyncio.sleep(0.02)
+    batch.cancel()
+    assert await bounded(asyncio.gather(*joiners)) == [value_of(1), value_of(2)]
+    await busy
+    with pytest.raises(asyncio.CancelledError):
+        await batch
+    assert await bounded(cacheme.get_all([node(i) for i in range(4)])) == [
+        value_of(i) for i in range(4)
+    ]
+
+
+@pytest.mark.redis
+async def test_read_after_a_write_back_from_the_load_task_sees_it(
+    redis_server: RedisServer,
+) -> None:
+    """The write-back sent from the load's task is registered when issued: a read of the
+    key sent while it is under way waits for it (the server could otherwise answer the read
+    first, from another connection)."""
+    url = redis_server.url()
+    await cacheme.register_storage("r", cacheme.Storage(url, timeout=3))
+    blocked: list[asyncio.Task[Any]] = []
+    loaded = asyncio.Event()
+
+    class Blocking(Item):
+        _cacheme_abstract = True
+
+        async def load(self) -> str:
+            blocked.append(await _busy_for(url, 300))  # the write-back will wait on it
+            loaded.set()
+            return value_of(self.i)
+
+    meta = type(
+        "Meta",
+        (cacheme.Node.Meta,),
+        {
+            "version": "v1",
+            "caches": [cacheme.Cache(storage="r", ttl=timedelta(minutes=5))],
+            "serializer": MSGPACK,
+        },
+    )
+    node = type("Item", (Blocking,), {"Meta": meta, "__module__": __name__})
+    getter = asyncio.ensure_future(cacheme.get(node(7)))
+    await bounded(loaded.wait())
+    await asyncio.sleep(0.02)  # the write-back is sent, the server still busy
+    driver = _driver("r")
+    assert full_key(7) in driver._key_writes
+    found = await bounded(driver.get_many([full_key(7)]))
+    assert MSGPACK.loads(found[full_key(7)], str) == value_of(7)
+    assert await bounded(getter) == value_of(7)
+    await blocked[0]
+
+
+@pytest.mark.redis
+async def test_a_write_queued_in_this_turn_goes_before_a_lone_read(shared_redis: str) -> None:
+    await cacheme.register_storage("r", cacheme.Storage(shared_redis, timeout=3))
+    node = item_class(cacheme.Cache(storage="r", ttl=timedelta(minutes=5)))
+    assert await bounded(cacheme.get(node(3))) == value_of(3)
+    storage = remote("r")
+    from cacheme.storages.base import Entry
+
+    write = storage.set_many([Entry(full_key(3), MSGPACK.dumps("newer"), 60_000)])
+    assert await bounded(cacheme.get(node(3))) == "newer"
+    await write
+    removal = storage.remove_many([full_key(3)])
+    assert await bounded(cacheme.get(node(3))) == value_of(3)  # reloaded, not the old entry
+    await removal
+    assert node.loads == 2
+
+
+@pytest.mark.redis
+async def test_close_storages_during_a_write_back_from_the_load_task(tmp_path: Path) -> None:
+    async with real_server("redis", tmp_path) as (url, port, _), Proxy(port) as proxy:
+        await cacheme.register_storage(
+            "closing", cacheme.Storage(with_port(url, proxy.port), timeout=5)
+        )
+
+        class Hanging(Item):
+            _cacheme_abstract = True
+
+            async def load(self) -> str:
+                proxy.hang()  # the write-back that follows never gets an answer
+                return value_of(self.i)
+
+        meta = type(
+            "Meta",
+            (cacheme.Node.Meta,),
+            {
+                "version": "v1",
+                "caches": [cacheme.Cache(storage="closing", ttl=timedelta(minutes=5))],
+                "serializer": MSGPACK,
+            },
+        )
+        node = type("Item", (Hanging,), {"Meta": meta, "__module__": __name__})
+        getter = asyncio.ensure_future(cacheme.get(node(1)))
+        await asyncio.sleep(0.2)
+        assert not getter.done()
+        assert full_key(1) in _driver("closing")._key_writes
+        started = time.monotonic()
+        await bounded(cacheme.close_storages(), 3)
+        value = await bounded(getter, 3)
+        elapsed = time.monotonic() - started
+    assert value == value_of(1)  # fail-open: the failed write-back does not fail the caller
+    assert elapsed < 1.0, f"caller released {elapsed:.3f}s after close_storages()"
