@@ -69,18 +69,17 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None) -> Any:
     key = node.key()
     if type(key) is not str:
         full_key(cfg, node)  # raises, naming the node
-    key = f"{_node._prefix}:{key}:{cfg.version}"
+    key = f"{cfg.key_head}{key}{cfg.key_tail}"
     if cfg.stamped:  # refresh-ahead, negative entries, tags...: see freshness
         return await freshness.fetch(node, cfg, loader, key)
     rec = cfg.stats
-    rec.requests += 1
     peek = cfg.peek  # the first tier's lookup when it answers at once (the hot path)
     if peek is not None:
         value = peek(key)
         if value is not MISS:
-            rec.hits += 1
-            rec.tier_hits[0] += 1
+            rec.peek_hits += 1  # a request, and a hit of tier 0
             return value
+        rec.requests += 1
         for tier in cfg.front[1:]:
             value = tier.peek(key)
             if value is not MISS:
@@ -88,6 +87,8 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None) -> Any:
                 rec.tier_hits[tier.index] += 1
                 _copy_forward(cfg, tier.index, key, value)
                 return value
+    else:
+        rec.requests += 1
     rt = runtime.current()
     flights = rt.flights
     call = flights.get(key)
@@ -133,7 +134,12 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
                 f"{type(other).__qualname__}"
             )
     cfg = config_of(cls)
-    keys = [full_key(cfg, n) for n in nodes]
+    names = [n.key() for n in nodes]
+    for i, name in enumerate(names):
+        if type(name) is not str:
+            full_key(cfg, nodes[i])  # raises, naming the node
+    head, tail = cfg.key_head, cfg.key_tail
+    keys = [f"{head}{name}{tail}" for name in names]
     if cfg.stamped:
         return await freshness.get_all(nodes, cfg, keys)  # type: ignore[arg-type]
     rec = cfg.stats

@@ -95,10 +95,13 @@ class Call:
 
     def resolve(self, outcome: Outcome) -> None:
         first = self.first
-        if self.others is None and isinstance(first, asyncio.Future):
-            self.first = None  # the common case: one caller's future
-            if not first.done():
-                first.set_result(outcome)
+        if self.others is None:  # the common case: one waiter
+            self.first = None
+            if isinstance(first, asyncio.Future):
+                if not first.done():
+                    first.set_result(outcome)
+            elif first is not None:
+                first.settle(self.key, outcome)
             return
         for waiter in self._take():
             if isinstance(waiter, Group):

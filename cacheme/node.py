@@ -39,6 +39,7 @@ def set_prefix(prefix: str) -> None:
     if not isinstance(prefix, str) or not prefix:
         raise ConfigurationError(f"set_prefix takes a non-empty string, got {prefix!r}")
     _prefix = prefix
+    registry.generation += 1  # node configurations take it up (Config.key_head) at next use
 
 
 def get_prefix() -> str:
@@ -165,7 +166,14 @@ class Config:
         self.generation = -1
         self.tiers: tuple[Tier, ...] = ()
         self.front: tuple[Tier, ...] = ()  # the leading tiers that answer without waiting
+        # The order write-backs go in: remote tiers first (a value their serializer refuses
+        # must not land in memory either), then local ones; indices into ``tiers``.
+        self.write_order: tuple[int, ...] = ()
         self.peek: Callable[[str], Any] | None = None  # front[0]'s lookup, bound once
+        # A full key is key_head + node.key() + key_tail: "{prefix}:" and ":{version}".
+        self.key_head = ""
+        self.key_tail = ""
+
         # Last loaded values for stale-if-error: key -> (value, monotonic deadline).
         self.last_good: OrderedDict[str, tuple[Any, float]] = OrderedDict()
 
@@ -178,6 +186,7 @@ class Config:
         derived._typed = False
         derived.generation = -1
         derived.tiers = ()
+        derived.write_order = ()
         derived.front = ()
         derived.peek = None
         return derived
@@ -202,8 +211,11 @@ class Config:
                 break
             front.append(tier)
         self.tiers = tiers
+        self.write_order = tuple(sorted(range(len(tiers)), key=lambda j: tiers[j].immediate))
         self.front = tuple(front)
         self.peek = front[0].peek_function() if front else None
+        self.key_head = f"{_prefix}:"
+        self.key_tail = f":{self.version}"
         self.generation = registry.generation
 
     def same_settings(self, other: Config) -> bool:

@@ -44,6 +44,7 @@ class Recorder:
         "load_successes",
         "load_time_ns",
         "negative_hits",
+        "peek_hits",
         "refresh_failures",
         "refreshes",
         "requests",
@@ -59,6 +60,9 @@ class Recorder:
         self.tier_hits = [0] * len(tier_names)  # by tier index
         self.requests = 0
         self.hits = 0
+        # Requests answered by the first tier on get's hot path: each is a request and a hit
+        # of tier 0 (one counter there instead of three; added in at snapshot time).
+        self.peek_hits = 0
         self.coalesced = 0
         self.load_successes = 0
         self.load_failures = 0
@@ -73,12 +77,13 @@ class Recorder:
 
     def snapshot(self) -> NodeStats:
         by_name: dict[str, int] = {}
-        for name, count in zip(self.tier_names, self.tier_hits, strict=True):
-            by_name[name] = by_name.get(name, 0) + count
+        peek_hits = self.peek_hits
+        for index, (name, count) in enumerate(zip(self.tier_names, self.tier_hits, strict=True)):
+            by_name[name] = by_name.get(name, 0) + count + (peek_hits if index == 0 else 0)
         return NodeStats(
             tier_hits=by_name,
-            requests=self.requests,
-            hits=self.hits,
+            requests=self.requests + peek_hits,
+            hits=self.hits + peek_hits,
             coalesced=self.coalesced,
             load_successes=self.load_successes,
             load_failures=self.load_failures,

@@ -152,6 +152,9 @@ class KeyWalk(Call):
 
     def _store(self, value: Any, source: int, upto: int) -> None:
         """Write ``value`` to the tiers before ``upto`` that did not fail, then settle."""
+        if upto == 0:  # found in the first tier: nothing to write back
+            self.rt.flights.settle(self.key, self, (value, source))
+            return
         pending, error = self._write(value, upto)
         if error is not None:
             self._fail(error)
@@ -194,9 +197,8 @@ class KeyWalk(Call):
         tiers = self.cfg.tiers
         # Remote tiers first: a value their serializer refuses must not land in memory
         # either, or the next get would serve what this one failed with.
-        order = sorted(range(upto), key=lambda j: tiers[j].immediate)
-        for j in order:
-            if self.failed >> j & 1:
+        for j in self.cfg.write_order:
+            if j >= upto or self.failed >> j & 1:
                 continue
             tier = tiers[j]
             write, errors = tier.write({key: value}, now)

@@ -22,6 +22,7 @@ from .base import MISS, LocalStorage, StorageOptions
 from .url import scheme_of
 
 _MAX_TTL_NS = 2**63 - 1
+_DRAIN = 64  # accesses buffered before they go to the policy (a constant: read per hit)
 
 
 class LocalOptions(StorageOptions):
@@ -57,7 +58,6 @@ class TinyLFUStorage(LocalStorage[LocalOptions]):
     """
 
     options_model = LocalOptions
-    _DRAIN = 64
 
     def __init__(self, name: str, url: str, options: LocalOptions) -> None:
         super().__init__(name, url, options)
@@ -77,7 +77,7 @@ class TinyLFUStorage(LocalStorage[LocalOptions]):
             return MISS
         reads = self._reads
         reads.append(key)
-        if len(reads) >= self._DRAIN:
+        if len(reads) >= _DRAIN:
             self._core.access([spread(hash(k)) for k in reads])
             reads.clear()
         return entry[0]
@@ -94,7 +94,7 @@ class TinyLFUStorage(LocalStorage[LocalOptions]):
         self._map[key] = (value, monotonic_ns() + ttl_ns if ttl_ns else 0)
         self._drop(self._core.set([(h, ttl_ns)]))
         self._writes += 1
-        if self._writes >= self._DRAIN:
+        if self._writes >= _DRAIN:
             self._writes = 0
             self._drop(self._core.advance())
 
