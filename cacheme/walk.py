@@ -193,27 +193,34 @@ class KeyWalk(Call):
         # value, so it is written nowhere.
         if self.stale or backplane.changed_since(key, self.mark):
             return None, None
-        pending: list[tuple[Tier, Awaitable[Any]]] | None = None
+        pending: list[tuple[Tier, Awaitable[Any]]] = []
         tiers = self.cfg.tiers
         # Remote tiers first: a value their serializer refuses must not land in memory
         # either, or the next get would serve what this one failed with.
-        for j in self.cfg.write_order:
-            if j >= upto or self.failed >> j & 1:
-                continue
-            tier = tiers[j]
-            write, errors = tier.write({key: value}, now)
-            if errors:
-                if pending is not None:  # direct writes already registered: let them run
-                    for _, op in pending:
-                        task = asyncio.ensure_future(op)
-                        self.rt.tasks.add(task)
-                        task.add_done_callback(self.rt.tasks.discard)
-                return None, errors[key]
-            if write is not None:
-                if pending is None:
-                    pending = []
-                pending.append((tier, write))
-        return pending, None
+        try:
+            for j in self.cfg.write_order:
+                if j >= upto or self.failed >> j & 1:
+                    continue
+                tier = tiers[j]
+                write, errors = tier.write({key: value}, now)
+                if errors:
+                    self._run_aside(pending)
+                    return None, errors[key]
+                if write is not None:
+                    pending.append((tier, write))
+        except BaseException:
+            self._run_aside(pending)
+            raise
+        return pending or None, None
+
+    def _run_aside(self, pending: list[tuple[Tier, Awaitable[Any]]]) -> None:
+        """Run writes already issued (a direct write holds its keys' place in the storage's
+        order until it has run) in tasks of their own, their outcome ignored."""
+        for _, op in pending:
+            task = asyncio.ensure_future(op)
+            self.rt.tasks.add(task)
+            task.add_done_callback(self.rt.tasks.discard)
+            task.add_done_callback(_discard)  # its caller has already failed otherwise
 
     def _write_error(
         self, pending: Sequence[tuple[Tier, asyncio.Future[Any]]], done: asyncio.Future[Any]

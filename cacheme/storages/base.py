@@ -464,7 +464,8 @@ class RemoteStorage(BaseStorage[OptionsT]):
             task.cancel()
         now = asyncio.get_running_loop().time()
         for deadline in list(self._deadlines):
-            deadline.reschedule(now)  # an operation in a caller's task: it fails at once
+            if not deadline.expired():  # an expiring one fails on its own
+                deadline.reschedule(now)  # an operation in a caller's task: it fails at once
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         # A runner cancelled before its first step never ran: settle its calls here.
@@ -956,9 +957,20 @@ class RemoteStorage(BaseStorage[OptionsT]):
                 )
             # Half-open: this call is the one trial; others stay rejected until it settles.
             breaker.open_until = time.monotonic() + self.options.breaker_cooldown
+            trial = True
+        else:
+            trial = False
         if not self._connected:
             try:
                 await self._ensure_connected()
+            except asyncio.CancelledError:
+                cancelling = getattr(asyncio.current_task(), "cancelling", None)  # 3.11+
+                if self._closed and cancelling is not None and not cancelling():
+                    # close() cancelled the shared connect attempt, not this caller
+                    raise StorageError(
+                        f"storage {self.name!r} was closed before the operation finished"
+                    ) from None
+                raise
             except StorageError as exc:
                 if isinstance(exc, StorageTimeoutError):
                     stats.timeouts += 1
@@ -974,6 +986,10 @@ class RemoteStorage(BaseStorage[OptionsT]):
                     deadlines.add(deadline)
                     try:
                         result = await op(items)
+                    except asyncio.CancelledError:
+                        if trial:  # its caller gave up: the next call is the trial instead
+                            breaker.open_until = time.monotonic()
+                        raise
                     finally:
                         deadlines.discard(deadline)
             else:  # pragma: no cover - Python 3.10
@@ -1068,7 +1084,15 @@ def _reject_bad_keys(
     call goes ahead (a bad key never fails its neighbours). A call left with nothing gets
     ``nothing_left``: what the operation gives for keys that cannot be stored ({} for a
     read: a miss; None for a write or a removal: nothing to do)."""
-    if not pending.calls:
+    calls = pending.calls
+    if not calls:
+        return
+    # The usual batch is all ASCII: one check over the joined keys, no pass per call.
+    if key_of is _same:
+        joined = "".join([k for items, _ in calls for k in items])  # type: ignore[misc]
+    else:
+        joined = "".join([key_of(item) for items, _ in calls for item in items])
+    if joined.isascii():
         return
     for i, (items, sink) in enumerate(pending.calls):
         if all(_sendable_key(key_of(item)) for item in items):

@@ -1525,3 +1525,114 @@ async def test_close_storages_during_a_write_back_from_the_load_task(tmp_path: P
         elapsed = time.monotonic() - started
     assert value == value_of(1)  # fail-open: the failed write-back does not fail the caller
     assert elapsed < 1.0, f"caller released {elapsed:.3f}s after close_storages()"
+
+
+@pytest.mark.redis
+async def test_a_failed_write_back_never_leaves_a_direct_write_unsent(
+    shared_redis: str, tmp_path: Path
+) -> None:
+    """[redis, sqlite fail-closed]; the SQLite storage is replaced (the old one closed) while
+    a load runs: the write-back to Redis is issued first (from the load's task), then the
+    closed fail-closed tier refuses its write. The caller gets that error, and the Redis write
+    still runs: later reads and removals of the key do not wait on it forever."""
+    async with sql_table("sqlite", tmp_path) as table:
+        options = {"table": table.table, "timeout": 1, "fail_open": False}
+        await cacheme.register_storage("r", cacheme.Storage(shared_redis, timeout=1))
+        await cacheme.register_storage("s", cacheme.Storage(table.url, **options))
+        node = item_class(
+            cacheme.Cache(storage="r", ttl=timedelta(minutes=5)),
+            cacheme.Cache(storage="s", ttl=timedelta(minutes=5)),
+        )
+        node.delay = 0.2
+        getter = asyncio.ensure_future(cacheme.get(node(1)))
+        await asyncio.sleep(0.1)
+        await cacheme.register_storage("s", cacheme.Storage(table.url, **options))
+        with pytest.raises(cacheme.StorageError, match="'s'"):
+            await bounded(getter)
+        node.delay = 0.0
+        assert await bounded(cacheme.get(node(1)), 3) == value_of(1)
+        await bounded(cacheme.invalidate(node(1)), 3)
+        assert await bounded(
+            asyncio.gather(cacheme.get_all([node(1), node(3)]), cacheme.get(node(4))), 3
+        ) == [[value_of(1), value_of(3)], value_of(4)]
+        await cacheme.close_storages()
+
+
+@pytest.mark.redis
+async def test_close_storages_during_a_lone_callers_connect(redis_server: RedisServer) -> None:
+    """In a loop of another thread the storage connects at its first operation, here a lone
+    get's own read; close_storages() then cancels that connect: the caller was not
+    cancelled, so it fails open and gets its value."""
+    url = redis_server.url()
+    await cacheme.register_storage("r", cacheme.Storage(url, timeout=3))
+    node = item_class(cacheme.Cache(storage="r", ttl=timedelta(minutes=5)))
+
+    async def in_thread_loop() -> tuple[Any, Any]:
+        busy = await _busy_for(url, 600)  # the connect's PING waits
+        getter = asyncio.ensure_future(cacheme.get(node(1)))
+        batch = asyncio.ensure_future(cacheme.get_all([node(2), node(3)]))
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(cacheme.close_storages(), 5)
+        results = await asyncio.wait_for(asyncio.gather(getter, batch, return_exceptions=True), 5)
+        await busy
+        return results[0], results[1]
+
+    got, batch = await asyncio.to_thread(asyncio.run, in_thread_loop())
+    assert got == value_of(1)
+    assert batch == [value_of(2), value_of(3)]
+
+
+@pytest.mark.redis
+async def test_close_storages_as_a_storage_timeout_fires(redis_server: RedisServer) -> None:
+    """close_storages() in the very turn a lone get's storage timeout fired (the loop was
+    busy past both): the expiring deadline is left to fail on its own; the close completes."""
+    url = redis_server.url()
+    await cacheme.register_storage("r", cacheme.Storage(url, timeout=0.2))
+    node = item_class(cacheme.Cache(storage="r", ttl=timedelta(minutes=5)))
+    assert await bounded(cacheme.get(node(0))) == value_of(0)
+    busy = await _busy_for(url, 1000)
+    getter = asyncio.ensure_future(cacheme.get(node(1)))
+    await asyncio.sleep(0)  # its read is sent; its deadline is 0.2 s away
+
+    async def close_at_the_deadline() -> None:
+        await asyncio.sleep(0.19)
+        await cacheme.close_storages()
+
+    closer = asyncio.ensure_future(close_at_the_deadline())
+    asyncio.get_running_loop().call_later(0.1, time.sleep, 0.2)  # busy across both timers
+    await bounded(closer)
+    assert await bounded(getter) == value_of(1)
+    assert not cacheme.storages()
+    await busy
+
+
+@pytest.mark.redis
+async def test_a_cancelled_half_open_trial_lets_the_next_call_try(
+    redis_server: RedisServer,
+) -> None:
+    url = redis_server.url()
+    await cacheme.register_storage(
+        "r", cacheme.Storage(url, timeout=0.2, breaker_threshold=2, breaker_cooldown=0.3)
+    )
+    node = item_class(cacheme.Cache(storage="r", ttl=timedelta(minutes=5)))
+    storage = remote("r")
+    assert await bounded(cacheme.get_all([node(i) for i in range(3)])) == [
+        value_of(i) for i in range(3)
+    ]
+    busy = await _busy_for(url, 600)
+    assert await bounded(cacheme.get(node(0))) == value_of(0)  # timed out: fail-open load
+    assert await bounded(cacheme.get(node(1))) == value_of(1)
+    assert storage.breaker_open
+    await busy
+    await asyncio.sleep(0.35)  # the cooldown is over: the next call is the trial
+    busy = await _busy_for(url, 80)
+    trial = asyncio.ensure_future(cacheme.get(node(2)))
+    await asyncio.sleep(0.01)
+    trial.cancel()  # the trial's caller gives up before the (healthy) server answers
+    with pytest.raises(asyncio.CancelledError):
+        await trial
+    assert not storage.breaker_open, "a cancelled trial kept the breaker open"
+    await busy
+    hits = cacheme.stats(node).hits
+    assert await bounded(cacheme.get(node(2))) == value_of(2)
+    assert cacheme.stats(node).hits == hits + 1  # served by Redis: the breaker closed
