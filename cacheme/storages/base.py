@@ -804,6 +804,10 @@ class RemoteStorage(BaseStorage[OptionsT]):
                 error = next((failed[k] for k in items if k in failed), None) if failed else None
                 if error is not None:
                     _deliver(sink, error, True)
+                elif len(items) == 1:  # a get's read: no comprehension for one key
+                    key = items[0]
+                    value = found.get(key)
+                    _deliver(sink, {} if value is None else {key: value}, False)
                 else:
                     _deliver(sink, {k: found[k] for k in items if k in found}, False)
         finally:
