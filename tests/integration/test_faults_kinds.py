@@ -36,6 +36,7 @@ from tests.services import MYSQL_URL, POSTGRES_URL
 
 from .backend_sql import schema
 from .backends import BACKENDS, FACTORIES
+from .faults import free_port
 
 
 @dataclass
@@ -271,7 +272,7 @@ async def small_bulk_redis(tmp_path: Path) -> AsyncIterator[str]:
     server = shutil.which("redis-server")
     if server is None:
         pytest.skip("redis-server is not installed")
-    port = 20000 + uuid.uuid4().int % 20000
+    port = free_port()  # a random port could be one in use (a client's ephemeral port)
     proc = await asyncio.create_subprocess_exec(
         *(server, "--port", str(port), "--save", "", "--appendonly", "no"),
         *("--proto-max-bulk-len", "1mb", "--dir", str(tmp_path)),
@@ -292,7 +293,11 @@ async def small_bulk_redis(tmp_path: Path) -> AsyncIterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.terminate()
-        await asyncio.wait_for(proc.wait(), 5)
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except asyncio.TimeoutError:  # a loaded machine: do not fail the test for it
+            proc.kill()
+            await proc.wait()
 
 
 @pytest.mark.redis
