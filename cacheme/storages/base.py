@@ -952,6 +952,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
         """
         stats = self.stats
         breaker = self._breaker
+        trial = 0.0
         if breaker.open_until:
             if breaker.open_until > time.monotonic():
                 stats.rejected += 1
@@ -960,61 +961,61 @@ class RemoteStorage(BaseStorage[OptionsT]):
                     f"after {self.options.breaker_threshold} consecutive failures"
                 )
             # Half-open: this call is the one trial; others stay rejected until it settles.
-            breaker.open_until = time.monotonic() + self.options.breaker_cooldown
-            trial = True
-        else:
-            trial = False
-        if not self._connected:
+            trial = breaker.open_until = time.monotonic() + self.options.breaker_cooldown
+        try:
+            if not self._connected:
+                try:
+                    await self._ensure_connected()
+                except asyncio.CancelledError:
+                    cancelling = getattr(asyncio.current_task(), "cancelling", None)  # 3.11+
+                    if self._closed and cancelling is not None and not cancelling():
+                        # close() cancelled the shared connect attempt, not this caller
+                        raise StorageError(
+                            f"storage {self.name!r} was closed before the operation finished"
+                        ) from None
+                    raise
+                except StorageError as exc:
+                    if isinstance(exc, StorageTimeoutError):
+                        stats.timeouts += 1
+                    else:
+                        stats.errors += 1
+                    self._failed()
+                    raise
+            stats.round_trips += 1
             try:
-                await self._ensure_connected()
-            except asyncio.CancelledError:
-                cancelling = getattr(asyncio.current_task(), "cancelling", None)  # 3.11+
-                if self._closed and cancelling is not None and not cancelling():
-                    # close() cancelled the shared connect attempt, not this caller
+                if sys.version_info >= (3, 11):  # asyncio.timeout: no task per operation
+                    async with asyncio.timeout(self.options.timeout) as deadline:
+                        deadlines = self._deadlines
+                        deadlines.add(deadline)
+                        try:
+                            result = await op(items)
+                        finally:
+                            deadlines.discard(deadline)
+                else:  # pragma: no cover - Python 3.10
+                    result = await asyncio.wait_for(op(items), self.options.timeout)
+            except Exception as exc:
+                if self._closed:
                     raise StorageError(
                         f"storage {self.name!r} was closed before the operation finished"
-                    ) from None
-                raise
-            except StorageError as exc:
-                if isinstance(exc, StorageTimeoutError):
+                    ) from exc
+                if isinstance(exc, (asyncio.TimeoutError, TimeoutError, *self.timeout_errors)):
                     stats.timeouts += 1
-                else:
-                    stats.errors += 1
+                    self._failed()
+                    raise StorageTimeoutError(
+                        f"storage {self.name!r}: {kind} of {n} key(s) took longer than "
+                        f"{self.options.timeout:g}s"
+                    ) from exc
+                stats.errors += 1
                 self._failed()
-                raise
-        stats.round_trips += 1
-        try:
-            if sys.version_info >= (3, 11):  # asyncio.timeout: no task per operation
-                async with asyncio.timeout(self.options.timeout) as deadline:
-                    deadlines = self._deadlines
-                    deadlines.add(deadline)
-                    try:
-                        result = await op(items)
-                    except asyncio.CancelledError:
-                        if trial:  # its caller gave up: the next call is the trial instead
-                            breaker.open_until = time.monotonic()
-                        raise
-                    finally:
-                        deadlines.discard(deadline)
-            else:  # pragma: no cover - Python 3.10
-                result = await asyncio.wait_for(op(items), self.options.timeout)
-        except Exception as exc:
-            if self._closed:
                 raise StorageError(
-                    f"storage {self.name!r} was closed before the operation finished"
+                    f"storage {self.name!r}: {kind} of {n} key(s) failed: {describe(exc, self.url)}"
                 ) from exc
-            if isinstance(exc, (asyncio.TimeoutError, TimeoutError, *self.timeout_errors)):
-                stats.timeouts += 1
-                self._failed()
-                raise StorageTimeoutError(
-                    f"storage {self.name!r}: {kind} of {n} key(s) took longer than "
-                    f"{self.options.timeout:g}s"
-                ) from exc
-            stats.errors += 1
-            self._failed()
-            raise StorageError(
-                f"storage {self.name!r}: {kind} of {n} key(s) failed: {describe(exc, self.url)}"
-            ) from exc
+        except asyncio.CancelledError:
+            # A trial whose caller gave up before the outcome: unless another call has closed
+            # or reopened the breaker since, the next call is the trial instead.
+            if trial and breaker.open_until == trial:
+                breaker.open_until = time.monotonic()
+            raise
         breaker.failures = 0
         breaker.open_until = 0.0
         if kind == "read":

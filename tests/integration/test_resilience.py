@@ -1636,3 +1636,76 @@ async def test_a_cancelled_half_open_trial_lets_the_next_call_try(
     hits = cacheme.stats(node).hits
     assert await bounded(cacheme.get(node(2))) == value_of(2)
     assert cacheme.stats(node).hits == hits + 1  # served by Redis: the breaker closed
+
+
+@pytest.mark.redis
+async def test_a_cancelled_trial_leaves_a_breaker_another_call_closed(shared_redis: str) -> None:
+    """An operation begun before the breaker opened succeeds while the half-open trial runs
+    (it closes the breaker); the trial's caller then gives up: the breaker stays closed."""
+    await cacheme.register_storage(
+        "r", cacheme.Storage(shared_redis, timeout=2, breaker_threshold=1, breaker_cooldown=0.1)
+    )
+    driver = _driver("r")
+    release = asyncio.Event()
+
+    async def slow_but_fine(keys: Any) -> dict[str, bytes]:
+        await release.wait()
+        return {}
+
+    async def refused(keys: Any) -> dict[str, bytes]:
+        raise ConnectionError("refused")
+
+    async def never(keys: Any) -> dict[str, bytes]:
+        await asyncio.sleep(30)
+        return {}
+
+    old = asyncio.ensure_future(driver._call(slow_but_fine, ["k"], 1, "read"))
+    await asyncio.sleep(0)
+    with pytest.raises(cacheme.StorageError):
+        await driver._call(refused, ["k"], 1, "read")
+    assert remote("r").breaker_open
+    await asyncio.sleep(0.15)  # the cooldown is over: the next call is the trial
+    trial = asyncio.ensure_future(driver._call(never, ["k"], 1, "read"))
+    await asyncio.sleep(0)
+    release.set()
+    await bounded(old)  # a success: the breaker closes
+    assert not remote("r").breaker_open
+    trial.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await trial
+    assert driver._breaker.open_until == 0.0, "the cancelled trial reopened a closed breaker"
+    node = item_class(cacheme.Cache(storage="r", ttl=timedelta(minutes=5)))
+    assert await bounded(asyncio.gather(cacheme.get(node(2)), cacheme.get(node(3)))) == [
+        value_of(2),
+        value_of(3),
+    ]
+    assert remote("r").stats.rejected == 0
+
+
+@pytest.mark.redis
+async def test_a_trial_cancelled_while_connecting_lets_the_next_call_try(
+    tmp_path: Path,
+) -> None:
+    """Registered while the server hung (fail-open: the breaker opens); after the cooldown
+    the trial is the driver's connect, and its caller gives up during it."""
+    async with real_server("redis", tmp_path) as (url, port, _), Proxy(port) as proxy:
+        proxy.hang()
+        await cacheme.register_storage(
+            "r",
+            cacheme.Storage(with_port(url, proxy.port), timeout=0.3, breaker_cooldown=0.2),
+        )
+        storage = remote("r")
+        assert storage.breaker_open
+        await asyncio.sleep(0.25)
+        node = item_class(cacheme.Cache(storage="r", ttl=timedelta(minutes=5)))
+        trial = asyncio.ensure_future(cacheme.get(node(1)))
+        await asyncio.sleep(0.05)  # connecting, through the hung proxy
+        trial.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await trial
+        assert not storage.breaker_open, "a cancelled connect trial kept the breaker open"
+        await runtime.current().quiesce(2)  # the shared connect attempt gives up
+        proxy.resume()
+        rejected = storage.stats.rejected
+        assert await bounded(cacheme.get(node(2))) == value_of(2)
+        assert storage.stats.rejected == rejected  # tried, not skipped
