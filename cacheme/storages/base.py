@@ -543,23 +543,26 @@ class RemoteStorage(BaseStorage[OptionsT]):
         are always under way, so they keep coalescing per turn. Raises like ``get_many``.
         """
         driver = self.here()
+        if driver._reading or driver._reads.calls or not driver._can_go_direct(keys):
+            return None
+        return driver._read_direct(keys)
+
+    def _can_go_direct(self, keys: Iterable[str]) -> bool:
+        """What ``read_now`` and ``write_now`` both need: coalescing on, no write, add or
+        removal queued in this turn (they go first) or under way for ``keys``, the driver
+        open, every key sendable."""
         if (
-            driver._reading
-            or not driver.options.coalesce
-            or driver._reads.calls
-            or driver._writes.calls  # queued in this turn, before this read: they go first
-            or driver._adds.calls
-            or driver._removes.calls
-            or driver._closed
-            or driver._dead
+            not self.options.coalesce
+            or self._writes.calls
+            or self._adds.calls
+            or self._removes.calls
+            or self._closed
+            or self._dead
             or sys.version_info < (3, 11)  # close() could not end it early (see _call)
         ):
-            return None
-        key_writes = driver._key_writes
-        for key in keys:
-            if key in key_writes or not _sendable_key(key):
-                return None
-        return driver._read_direct(keys)
+            return False
+        key_writes = self._key_writes
+        return not any(key in key_writes or not _sendable_key(key) for key in keys)
 
     async def _read_direct(self, keys: Sequence[str]) -> dict[str, bytes]:
         self._reading += 1
@@ -603,14 +606,21 @@ class RemoteStorage(BaseStorage[OptionsT]):
         return driver._set_many_now(entries)
 
     async def _set_many_now(self, entries: Sequence[Entry]) -> None:
-        if not entries:
-            return
-        unique = _last_per_key(_sendable_entries(entries))
+        await self._write_uncoalesced(entries, self._set_many, _last_per_key)
+
+    async def _write_uncoalesced(
+        self,
+        entries: Sequence[Entry],
+        op: Callable[[Sequence[Entry]], Awaitable[None]],
+        pick: Callable[[Sequence[Entry]], list[Entry]],
+    ) -> None:
+        """A write or add with coalescing off: its own round trip, ordered per key; ``pick``
+        keeps one entry per key (the last write, the first add)."""
+        unique = pick(_sendable_entries(entries)) if entries else []
         if not unique:
             return
         await self._ordered_write(
-            [e.key for e in unique],
-            lambda: self._call(self._set_many, unique, len(unique), "write"),
+            [e.key for e in unique], lambda: self._call(op, unique, len(unique), "write")
         )
 
     def write_now(self, entries: Sequence[Entry]) -> Awaitable[None] | None:
@@ -623,28 +633,18 @@ class RemoteStorage(BaseStorage[OptionsT]):
         a task) at once. Raises like ``set_many``; an entry the server refuses fails alone.
         """
         driver = self.here()
-        if (
-            driver._writing  # under load, writes keep coalescing per turn
-            or not driver.options.coalesce
-            or driver._writes.calls
-            or driver._adds.calls
-            or driver._removes.calls
-            or driver._closed
-            or driver._dead
-            or sys.version_info < (3, 11)  # close() could not end it early (see _call)
-        ):
-            return None
-        key_writes = driver._key_writes
-        for entry in entries:
-            if entry.key in key_writes or not _sendable_key(entry.key):
-                return None
         unique = _last_per_key(entries)
+        keys = [e.key for e in unique]
+        # Under load writes are under way: they keep coalescing per turn.
+        if driver._writing or not driver._can_go_direct(keys):
+            return None
         marker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        for entry in unique:
-            key_writes[entry.key] = marker
-        return driver._write_direct(unique, marker)
+        driver._hold(keys, marker)
+        return driver._write_direct(unique, keys, marker)
 
-    async def _write_direct(self, entries: list[Entry], marker: asyncio.Future[None]) -> None:
+    async def _write_direct(
+        self, entries: list[Entry], keys: list[str], marker: asyncio.Future[None]
+    ) -> None:
         self._writing += 1
         try:
             for _, result in await self._write_isolating(entries, self._set_many):
@@ -653,10 +653,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
         finally:
             self._writing -= 1
             marker.set_result(None)
-            key_writes = self._key_writes
-            for entry in entries:
-                if key_writes.get(entry.key) is marker:
-                    del key_writes[entry.key]
+            self._release(keys, marker)
 
     def add_many(self, entries: Sequence[Entry]) -> Awaitable[None]:
         """Store each entry only if its key is absent (or expired); return nothing.
@@ -673,15 +670,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
         return driver._add_many_now(entries)
 
     async def _add_many_now(self, entries: Sequence[Entry]) -> None:
-        if not entries:
-            return
-        unique = _first_per_key(_sendable_entries(entries))
-        if not unique:
-            return
-        await self._ordered_write(
-            [e.key for e in unique],
-            lambda: self._call(self._add_many, unique, len(unique), "write"),
-        )
+        await self._write_uncoalesced(entries, self._add_many, _first_per_key)
 
     def remove_many(self, keys: Sequence[str]) -> Awaitable[None]:
         """Delete ``keys``; ordered after every write already issued to this storage.
@@ -903,17 +892,23 @@ class RemoteStorage(BaseStorage[OptionsT]):
             return await op()
 
         task = asyncio.ensure_future(run())
+        self._hold(keys, task)
+        task.add_done_callback(lambda done: self._release(keys, done))
+        return task
+
+    def _hold(self, keys: Sequence[str], write: asyncio.Future[Any]) -> None:
+        """Register ``write`` as the latest write or removal of ``keys``: later reads,
+        writes and removals of them wait for it."""
         key_writes = self._key_writes
         for key in keys:
-            key_writes[key] = task
+            key_writes[key] = write
 
-        def forget(done: asyncio.Future[Any]) -> None:
-            for key in keys:
-                if key_writes.get(key) is done:
-                    del key_writes[key]
-
-        task.add_done_callback(forget)
-        return task
+    def _release(self, keys: Sequence[str], write: asyncio.Future[Any]) -> None:
+        """``write`` is done: forget it for the keys it is still the latest of."""
+        key_writes = self._key_writes
+        for key in keys:
+            if key_writes.get(key) is write:
+                del key_writes[key]
 
     async def _ordered_write(self, keys: list[str], op: Callable[[], Awaitable[T]]) -> T:
         """``_ordered``, awaited; shielded, so a cancelled caller does not leave a half-known
