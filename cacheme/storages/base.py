@@ -562,7 +562,10 @@ class RemoteStorage(BaseStorage[OptionsT]):
         ):
             return False
         key_writes = self._key_writes
-        return not any(key in key_writes or not _sendable_key(key) for key in keys)
+        for key in keys:  # noqa: SIM110 - all() would make a generator on a lone get's path
+            if key in key_writes or not _sendable_key(key):
+                return False
+        return True
 
     async def _read_direct(self, keys: Sequence[str]) -> dict[str, bytes]:
         self._reading += 1
