@@ -38,6 +38,7 @@ from ..errors import (
     StorageTimeoutError,
     StorageUnavailableError,
 )
+from .deadlines import Deadlines
 from .url import redact, scrub
 
 logger = logging.getLogger("cacheme")
@@ -276,9 +277,9 @@ class RemoteStorage(BaseStorage[OptionsT]):
         self._flush_scheduled = False
         self._reading = 0  # reads under way (queued batches and direct reads)
         self._writing = 0  # write, add and removal batches under way, direct writes too
-        # The deadlines of the round trips under way: close() brings them forward, so that
+        # The timeouts of the round trips under way (3.11+). close() expires them, so that
         # an operation running in a caller's own task (read_now, write_now) ends at once.
-        self._deadlines: set[Any] = set()  # asyncio.Timeout (3.11+)
+        self._deadlines = Deadlines(self.options.timeout)
         # The latest write task of each key with a write under way: later writes and removes
         # of the key wait for it, so what lands last on the server is what was issued last.
         self._key_writes: dict[str, asyncio.Future[Any]] = {}
@@ -462,10 +463,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
             self._abandon(pending)
         for task in list(self._tasks):
             task.cancel()
-        now = asyncio.get_running_loop().time()
-        for deadline in list(self._deadlines):
-            if not deadline.expired():  # an expiring one fails on its own
-                deadline.reschedule(now)  # an operation in a caller's task: it fails at once
+        self._deadlines.expire_all()  # operations in callers' tasks: they fail at once
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         # A runner cancelled before its first step never ran: settle its calls here.
@@ -981,14 +979,19 @@ class RemoteStorage(BaseStorage[OptionsT]):
                     raise
             stats.round_trips += 1
             try:
-                if sys.version_info >= (3, 11):  # asyncio.timeout: no task per operation
-                    async with asyncio.timeout(self.options.timeout) as deadline:
-                        deadlines = self._deadlines
-                        deadlines.add(deadline)
-                        try:
-                            result = await op(items)
-                        finally:
-                            deadlines.discard(deadline)
+                if sys.version_info >= (3, 11):  # Task.uncancel: no task per operation
+                    deadlines = self._deadlines
+                    token = deadlines.begin()
+                    try:
+                        result = await op(items)
+                    except asyncio.CancelledError:
+                        if deadlines.end(token):
+                            raise TimeoutError from None
+                        raise
+                    except BaseException:
+                        deadlines.end(token)
+                        raise
+                    deadlines.end(token)
                 else:  # pragma: no cover - Python 3.10
                     result = await asyncio.wait_for(op(items), self.options.timeout)
             except Exception as exc:
