@@ -75,12 +75,13 @@ import enum
 import json
 import pickle
 import zlib
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, PydanticUserError, TypeAdapter
-from pydantic_core import to_json, to_jsonable_python
+from pydantic_core import SchemaValidator, to_json, to_jsonable_python
 
 from .errors import DecodeError, EncodeError
 
@@ -97,6 +98,18 @@ def _adapter(tp: Any) -> TypeAdapter[Any]:
         return TypeAdapter(tp, config=_ALLOW_INF_NAN)
     except PydanticUserError:
         return TypeAdapter(tp)
+
+
+@lru_cache(maxsize=1024)
+def _validators(tp: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``(validate_python, validate_json)`` for ``tp``: pydantic-core's own methods when the
+    adapter's schema is built (they skip ``TypeAdapter``'s wrapper, half the cost of a small
+    value's validation), else the adapter's, which build it on first use."""
+    adapter = _adapter(tp)
+    validator = adapter.validator
+    if isinstance(validator, SchemaValidator):
+        return validator.validate_python, validator.validate_json
+    return adapter.validate_python, adapter.validate_json
 
 
 def _encode_error(serializer: Serializer, value: Any, exc: Exception) -> EncodeError:
@@ -161,7 +174,7 @@ class JSONSerializer(Serializer):
         try:
             if value_type is _ANY:
                 return json.loads(data)
-            return _adapter(value_type).validate_json(data)
+            return _validators(value_type)[1](data)
         except Exception as exc:
             raise DecodeError(f"{self!r} cannot decode {len(data)} bytes: {exc!r}") from exc
 
@@ -184,7 +197,7 @@ class MsgPackSerializer(Serializer):
                 _refuse_timestamps(raw)
                 return raw
             # strict=False: the JSON forms (ISO str, lists) are valid input for strict models.
-            return _adapter(value_type).validate_python(raw, strict=False)
+            return _validators(value_type)[0](raw, strict=False)
         except Exception as exc:
             raise DecodeError(f"{self!r} cannot decode {len(data)} bytes: {exc!r}") from exc
 
