@@ -15,10 +15,10 @@ from typing import Any, TypeVar, overload
 from . import backplane, freshness, runtime
 from . import node as _node
 from .errors import ConfigurationError, StorageError
-from .flight import join_all
+from .flight import Outcome, join_all
 from .metrics import StatsSnapshot, snapshot
 from .node import Config, Node
-from .stats import NodeStats
+from .stats import NodeStats, Recorder
 from .storages import registry
 from .storages.base import MISS
 from .tiers import failures, raised
@@ -89,26 +89,34 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None) -> Any:
                 return value
     else:
         rec.requests += 1
-    rt = runtime.current()
-    flights = rt.flights
-    call = flights.get(key)
-    if call is None:
-        if cfg.lease is None:
-            walk = KeyWalk(key, cfg, rt, node, loader)
-            flights.put(key, walk)
-            waiter = walk.begin(len(cfg.front))
-        else:
-            call = flights.start(key)
-            waiter = call.join()
-            Walk(cfg, rt, {key: node}, {key: call}, loader).start()
-    else:
-        rec.coalesced += 1
-        waiter = call.join()
-    value, source = await waiter
+    # Every local of this frame stays alive while it waits, and the garbage collector walks
+    # them on each young collection (thousands of waiting gets under load): the flight's
+    # bookkeeping lives in a function of its own.
+    value, source = await _join(node, cfg, loader, key, rec)
     if source >= 0:
         rec.hits += 1
         rec.tier_hits[source] += 1
     return value
+
+
+def _join(
+    node: Node, cfg: Config, loader: Loader | None, key: str, rec: Recorder
+) -> Awaitable[Outcome]:
+    """What a ``get`` that missed the front tiers awaits: the key's flight, joined or begun."""
+    rt = runtime.current()
+    flights = rt.flights
+    call = flights.get(key)
+    if call is not None:
+        rec.coalesced += 1
+        return call.join()
+    if cfg.lease is None:
+        walk = KeyWalk(key, cfg, rt, node, loader)
+        flights.put(key, walk)
+        return walk.begin(len(cfg.front))
+    call = flights.start(key)
+    waiter = call.join()
+    Walk(cfg, rt, {key: node}, {key: call}, loader).start()
+    return waiter
 
 
 def _copy_forward(cfg: Config, index: int, key: str, value: Any) -> None:
