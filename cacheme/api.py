@@ -108,13 +108,13 @@ def _join(
     call = flights.get(key)
     if call is not None:
         rec.coalesced += 1
-        return call.join()
+        return call.join(rt.loop)
     if cfg.lease is None:
         walk = KeyWalk(key, cfg, rt, node, loader)
         flights.put(key, walk)
         return walk.begin(len(cfg.front))
     call = flights.start(key)
-    waiter = call.join()
+    waiter = call.join(rt.loop)
     Walk(cfg, rt, {key: node}, {key: call}, loader).start()
     return waiter
 
@@ -175,7 +175,7 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
     first: dict[str, int] = {}
     for i in missed:
         first.setdefault(keys[i], i)
-    calls, outcome = join_all(rt.flights, first)
+    calls, outcome = join_all(rt.flights, first, rt.loop)
     # Every request that missed the front tiers joined a flight, except one per flight begun.
     rec.coalesced += len(missed) - len(calls)
     if calls:

@@ -33,8 +33,10 @@ class Group:
 
     __slots__ = ("future", "left", "outcomes")
 
-    def __init__(self, size: int) -> None:
-        self.future: asyncio.Future[dict[str, Outcome]] = asyncio.get_running_loop().create_future()
+    def __init__(self, size: int, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[dict[str, Outcome]] = loop.create_future()
         self.outcomes: dict[str, Outcome] = {}
         self.left = size
 
@@ -76,9 +78,15 @@ class Call:
         else:
             self.others.append(waiter)
 
-    def join(self) -> asyncio.Future[Outcome]:
-        """A new future that gets this call's outcome; cancelling it affects nobody else."""
-        fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+    def join(self, loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Future[Outcome]:
+        """A new future that gets this call's outcome; cancelling it affects nobody else.
+
+        ``loop``: the running loop, when the caller has it at hand (finding it costs a
+        system call, ``getpid``, in CPython's ``asyncio.get_running_loop``).
+        """
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Outcome] = loop.create_future()
         self._add(fut)
         return fut
 
@@ -171,15 +179,15 @@ class Flights:
 
 
 def join_all(
-    flights: Flights, keys: Iterable[str]
+    flights: Flights, keys: Iterable[str], loop: asyncio.AbstractEventLoop | None = None
 ) -> tuple[dict[str, Call], asyncio.Future[dict[str, Outcome]]]:
     """Join (or start) the call of each of ``keys`` (distinct) for one caller.
 
     Returns the calls this started, by key (the caller starts their walk), and one future
-    that gets every key's outcome, by key.
+    that gets every key's outcome, by key. ``loop``: the running loop, if at hand.
     """
     keys = list(keys)
-    group = Group(len(keys))
+    group = Group(len(keys), loop)
     started: dict[str, Call] = {}
     for key in keys:
         call = flights.get(key)

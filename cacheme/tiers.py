@@ -37,6 +37,7 @@ from .storages.base import MISS, BaseStorage, Entry, LocalStorage, RemoteStorage
 
 if TYPE_CHECKING:
     from .node import Cache, Config
+    from .runtime import Runtime
 
 logger = logging.getLogger("cacheme")
 
@@ -78,17 +79,18 @@ class Tier(ABC):
     def read(self, keys: Sequence[str], done: Done) -> None:
         """Look ``keys`` up; call ``done`` exactly once (see the module docstring)."""
 
-    def read_into(self, keys: Sequence[str], reader: Reader) -> None:
+    def read_into(self, keys: Sequence[str], reader: Reader, rt: Runtime | None = None) -> None:
         """``read``, for a reader object: a local tier calls ``reader.arrived(result)``; a
         remote tier has its storage call ``reader.delivered(raw)``, which must hand the raw
-        answer to ``accept`` and the result to ``arrived`` (no closure, no relay object)."""
+        answer to ``accept`` and the result to ``arrived`` (no closure, no relay object).
+        ``rt``: the running loop's runtime, when the caller has it (saves looking it up)."""
         self.read(keys, reader.arrived)
 
-    def read_now(self, keys: Sequence[str]) -> Awaitable[Any] | None:
+    def read_now(self, keys: Sequence[str], rt: Runtime | None = None) -> Awaitable[Any] | None:
         """A remote tier whose storage is idle in this loop: the raw read of ``keys`` sent at
         once (its answer for ``accept``; it raises what a storage raises), for the caller to
         await in its own task. ``None``: use ``read``/``read_into`` (a local tier, a busy
-        storage, or one that cannot take it)."""
+        storage, or one that cannot take it). ``rt`` as for ``read_into``."""
         return None
 
     def accept(self, raw: Any) -> ReadResult:
@@ -98,11 +100,12 @@ class Tier(ABC):
 
     @abstractmethod
     def write(
-        self, values: dict[str, Any], now: bool = False
+        self, values: dict[str, Any], now: bool = False, rt: Runtime | None = None
     ) -> tuple[Awaitable[Any] | None, dict[str, Exception]]:
         """Store ``values``; ``(pending write or None, encode errors by key)``. ``now``: the
         caller awaits the pending write at once, in its own task, so a remote tier whose
-        storage is idle may send it from there (see ``RemoteStorage.write_now``)."""
+        storage is idle may send it from there (see ``RemoteStorage.write_now``). ``rt`` as
+        for ``read_into``."""
 
     @abstractmethod
     def remove(self, keys: Sequence[str]) -> Awaitable[Any] | None:
@@ -147,7 +150,7 @@ class LocalTier(Tier):
         done(found)
 
     def write(
-        self, values: dict[str, Any], now: bool = False
+        self, values: dict[str, Any], now: bool = False, rt: Runtime | None = None
     ) -> tuple[Awaitable[Any] | None, dict[str, Exception]]:
         put = self.storage.set
         ttl = self.ttl
@@ -193,15 +196,15 @@ class RemoteTier(Tier):
         except StorageError as exc:
             done(self._failed(exc, "read"))
 
-    def read_into(self, keys: Sequence[str], reader: Reader) -> None:
+    def read_into(self, keys: Sequence[str], reader: Reader, rt: Runtime | None = None) -> None:
         try:
-            self.storage.read_many(keys, reader)
+            self.storage.read_many(keys, reader, rt)
         except StorageError as exc:
             reader.arrived(self._failed(exc, "read"))
 
-    def read_now(self, keys: Sequence[str]) -> Awaitable[Any] | None:
+    def read_now(self, keys: Sequence[str], rt: Runtime | None = None) -> Awaitable[Any] | None:
         try:
-            return self.storage.read_now(keys)
+            return self.storage.read_now(keys, rt)
         except StorageError:  # e.g. closed: read_into reports it
             return None
 
@@ -227,7 +230,7 @@ class RemoteTier(Tier):
         return values
 
     def write(
-        self, values: dict[str, Any], now: bool = False
+        self, values: dict[str, Any], now: bool = False, rt: Runtime | None = None
     ) -> tuple[Awaitable[Any] | None, dict[str, Exception]]:
         errors: dict[str, Exception] = {}
         entries = []
@@ -244,10 +247,10 @@ class RemoteTier(Tier):
             return None, errors
         try:
             if now:
-                direct = self.storage.write_now(entries)
+                direct = self.storage.write_now(entries, rt)
                 if direct is not None:
                     return direct, errors
-            return self.storage.set_many(entries), errors
+            return self.storage.set_many(entries, rt), errors
         except StorageError as exc:  # refused before any round trip (e.g. closed)
             error = self._failed(exc, "write")
             if error is not None:

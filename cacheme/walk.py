@@ -67,10 +67,10 @@ class KeyWalk(Call):
         self.index = skip
         tiers = self.cfg.tiers
         if skip < len(tiers):
-            direct = tiers[skip].read_now((self.key,))
+            direct = tiers[skip].read_now((self.key,), self.rt)
             if direct is not None:
                 return self._lead(direct)
-        waiter = self.join()
+        waiter = self.join(self.rt.loop)
         self.start()
         return waiter
 
@@ -101,10 +101,10 @@ class KeyWalk(Call):
                 self.index = 1
                 self.rt.flights.settle(self.key, self, outcome)
                 return outcome
-            waiter = self.join()
+            waiter = self.join(self.rt.loop)
             self.arrived(found)
             return await waiter
-        waiter = self.join()
+        waiter = self.join(self.rt.loop)
         self.delivered(raw)
         return await waiter
 
@@ -119,7 +119,7 @@ class KeyWalk(Call):
     def _next(self) -> None:
         tiers = self.cfg.tiers
         if self.index < len(tiers):
-            tiers[self.index].read_into((self.key,), self)
+            tiers[self.index].read_into((self.key,), self, self.rt)
         else:
             self.rt.spawn(self._load())
 
@@ -182,7 +182,8 @@ class KeyWalk(Call):
             pending, error = self._write_guarded(value, upto, False)
         if pending is None:
             return None, error
-        return [(tier, asyncio.ensure_future(op)) for tier, op in pending], error
+        loop = self.rt.loop
+        return [(tier, asyncio.ensure_future(op, loop=loop)) for tier, op in pending], error
 
     def _write_guarded(
         self, value: Any, upto: int, now: bool
@@ -202,7 +203,7 @@ class KeyWalk(Call):
                 if j >= upto or self.failed >> j & 1:
                     continue
                 tier = tiers[j]
-                write, errors = tier.write({key: value}, now)
+                write, errors = tier.write({key: value}, now, self.rt)
                 if errors:
                     self._run_aside(pending)
                     return None, errors[key]
@@ -370,7 +371,7 @@ class Walk:
         tiers = self.cfg.tiers
         if self.fresh is None and skip < len(tiers):
             tier = tiers[skip]
-            direct = tier.read_now(self.missing)
+            direct = tier.read_now(self.missing, self.rt)
             if direct is not None:
                 return self._lead(tier, direct)
         self.start()
@@ -466,7 +467,7 @@ class Walk:
             if not live:
                 continue
             if self.fresh is None:
-                write, failed = tier.write(live)
+                write, failed = tier.write(live, False, self.rt)
             else:
                 write, failed = self.fresh.write(tier, live)
             errors.update(failed)

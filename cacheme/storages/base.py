@@ -330,9 +330,14 @@ class RemoteStorage(BaseStorage[OptionsT]):
 
     # -- the driver of the running loop ---------------------------------------------------
 
-    def here(self) -> RemoteStorage[OptionsT]:
-        """This storage's driver for the running event loop (created at first use)."""
-        rt = runtime.current()
+    def here(self, rt: runtime.Runtime | None = None) -> RemoteStorage[OptionsT]:
+        """This storage's driver for the running event loop (created at first use).
+
+        ``rt``: the running loop's runtime, when the caller has it at hand (finding the
+        running loop costs a system call, ``getpid``, in CPython's asyncio).
+        """
+        if rt is None:
+            rt = runtime.current()
         home = self._home
         if home is not None and home() is rt:
             return self
@@ -340,6 +345,12 @@ class RemoteStorage(BaseStorage[OptionsT]):
         if driver is not None:
             return driver
         return self._attach(rt)
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """The loop of this driver (it runs in it: ``here`` handed it out there)."""
+        home = self._home
+        rt = home() if home is not None else None
+        return rt.loop if rt is not None else asyncio.get_running_loop()
 
     def _attach(self, rt: runtime.Runtime) -> RemoteStorage[OptionsT]:
         if self._dead:
@@ -511,13 +522,15 @@ class RemoteStorage(BaseStorage[OptionsT]):
             return driver._submit(driver._reads, keys)
         return driver._get_many_now(keys)
 
-    def read_many(self, keys: Sequence[str], done: Reader) -> None:
+    def read_many(
+        self, keys: Sequence[str], done: Reader, rt: runtime.Runtime | None = None
+    ) -> None:
         """Like ``get_many``, but ``done.delivered`` is called with the values found (a dict)
         or the ``StorageError``, from the batch's own task: no future, no extra loop turn.
 
-        ``done.delivered`` must not raise; it is called exactly once.
+        ``done.delivered`` must not raise; it is called exactly once. ``rt`` as for ``here``.
         """
-        driver = self.here()
+        driver = self.here(rt)
         if driver.options.coalesce:
             driver._submit(driver._reads, keys, done)
             return
@@ -531,7 +544,9 @@ class RemoteStorage(BaseStorage[OptionsT]):
 
         asyncio.ensure_future(driver._get_many_now(keys)).add_done_callback(settle)
 
-    def read_now(self, keys: Sequence[str]) -> Awaitable[dict[str, bytes]] | None:
+    def read_now(
+        self, keys: Sequence[str], rt: runtime.Runtime | None = None
+    ) -> Awaitable[dict[str, bytes]] | None:
         """The read of ``keys``, sent at once from the caller's own task, when this loop's
         driver is idle: no read under way, nothing queued in this turn, no write or removal
         of these keys under way, every key sendable. ``None`` otherwise: then queue it
@@ -539,8 +554,9 @@ class RemoteStorage(BaseStorage[OptionsT]):
 
         A lone caller thus pays one round trip and no extra loop turn; under load, reads
         are always under way, so they keep coalescing per turn. Raises like ``get_many``.
+        ``rt`` as for ``here``.
         """
-        driver = self.here()
+        driver = self.here(rt)
         if driver._reading or driver._reads.calls or not driver._can_go_direct(keys):
             return None
         return driver._read_direct(keys)
@@ -599,9 +615,12 @@ class RemoteStorage(BaseStorage[OptionsT]):
         """Backends that can tell an entry's remaining lifetime override this."""
         return {}
 
-    def set_many(self, entries: Sequence[Entry]) -> Awaitable[None]:
-        """Write ``entries``; raises ``StorageError`` on failure or timeout."""
-        driver = self.here()
+    def set_many(
+        self, entries: Sequence[Entry], rt: runtime.Runtime | None = None
+    ) -> Awaitable[None]:
+        """Write ``entries``; raises ``StorageError`` on failure or timeout. ``rt`` as for
+        ``here``."""
+        driver = self.here(rt)
         if entries and driver.options.coalesce:
             return driver._submit(driver._writes, entries)
         return driver._set_many_now(entries)
@@ -624,7 +643,9 @@ class RemoteStorage(BaseStorage[OptionsT]):
             [e.key for e in unique], lambda: self._call(op, unique, len(unique), "write")
         )
 
-    def write_now(self, entries: Sequence[Entry]) -> Awaitable[None] | None:
+    def write_now(
+        self, entries: Sequence[Entry], rt: runtime.Runtime | None = None
+    ) -> Awaitable[None] | None:
         """The write of ``entries``, sent at once from the caller's own task, when this loop's
         driver has no write, add or removal queued or under way and every key is sendable;
         ``None`` otherwise (then use ``set_many``, which coalesces per turn).
@@ -632,14 +653,15 @@ class RemoteStorage(BaseStorage[OptionsT]):
         The write is registered for ordering when this is called (later reads and writes
         of its keys wait for it), so the returned awaitable must be awaited (or wrapped in
         a task) at once. Raises like ``set_many``; an entry the server refuses fails alone.
+        ``rt`` as for ``here``.
         """
-        driver = self.here()
+        driver = self.here(rt)
         unique = _last_per_key(entries)
         keys = [e.key for e in unique]
         # Under load writes are under way: they keep coalescing per turn.
         if driver._writing or not driver._can_go_direct(keys):
             return None
-        marker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        marker: asyncio.Future[None] = driver._loop().create_future()
         driver._hold(keys, marker)
         return driver._write_direct(unique, keys, marker)
 
@@ -718,7 +740,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
             return None
         fut: asyncio.Future[R] | None = None
         if sink is None:
-            fut = asyncio.get_running_loop().create_future()
+            fut = self._loop().create_future()
             pending.calls.append((items, fut))
         else:
             pending.calls.append((items, sink))
