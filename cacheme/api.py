@@ -153,22 +153,25 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
     rec = cfg.stats
     rec.requests += len(nodes)
     results: list[Any] = [None] * len(nodes)
-    missed: list[int] = []  # positions the front tiers did not answer
     front = cfg.front
-    for i, key in enumerate(keys):
-        for tier in front:
-            value = tier.peek(key)
-            if value is not MISS:
-                rec.hits += 1
-                rec.tier_hits[tier.index] += 1
-                if tier.index:
-                    _copy_forward(cfg, tier.index, key, value)
-                results[i] = value
-                break
-        else:
-            missed.append(i)
-    if not missed:
-        return results
+    if not front:  # a chain that starts remote: every position goes to the flights
+        missed = list(range(len(keys)))
+    else:
+        missed = []  # positions the front tiers did not answer
+        for i, key in enumerate(keys):
+            for tier in front:
+                value = tier.peek(key)
+                if value is not MISS:
+                    rec.hits += 1
+                    rec.tier_hits[tier.index] += 1
+                    if tier.index:
+                        _copy_forward(cfg, tier.index, key, value)
+                    results[i] = value
+                    break
+            else:
+                missed.append(i)
+        if not missed:
+            return results
     rt = runtime.current()
     # The first position of each key (no list per key: every object kept alive while the
     # loads run is work for the garbage collector).
@@ -189,12 +192,14 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
                 raise
     outcomes = await outcome
     tier_hits = rec.tier_hits
+    hits = 0
     for i in missed:
         value, source = outcomes[keys[i]]
         results[i] = value
         if source >= 0:
-            rec.hits += 1
+            hits += 1
             tier_hits[source] += 1
+    rec.hits += hits
     return results
 
 

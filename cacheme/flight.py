@@ -156,6 +156,23 @@ class Flights:
         call.resolve(outcome)
         self._drop(key, call)
 
+    def settle_each(
+        self, calls: dict[str, Call], values: dict[str, Any], sources: dict[str, int]
+    ) -> None:
+        """``settle`` every call of ``calls`` with its key's value and source (one loop, for
+        ``get_all``: a call whose only waiter is a group is settled inline)."""
+        table = self._calls
+        for key, call in calls.items():
+            outcome = (values[key], sources[key])
+            first = call.first
+            if call.others is None and type(first) is Group:
+                call.first = None
+                first.settle(key, outcome)
+            else:
+                call.resolve(outcome)
+            if table.get(key) is call:
+                del table[key]
+
     def fail(self, key: str, call: Call, error: BaseException) -> None:
         call.reject(error)
         self._drop(key, call)
@@ -189,9 +206,12 @@ def join_all(
     keys = list(keys)
     group = Group(len(keys), loop)
     started: dict[str, Call] = {}
+    table = flights._calls  # the loop below runs once per key of a get_all: no calls in it
     for key in keys:
-        call = flights.get(key)
+        call = table.get(key)
         if call is None:
-            call = started[key] = flights.start(key)
-        call.join_group(group)
+            call = started[key] = table[key] = Call(key)
+            call.first = group
+        else:
+            call._add(group)
     return started, group.future

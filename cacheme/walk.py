@@ -508,6 +508,9 @@ class Walk:
         flights = self.rt.flights
         values = self.values
         sources = self.sources
+        if not errors:
+            flights.settle_each(self.calls, values, sources)
+            return
         for key, call in self.calls.items():
             error = errors.get(key)
             if error is not None:
