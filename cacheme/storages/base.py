@@ -1142,7 +1142,7 @@ async def _settle_writes(
 ) -> None:
     results = await asyncio.shield(task)
     failed = {e.key: r for chunk, r in results if isinstance(r, BaseException) for e in chunk}
-    _settle(pending, lambda items: next((failed[e.key] for e in items if e.key in failed), None))
+    _settle(pending, failed, _entry_key)
 
 
 async def _settle_removes(
@@ -1150,14 +1150,19 @@ async def _settle_removes(
 ) -> None:
     removed = await asyncio.shield(task)
     failed = {k: r for chunk, r in removed if isinstance(r, BaseException) for k in chunk}
-    _settle(pending, lambda items: next((failed[k] for k in items if k in failed), None))
+    _settle(pending, failed, _same)
 
 
 def _settle(
-    pending: _Pending[T, None], error_of: Callable[[Sequence[T]], BaseException | None]
+    pending: _Pending[T, None], failed: dict[str, BaseException], key_of: Callable[[T], str]
 ) -> None:
+    """Settle each queued call: the error of its first failed key, if any, else done."""
+    if not failed:  # the usual case: one pass, no per-call search
+        for _, sink in pending.calls:
+            _deliver(sink, None, False)
+        return
     for items, sink in pending.calls:
-        error = error_of(items)
+        error = next((failed[k] for k in map(key_of, items) if k in failed), None)
         if error is not None:
             _deliver(sink, error, True)
         else:
