@@ -170,7 +170,7 @@ class LocalTier(Tier):
 class RemoteTier(Tier):
     """A storage behind the network or a file: the node's serializer's bytes."""
 
-    __slots__ = ("serializer", "storage")
+    __slots__ = ("_decode_one", "_decode_type", "serializer", "storage")
     immediate = False
 
     def __init__(
@@ -186,6 +186,10 @@ class RemoteTier(Tier):
         self.storage = storage
         self.serializer = serializer
         self.fail_open = fail_open
+        # The serializer's decoder for the node's value type, made at first use and again
+        # if the configuration's value type changes (see Serializer.decoder).
+        self._decode_one: Callable[[bytes], Any] | None = None
+        self._decode_type: Any = None
 
     def peek(self, key: str) -> Any:
         return MISS
@@ -219,12 +223,15 @@ class RemoteTier(Tier):
 
     def _decode(self, raw: dict[str, bytes]) -> dict[str, Any]:
         cfg = self.cfg
-        loads = self.serializer.loads
         value_type = cfg.value_type
+        decode = self._decode_one
+        if decode is None or self._decode_type is not value_type:
+            decode = self._decode_one = self.serializer.decoder(value_type)
+            self._decode_type = value_type
         values = {}
         for key, data in raw.items():
             try:
-                values[key] = loads(data, value_type)
+                values[key] = decode(data)
             except Exception as exc:  # DecodeError by contract; any other from a custom one
                 undecodable(cfg, self.name, key, exc)
         return values

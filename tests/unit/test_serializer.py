@@ -110,6 +110,44 @@ def test_typed_round_trip(serializer: Serializer, tp: Any, value: Any) -> None:
     assert type(back) is type(value)
 
 
+@pytest.mark.parametrize("serializer", ALL, ids=ids)
+@pytest.mark.parametrize(("tp", "value"), TYPED_VALUES, ids=lambda x: repr(x)[:30])
+def test_decoder_decodes_as_loads_does(serializer: Serializer, tp: Any, value: Any) -> None:
+    # What a tier uses: one function per value type (MsgPack's own finds its validator once).
+    data = serializer.dumps(value)
+    back = serializer.decoder(tp)(data)
+    assert back == serializer.loads(data, tp)
+    assert type(back) is type(serializer.loads(data, tp))
+    assert serializer.decoder()(data) == serializer.loads(data)
+
+
+@pytest.mark.parametrize("serializer", ALL, ids=ids)
+def test_decoder_errors_are_those_of_loads(serializer: Serializer) -> None:
+    garbage = b"\xc1\xff not a value \x00"
+    with pytest.raises(DecodeError, match=type(serializer).__name__):
+        serializer.decoder(dict[str, int])(garbage)
+    if serializer not in (PickleSerializer(), CompressedPickleSerializer()):
+        with pytest.raises(DecodeError, match=type(serializer).__name__):
+            serializer.decoder(User)(serializer.dumps({"id": "not a number"}))
+
+
+def test_msgpack_decoder_keeps_tuple_keys_and_refuses_ext_types() -> None:
+    serializer = MsgPackSerializer()
+    data = serializer.dumps({(1, 2): "a"})
+    assert serializer.decoder(dict[tuple[int, int], str])(data) == {(1, 2): "a"}
+    ext = msgpack.packb(msgpack.ExtType(42, b"x"))
+    with pytest.raises(DecodeError, match="extension type 42"):
+        serializer.decoder(dict[str, Any])(ext)
+
+
+def test_msgpack_subclass_with_its_own_loads_keeps_it_in_its_decoder() -> None:
+    class Upper(MsgPackSerializer):
+        def loads(self, data: bytes, value_type: Any = Any) -> Any:
+            return str(super().loads(data, value_type)).upper()
+
+    assert Upper().decoder(str)(Upper().dumps("abc")) == "ABC"
+
+
 @pytest.mark.parametrize("serializer", [PickleSerializer(), CompressedPickleSerializer()], ids=ids)
 @pytest.mark.parametrize(("tp", "value"), TYPED_VALUES, ids=lambda x: repr(x)[:30])
 def test_pickle_round_trip(serializer: Serializer, tp: Any, value: Any) -> None:
