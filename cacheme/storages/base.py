@@ -559,7 +559,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
         driver = self.here(rt)
         if driver._reading or driver._reads.calls or not driver._can_go_direct(keys):
             return None
-        return driver._read_direct(keys)
+        return driver._call(driver._get_many, keys, len(keys), "read", True)
 
     def _can_go_direct(self, keys: Iterable[str]) -> bool:
         """What ``read_now`` and ``write_now`` both need: coalescing on, no write, add or
@@ -580,13 +580,6 @@ class RemoteStorage(BaseStorage[OptionsT]):
             if key in key_writes or not _sendable_key(key):
                 return False
         return True
-
-    async def _read_direct(self, keys: Sequence[str]) -> dict[str, bytes]:
-        self._reading += 1
-        try:
-            return await self._call(self._get_many, keys, len(keys), "read")
-        finally:
-            self._reading -= 1
 
     async def _get_many_now(self, keys: Sequence[str]) -> dict[str, bytes]:
         unique = _unique(_sendable(keys))
@@ -961,12 +954,19 @@ class RemoteStorage(BaseStorage[OptionsT]):
         return list(zip(chunks, results, strict=True))
 
     async def _call(
-        self, op: Callable[[Sequence[T]], Awaitable[R]], items: Sequence[T], n: int, kind: str
+        self,
+        op: Callable[[Sequence[T]], Awaitable[R]],
+        items: Sequence[T],
+        n: int,
+        kind: str,
+        direct: bool = False,
     ) -> R:
         """One round trip with the timeout, the breaker, error wrapping and counting.
 
         The first operation of a loop's driver connects it first, within the same timeout
-        budget as an operation (a failed connect counts like a failed operation).
+        budget as an operation (a failed connect counts like a failed operation). ``direct``:
+        a read sent from a caller's own task (``read_now``), counted in ``_reading`` while
+        it runs.
         """
         stats = self.stats
         breaker = self._breaker
@@ -980,6 +980,8 @@ class RemoteStorage(BaseStorage[OptionsT]):
                 )
             # Half-open: this call is the one trial; others stay rejected until it settles.
             trial = breaker.open_until = time.monotonic() + self.options.breaker_cooldown
+        if direct:
+            self._reading += 1
         try:
             if not self._connected:
                 try:
@@ -1039,6 +1041,9 @@ class RemoteStorage(BaseStorage[OptionsT]):
             if trial and breaker.open_until == trial:
                 breaker.open_until = time.monotonic()
             raise
+        finally:
+            if direct:
+                self._reading -= 1
         breaker.failures = 0
         breaker.open_until = 0.0
         if kind == "read":
