@@ -485,7 +485,18 @@ class RemoteStorage(BaseStorage[OptionsT]):
         if attempt is not None:
             attempt.cancel()
         try:
-            await self._close()
+            # Bounded: a client may talk to the server while closing (pymongo ends its
+            # sessions), and a server that stopped answering would hold close() for long.
+            await asyncio.wait_for(self._close(), self.options.timeout)
+        except asyncio.TimeoutError:
+            # The storage is closed all the same (nothing more runs on it): a warning, not
+            # an error for a program that is shutting down.
+            logger.warning(
+                "cacheme: storage %r: closing its connections took longer than %gs; what is "
+                "left open is dropped (the garbage collector closes the sockets)",
+                self.name,
+                self.options.timeout,
+            )
         finally:
             self._connected = False
             self.drop_loop()

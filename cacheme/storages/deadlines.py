@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import sys
+from typing import Any
 
 
 class Deadlines:
@@ -49,7 +51,10 @@ class Deadlines:
         # token -> (task, deadline in loop time, the task's cancel requests at begin);
         # insertion order is deadline order, since every deadline is begin + timeout.
         self._running: dict[int, tuple[asyncio.Task[object], float, int]] = {}
-        self._expired: dict[int, tuple[asyncio.Task[object], float, int]] = {}
+        # token -> [task, cancel requests at begin, cancels made, when to cancel again]
+        # for the round trips past their deadline whose owner has not called ``end`` yet;
+        # in the order of that last field.
+        self._expired: dict[int, list[Any]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._next = itertools.count().__next__
 
@@ -79,38 +84,77 @@ class Deadlines:
 
     def end(self, token: int) -> bool:
         """Stop the clock; True if the round trip ran past its deadline and its task's
-        cancellation is this timeout's alone (the caller raises a timeout), else False."""
+        cancellation is this timeout's alone (the caller raises a timeout), else False.
+
+        Takes back the cancel requests this made of the task (``Task.uncancel``), whether
+        the round trip raised or, its driver having swallowed them, returned.
+        """
         if self._running.pop(token, None) is not None:
             return False
         record = self._expired.pop(token, None)
         if record is None:
             return False
-        task, _, cancelling = record
+        task, cancelling, cancels, _ = record
         if sys.version_info >= (3, 11):
-            return task.uncancel() <= cancelling
+            left = task.cancelling()
+            for _ in range(cancels):
+                left = task.uncancel()
+            return left <= cancelling
         return True  # pragma: no cover - the owner uses asyncio.wait_for before 3.11
 
     def expire_all(self) -> None:
-        """Cancel every round trip under way now, as if its deadline had passed (the owner
-        is closing: they end at once)."""
-        for token, record in list(self._running.items()):
-            self._expire(token, record)
+        """Cancel every round trip under way, one loop turn from now, as if its deadline
+        had passed (the owner is closing: they end at once).
 
-    def _expire(self, token: int, record: tuple[asyncio.Task[object], float, int]) -> None:
-        del self._running[token]
-        self._expired[token] = record
-        record[0].cancel()
+        One turn later, so that it lands apart from the cancellations the owner makes of its
+        own tasks in this turn: two requests in one turn reach a task as one
+        ``CancelledError``, and a driver step that swallows one (redis-py's send, in a
+        ``wait_for`` on Python 3.11) would swallow both.
+        """
+        loop = self._loop
+        if loop is not None and self._running:
+            loop.call_soon(self._expire_due, math.inf)
+
+    def _expire_due(self, now: float) -> None:
+        """Cancel the round trips whose deadline is ``now`` or earlier (loop time)."""
+        running = self._running
+        expired = self._expired
+        again = now + self._timeout
+        while running:
+            token = next(iter(running))
+            task, deadline, cancelling = running[token]
+            if deadline > now:
+                return
+            del running[token]
+            expired[token] = [task, cancelling, 1, again]
+            task.cancel()
+
+    def _cancel_again(self, now: float) -> None:
+        """A round trip still under way a whole timeout after it was cancelled swallowed
+        the cancellation (a driver step that shields itself): cancel its task again."""
+        expired = self._expired
+        while expired:
+            token = next(iter(expired))
+            record = expired[token]
+            if record[3] > now:
+                return
+            del expired[token]  # back at the end, in order of its next turn
+            record[2] += 1
+            record[3] = now + self._timeout
+            expired[token] = record
+            record[0].cancel()
 
     def _fire(self) -> None:
         self._timer = None
         loop = self._loop
         assert loop is not None  # set by the begin that set the timer
         now = loop.time()
-        running = self._running
-        while running:
-            token = next(iter(running))
-            record = running[token]
-            if record[1] > now:
-                self._timer = loop.call_at(record[1], self._fire)
-                return
-            self._expire(token, record)
+        self._expire_due(now)
+        self._cancel_again(now)
+        when = math.inf
+        if self._running:
+            when = self._running[next(iter(self._running))][1]
+        if self._expired:
+            when = min(when, self._expired[next(iter(self._expired))][3])
+        if when != math.inf:
+            self._timer = loop.call_at(when, self._fire)

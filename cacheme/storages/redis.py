@@ -181,7 +181,12 @@ class RedisStorage(RemoteStorage[RedisOptions]):
             async with self._cluster_slots:
                 values = await self._cluster.mget_nonatomic(keys)
         elif len(keys) == 1:  # a lone get: GET costs a little less than MGET in redis-py
-            value: Any = await self._standalone().get(keys[0])
+            try:
+                value: Any = await self._standalone().get(keys[0])
+            except redis.exceptions.ResponseError as exc:
+                if not str(exc).startswith("WRONGTYPE"):
+                    raise
+                return {}  # a key of another type: not a cache entry (MGET reads it as nil)
             return {} if value is None else {keys[0]: value}
         else:
             values = await self._standalone().mget(keys)

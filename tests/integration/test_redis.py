@@ -249,3 +249,27 @@ async def test_coalesced_reads_respect_batch_size_on_a_real_server() -> None:
         values = await asyncio.gather(*(storage.get(f"cacheme:bound:{i}:v1") for i in range(25)))
         assert values == [None] * 25
         assert storage.stats.round_trips - before == 3  # 10 + 10 + 5 keys
+
+
+# -- a key of another Redis type ------------------------------------------------------------
+
+
+@redis_only
+@pytest.mark.parametrize("keys", [1, 2], ids=["lone GET", "MGET"])
+async def test_a_key_of_another_type_reads_as_absent(standalone: Remote, keys: int) -> None:
+    # A hash another application left under a cache key: MGET answers nil for it, and the
+    # one-key read (a GET, which answers WRONGTYPE) must do the same: a miss, not an error.
+    names = [f"cacheme:wrongtype:{i}:v1" for i in range(keys)]
+    client = redis.asyncio.Redis.from_url(redis_url())
+    try:
+        for name in names:
+            await client.delete(name)
+            await client.hset(name, "field", "value")
+        errors = standalone.stats.errors
+        assert await standalone.get_many(names) == {}
+        assert standalone.stats.errors == errors
+        await standalone.set_many([Entry(names[0], b"x", 60_000)])
+        assert await standalone.get_many(names[:1]) == {names[0]: b"x"}
+    finally:
+        await client.delete(*names)
+        await client.aclose()

@@ -7,6 +7,7 @@ storage uses ``asyncio.wait_for`` and never makes a ``Deadlines``.
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 from collections.abc import Awaitable
 from typing import Any
@@ -116,9 +117,58 @@ async def test_a_result_that_arrives_in_the_turn_the_deadline_passes_is_a_timeou
     task = asyncio.ensure_future(timed(deadlines, fut))
     await asyncio.sleep(0)
     fut.set_result("late")
-    deadlines.expire_all()
+    deadlines._expire_due(math.inf)  # what the timer does when the deadline comes
     with pytest.raises(TimeoutError):
         await task
+
+
+async def swallows_one_cancel(fut: asyncio.Future[str]) -> str:
+    """A driver step that shields itself once (redis-py's send in a 3.11 ``wait_for``)."""
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        return await asyncio.shield(fut)
+
+
+async def test_a_round_trip_that_swallows_its_cancel_is_cancelled_again() -> None:
+    deadlines = Deadlines(0.03)
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[str] = loop.create_future()
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await timed(deadlines, swallows_one_cancel(fut))
+    took = loop.time() - started
+    assert 0.05 <= took < 1.0  # the deadline, then one more timeout
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+    fut.cancel()
+
+
+async def test_a_swallowed_cancel_on_a_round_trip_that_then_returns_is_taken_back() -> None:
+    deadlines = Deadlines(0.02)
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[str] = loop.create_future()
+    loop.call_later(0.03, fut.set_result, "ok")  # after the deadline, before a second cancel
+    assert await timed(deadlines, swallows_one_cancel(fut)) == "ok"
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+    await asyncio.sleep(0.05)  # no late cancel lands on this task
+    assert len(deadlines) == 0
+
+
+async def test_expire_all_lands_apart_from_a_cancel_made_in_the_same_turn() -> None:
+    # close() cancels its batch tasks, then expires the round trips: in one turn both
+    # would reach the task as one CancelledError, which a shielding step swallows whole.
+    deadlines = Deadlines(60)
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[str] = loop.create_future()
+    task = asyncio.ensure_future(timed(deadlines, swallows_one_cancel(fut)))
+    await asyncio.sleep(0)
+    task.cancel()
+    deadlines.expire_all()
+    done, _ = await asyncio.wait([task], timeout=1)
+    assert task in done, "the second cancellation never came"
+    with pytest.raises((TimeoutError, asyncio.CancelledError)):
+        task.result()
+    fut.cancel()
 
 
 async def test_an_error_of_the_round_trip_passes_through() -> None:
