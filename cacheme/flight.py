@@ -159,17 +159,11 @@ class Flights:
     def settle_each(
         self, calls: dict[str, Call], values: dict[str, Any], sources: dict[str, int]
     ) -> None:
-        """``settle`` every call of ``calls`` with its key's value and source (one loop, for
-        ``get_all``: a call whose only waiter is a group is settled inline)."""
+        """``settle`` every call of ``calls`` with its key's value and source, in one loop
+        (``get_all``)."""
         table = self._calls
         for key, call in calls.items():
-            outcome = (values[key], sources[key])
-            first = call.first
-            if call.others is None and type(first) is Group:
-                call.first = None
-                first.settle(key, outcome)
-            else:
-                call.resolve(outcome)
+            call.resolve((values[key], sources[key]))
             if table.get(key) is call:
                 del table[key]
 

@@ -48,10 +48,7 @@ class KeyWalk(Call):
     def __init__(
         self, key: str, cfg: Config, rt: Runtime, node: Node, loader: Loader | None
     ) -> None:
-        # Call.__init__, inline (one walk per get that misses the front tiers)
-        self.key = key
-        self.first = self.others = None
-        self.stale = False
+        super().__init__(key)
         self.cfg = cfg
         self.rt = rt
         self.node = node
