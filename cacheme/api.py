@@ -92,7 +92,9 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None) -> Any:
     # Every local of this frame stays alive while it waits, and the garbage collector walks
     # them on each young collection (thousands of waiting gets under load): the flight's
     # bookkeeping lives in a function of its own.
-    value, source = await _join(node, cfg, loader, key, rec)
+    waiter = _join(node, cfg, loader, key, rec)
+    del node, loader  # a joiner's node is not needed while it waits: let it go now
+    value, source = await waiter
     if source >= 0:
         rec.hits += 1
         rec.tier_hits[source] += 1

@@ -240,14 +240,15 @@ class KeyWalk(Call):
         key = self.key
         call = self
         try:
-            fn = self.loader or self.node.load
             if cfg.load_timeout is not None:
-                outcome = await _timed(cfg, fn, 1)
+                outcome = await _timed(cfg, self.loader or self.node.load, 1)
             else:  # _timed inlined: one coroutine less alive for the whole load
                 rec = cfg.stats
                 started = time.perf_counter_ns()
                 try:
-                    outcome = await fn()
+                    # No bound method kept in this frame for the whole load (GC work).
+                    loader = self.loader
+                    outcome = await (self.node.load() if loader is None else loader())
                 except Exception as exc:
                     outcome = exc
                     rec.load_failures += 1
