@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import resource
@@ -75,6 +76,29 @@ def redis_commandstats(url: str) -> dict[str, int]:
         if isinstance(value, dict):
             out[cmd] = int(value.get("calls", 0))
     return out
+
+
+class GcClock:
+    """Seconds spent in the cyclic garbage collector, and its collections, while on."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.collections = 0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+            self.collections += 1
+
+    def __enter__(self) -> GcClock:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
 
 
 class Counter:
@@ -150,9 +174,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 flush=True,
             )
 
+    if args.gc_threshold:
+        gc.set_threshold(args.gc_threshold)
     start = time.perf_counter()
     beat = asyncio.ensure_future(heartbeat(start)) if args.heartbeat > 0 else None
-    await asyncio.gather(*(worker() for _ in range(args.workers)))
+    with GcClock() as gc_clock:
+        await asyncio.gather(*(worker() for _ in range(args.workers)))
     seconds = time.perf_counter() - start
     if beat is not None:
         beat.cancel()
@@ -185,6 +212,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "redis_mget": commands.get("mget", 0),
         "redis_commands": commands,
         "framework_stats": framework_stats,
+        "gc_seconds": round(gc_clock.seconds, 3),
+        "gc_collections": gc_clock.collections,
+        "gc_threshold": gc.get_threshold()[0],
         "rss_before_run_mb": round(rss_before, 1),
         "peak_rss_mb_self": round(peak_rss_mb(), 1),
         "python": sys.version.split()[0],
@@ -203,6 +233,12 @@ def main() -> None:
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/13")
     p.add_argument("--sqlite-path", default="")
     p.add_argument("--heartbeat", type=float, default=5.0, help="seconds; 0 = none")
+    p.add_argument(
+        "--gc-threshold",
+        type=int,
+        default=0,
+        help="the cyclic GC's first threshold for the run (0: Python's default, 700)",
+    )
     p.add_argument("--profile", default="", help="write a cProfile of the run to this file")
     args = p.parse_args()
     try:

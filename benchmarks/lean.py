@@ -108,5 +108,8 @@ class Lean:
             del flights[key]
 
     async def close(self) -> None:
+        # The last loads' writes may still be on the wire when the workers finish.
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._client.aclose()
         await self._pool.disconnect()
