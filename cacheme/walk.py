@@ -285,8 +285,10 @@ class KeyWalk(Call):
                 self.rt.flights.fail(key, call, error)
                 return
             if pending is not None:
+                shared = any(not t.immediate for t, _ in pending)
                 if len(pending) == 1:  # the usual case; gather would cost a future and more
                     written, op = pending[0]
+                    pending = None  # not kept alive while the write is out (GC work)
                     try:
                         await op
                     except Exception as exc:
@@ -298,7 +300,7 @@ class KeyWalk(Call):
                 if error is not None:
                     self.rt.flights.fail(key, call, error)
                     return
-                if not call.stale and any(not t.immediate for t, _ in pending):
+                if shared and not call.stale:
                     backplane.publish((key,))
             self.rt.flights.settle(key, call, (value, source))
         except BaseException as exc:
