@@ -629,23 +629,29 @@ class RemoteStorage(BaseStorage[OptionsT]):
             return driver._submit(driver._writes, entries)
         return driver._set_many_now(entries)
 
-    async def _set_many_now(self, entries: Sequence[Entry]) -> None:
-        await self._write_uncoalesced(entries, self._set_many, _last_per_key)
+    def _set_many_now(self, entries: Sequence[Entry]) -> Awaitable[None]:
+        return self._write_uncoalesced(entries, self._set_many, _last_per_key)
 
-    async def _write_uncoalesced(
+    def _write_uncoalesced(
         self,
         entries: Sequence[Entry],
         op: Callable[[Sequence[Entry]], Awaitable[None]],
         pick: Callable[[Sequence[Entry]], list[Entry]],
-    ) -> None:
+    ) -> Awaitable[None]:
         """A write or add with coalescing off: its own round trip, ordered per key; ``pick``
-        keeps one entry per key (the last write, the first add)."""
+        keeps one entry per key (the last write, the first add).
+
+        Registered for ordering when called, not when first awaited: a removal or read of
+        its keys issued afterwards (an ``invalidate``) waits for it, whenever its caller
+        gets to await it. Shielded: a cancelled caller does not leave a half-known write.
+        """
         unique = pick(_sendable_entries(entries)) if entries else []
         if not unique:
-            return
-        await self._ordered_write(
+            return _completed(None)
+        task = self._ordered(
             [e.key for e in unique], lambda: self._call(op, unique, len(unique), "write")
         )
+        return asyncio.shield(task)
 
     def write_now(
         self, entries: Sequence[Entry], rt: runtime.Runtime | None = None
@@ -696,8 +702,8 @@ class RemoteStorage(BaseStorage[OptionsT]):
             return driver._submit(driver._adds, entries)
         return driver._add_many_now(entries)
 
-    async def _add_many_now(self, entries: Sequence[Entry]) -> None:
-        await self._write_uncoalesced(entries, self._add_many, _first_per_key)
+    def _add_many_now(self, entries: Sequence[Entry]) -> Awaitable[None]:
+        return self._write_uncoalesced(entries, self._add_many, _first_per_key)
 
     def remove_many(self, keys: Sequence[str]) -> Awaitable[None]:
         """Delete ``keys``; ordered after every write already issued to this storage.
@@ -936,11 +942,6 @@ class RemoteStorage(BaseStorage[OptionsT]):
         for key in keys:
             if key_writes.get(key) is write:
                 del key_writes[key]
-
-    async def _ordered_write(self, keys: list[str], op: Callable[[], Awaitable[T]]) -> T:
-        """``_ordered``, awaited; shielded, so a cancelled caller does not leave a half-known
-        write behind."""
-        return await asyncio.shield(self._ordered(keys, op))
 
     async def _after_writes(self, keys: Sequence[str]) -> None:
         """Wait for the writes already issued for ``keys``."""

@@ -163,3 +163,74 @@ async def test_many_rounds_of_invalidate_among_concurrent_readers(
         stop.set()
         await asyncio.gather(*readers)
     assert not stale, stale[:5]
+
+
+class _Writer(Node):
+    """A node whose load, as it returns, starts an ``invalidate`` of its own key (the row
+    changed right then): the walk decides its write-back before that invalidate runs."""
+
+    _cacheme_abstract = True
+    pending: list[asyncio.Task[None]] = []
+
+    def __init__(self, k: str) -> None:
+        self.k = k
+
+    def key(self) -> str:
+        return f"late:{self.k}"
+
+    async def load(self) -> int:
+        value = SOURCE[self.k]
+        await asyncio.sleep(0.005)
+        if not type(self).pending:
+
+            async def change() -> None:
+                SOURCE[self.k] = value + 1
+                await cacheme.invalidate(type(self)(self.k))
+
+            type(self).pending.append(asyncio.ensure_future(change()))
+        return value
+
+
+@pytest.mark.parametrize("coalesce", [True, False], ids=["coalesce", "no-coalesce"])
+@pytest.mark.parametrize("op", ["get", "get_all", "refresh", "get-stamped"])
+@pytest.mark.parametrize(
+    "backend", [pytest.param(b, marks=getattr(pytest.mark, b)) for b in BACKENDS]
+)
+async def test_a_write_back_decided_before_an_invalidate_never_lands_after_it(
+    tmp_path: Path, backend: str, op: str, coalesce: bool
+) -> None:
+    """The write-back is registered for ordering when the walk decides it, not when its
+    task first runs: with coalescing off too (each write its own round trip), the removal
+    of an ``invalidate`` issued in between waits for it, so the old value never outlives
+    the invalidate in the shared tier."""
+    async with FACTORIES[backend](tmp_path, f"late-{backend}") as raw:
+        options = raw.options.model_dump(exclude_defaults=True)
+        options["coalesce"] = coalesce
+        await cacheme.register_storage("remote", cacheme.Storage(raw.url, **options))
+        try:
+            meta: dict[str, Any] = {
+                "version": "v1",
+                "caches": [Cache(storage="remote", ttl=timedelta(seconds=30))],
+                "serializer": MsgPackSerializer(),
+            }
+            if op == "get-stamped":
+                meta["negative_ttl"] = timedelta(seconds=30)
+            node_cls = type(
+                "LateWriter",
+                (_Writer,),
+                {"Meta": type("Meta", (Node.Meta,), meta), "__module__": __name__, "pending": []},
+            )
+            for round_ in range(3):
+                k = f"{op}-{round_}-{uuid.uuid4().hex[:6]}"
+                SOURCE[k] = 1
+                node_cls.pending = []
+                if op == "get_all":
+                    assert await cacheme.get_all([node_cls(k)]) == [1]
+                elif op == "refresh":
+                    assert await cacheme.refresh(node_cls(k)) == 1
+                else:
+                    assert await cacheme.get(node_cls(k)) == 1
+                await node_cls.pending[0]  # the invalidate has returned
+                assert await cacheme.get(node_cls(k)) == 2, f"round {round_}: old value back"
+        finally:
+            await cacheme.close_storages()
