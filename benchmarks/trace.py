@@ -492,20 +492,19 @@ def floor_checks(
                 f"{mark[ratio <= most]}: cacheme [redis] at {workers:,} workers at most "
                 f"{most:g}x the floor's time: {ratio:.2f}x"
             )
-    r, lean, floor = find("cacheme", 10_000), find("lean", 10_000), find("floor", 10_000)
-    if r is not None and lean is not None:
-        ratio = r["cpu_seconds"] / (lean["cpu_seconds"] or 1e-9)
+    r = find("cacheme", 10_000)
+    for what, field, ref, most, unit in (
+        ("CPU", "cpu_seconds", "lean", 1.25, "s"),
+        ("peak RSS", "peak_rss_mb", "floor", 1.2, "MiB"),
+    ):
+        other = find(ref, 10_000)
+        if r is None or other is None:
+            continue
+        ratio = r[field] / (other[field] or 1e-9)
         checks.append(
-            f"{mark[ratio <= 1.25]}: cacheme [redis] at 10,000 workers CPU at most 1.25x the "
-            f"lean reference's: {r['cpu_seconds']:.1f} s vs {lean['cpu_seconds']:.1f} s = "
-            f"{ratio:.2f}x"
-        )
-    if r is not None and floor is not None:
-        ratio = r["peak_rss_mb"] / (floor["peak_rss_mb"] or 1e-9)
-        checks.append(
-            f"{mark[ratio <= 1.2]}: cacheme [redis] at 10,000 workers peak RSS at most 1.2x "
-            f"the floor's: {r['peak_rss_mb']:.0f} vs {floor['peak_rss_mb']:.0f} MiB = "
-            f"{ratio:.2f}x"
+            f"{mark[ratio <= most]}: cacheme [redis] at 10,000 workers {what} at most "
+            f"{most:g}x the {ref} reference's: {r[field]:.1f} {unit} vs {other[field]:.1f} "
+            f"{unit} = {ratio:.2f}x"
         )
     return checks
 
