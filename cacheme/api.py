@@ -9,13 +9,13 @@ the values back and settles every waiter. Counting follows the rules in ``stats`
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar, overload
 
 from . import backplane, freshness, runtime
 from . import node as _node
 from .errors import ConfigurationError, StorageError
-from .flight import Outcome, join_all
+from .flight import Call, Outcome, join_all
 from .metrics import StatsSnapshot, snapshot
 from .node import Config, Node
 from .stats import NodeStats, Recorder
@@ -32,6 +32,26 @@ def config_of(node_cls: type[Node]) -> Config:
     if cfg.generation != registry.generation:
         cfg.resolve()
     return cfg
+
+
+def node_config(node: object, call: str) -> Config:
+    """The configuration of ``node``'s class, resolved; ``ConfigurationError`` naming what was
+    passed to ``call`` when it is not a node instance."""
+    cfg: Config | None = getattr(type(node), "_cacheme_config", None)
+    if cfg is None:
+        raise not_a_node(node, call)
+    if cfg.generation != registry.generation:
+        cfg.resolve()
+    return cfg
+
+
+def not_a_node(node: object, call: str) -> ConfigurationError:
+    hint = ""
+    if isinstance(node, type) and issubclass(node, Node):
+        hint = f" (that is a node class: pass an instance, such as {node.__qualname__}(...))"
+    return ConfigurationError(
+        f"{call}() takes an instance of a cacheme.Node subclass, got {node!r}{hint}"
+    )
 
 
 def full_key(cfg: Config, node: Node) -> str:
@@ -55,7 +75,11 @@ def get(
     """
     # A plain function returning the coroutine: one coroutine frame per get, not two.
     loader = None if load_fn is None else _bind(load_fn, node)
-    return fetch(node, type(node)._cacheme_config, loader)
+    try:
+        cfg = type(node)._cacheme_config
+    except AttributeError:
+        raise not_a_node(node, "get") from None
+    return fetch(node, cfg, loader)
 
 
 def _bind(load_fn: Callable[[Any], Awaitable[Any]], node: Node) -> Loader:
@@ -133,17 +157,19 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
     Misses share flights with concurrent ``get``s; the remote tiers are read in one batch and
     what they lack is loaded through ``load_all``.
     """
+    if isinstance(nodes, (str, bytes)) or not isinstance(nodes, Iterable):
+        raise ConfigurationError(f"get_all() takes a sequence of nodes, got {nodes!r}")
     nodes = list(nodes)
     if not nodes:
         return []
     cls = type(nodes[0])
+    cfg = node_config(nodes[0], "get_all")
     for other in nodes:
         if type(other) is not cls:
             raise ConfigurationError(
                 f"get_all takes nodes of one class, got {cls.__qualname__} and "
                 f"{type(other).__qualname__}"
             )
-    cfg = config_of(cls)
     names = [n.key() for n in nodes]
     for i, name in enumerate(names):
         if type(name) is not str:
@@ -215,7 +241,7 @@ async def invalidate(node: Node, cfg: Config | None = None) -> None:
     is for ``Memoize``: the configuration to use instead of the node class's.)
     """
     if cfg is None:
-        cfg = config_of(type(node))
+        cfg = node_config(node, "invalidate")
     elif cfg.generation != registry.generation:
         cfg.resolve()
     if not cfg.tiers:
@@ -273,7 +299,7 @@ def _forget_everywhere(key: str) -> None:
 
 async def refresh(node: Node) -> Any:
     """Load the node again (bypassing every tier), store it in every tier, and return it."""
-    return await reload(node, config_of(type(node)), None)
+    return await reload(node, node_config(node, "refresh"), None)
 
 
 async def reload(node: Node, cfg: Config, loader: Loader | None) -> Any:
@@ -288,9 +314,25 @@ async def reload(node: Node, cfg: Config, loader: Loader | None) -> Any:
     call = rt.flights.start(key)
     waiter = call.join()
     Walk(cfg, rt, {key: node}, {key: call}, loader).reload()
-    value, _ = await waiter
+    value, _ = await latest(rt, call, await waiter)
     backplane.publish((key,))
     return value
+
+
+async def latest(rt: runtime.Runtime, call: Call, outcome: Outcome) -> Outcome:
+    """A refresh's outcome, or that of the flight that superseded it.
+
+    A later ``refresh`` or an ``invalidate`` detaches a refresh's call (it writes nothing),
+    so its own value may be older than the one a ``get`` sees next. While the key has a newer
+    flight in this loop, the refresh waits for it and returns what it gets.
+    """
+    while call.stale:
+        newer = rt.flights.get(call.key)
+        if newer is None or newer is call:
+            break
+        call = newer
+        outcome = await newer.join(rt.loop)
+    return outcome
 
 
 @overload

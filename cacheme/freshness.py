@@ -797,7 +797,7 @@ async def get_all(nodes: list[Node], cfg: Config, keys: list[str]) -> list[Any]:
 
 async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> Any:
     """``api.reload`` (``refresh``) for a stamped node: load, write every tier, return."""
-    from .api import _forget_everywhere
+    from .api import _forget_everywhere, latest
     from .walk import Walk
 
     names = _names(cfg, {key: node})
@@ -814,6 +814,6 @@ async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> An
         rt.flights.fail(key, call, exc)
         raise
     walk.reload()
-    st, _ = await waiter
+    st, _ = await latest(rt, call, await waiter)
     backplane.publish((key,))
     return unwrap(cfg, st)

@@ -18,9 +18,11 @@ written to a tier or remembered for stale-if-error.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from types import CoroutineType
 from typing import Any
 
 from . import backplane, lease
@@ -248,7 +250,7 @@ class KeyWalk(Call):
                 try:
                     # No bound method kept in this frame for the whole load (GC work).
                     loader = self.loader
-                    outcome = await (self.node.load() if loader is None else loader())
+                    outcome = await awaitable(cfg, self.node.load() if loader is None else loader())
                 except Exception as exc:
                     outcome = exc
                     rec.load_failures += 1
@@ -701,13 +703,24 @@ def _match(cfg: Config, cls: type[Node], nodes: dict[str, Node], pairs: Any) -> 
     return {k: out[k] for k in nodes}
 
 
+def awaitable(cfg: Config, result: Any) -> Awaitable[Any]:
+    """``result`` when it can be awaited; else ``LoadError`` naming the node (a ``load()``,
+    ``load_all()`` or ``load_fn`` written without ``async``)."""
+    if type(result) is CoroutineType or inspect.isawaitable(result):
+        return result
+    raise LoadError(
+        f"node {cfg.name}: a load returned {type(result).__name__} {result!r:.80}, not an "
+        "awaitable: load(), load_all() and a get's load_fn must be async (async def)"
+    )
+
+
 async def _timed(cfg: Config, fn: Callable[[], Awaitable[Any]], count: int) -> Any:
     """Run one load (of ``count`` nodes) with the node's timeout; the exception is returned."""
     rec = cfg.stats
     start = time.perf_counter_ns()
     try:
         if cfg.load_timeout is None:
-            value = await fn()
+            value = await awaitable(cfg, fn())
         else:
             value = await _bounded(cfg, fn, cfg.load_timeout)
     except Exception as exc:
@@ -726,7 +739,7 @@ async def _bounded(cfg: Config, fn: Callable[[], Awaitable[Any]], seconds: float
     a ``load()`` that takes its time over cancellation (or ignores it) is cancelled and left
     behind, its outcome discarded.
     """
-    task = asyncio.ensure_future(fn())
+    task = asyncio.ensure_future(awaitable(cfg, fn()))
     try:
         done, _ = await asyncio.wait((task,), timeout=seconds)
     except asyncio.CancelledError:

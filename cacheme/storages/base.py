@@ -68,7 +68,8 @@ class Entry(NamedTuple):
 class StorageOptions(BaseModel):
     """Options every storage accepts. Backends extend this; unknown options are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: "10" or True is not a size; allow_inf_nan=False: a timeout of inf is no timeout.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class RemoteOptions(StorageOptions):

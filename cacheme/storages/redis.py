@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio
 from pydantic import Field
@@ -91,6 +93,13 @@ class RedisStorage(RemoteStorage[RedisOptions]):
             raise ConfigurationError(
                 f"storage {name!r} ({redact(url)}): bad Redis URL: {describe(exc, url)}"
             ) from None
+        path = unquote(urlsplit(url).path)
+        if urlsplit(url).scheme != "unix" and not re.fullmatch(r"/?(\d+/?)?", path):
+            # redis-py takes a path that is not a number as database 0.
+            raise ConfigurationError(
+                f"storage {name!r} ({redact(url)}): bad Redis URL: the path names the "
+                f"database, a number from 0 (/0, /1...), got {path!r}"
+            )
         if options.cluster and params.get("db", 0) != 0:
             raise ConfigurationError(
                 f"storage {name!r} ({redact(url)}): a Redis Cluster has only database 0"

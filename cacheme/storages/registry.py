@@ -21,7 +21,7 @@ from ..errors import (
     UnknownSchemeError,
 )
 from .base import BaseStorage, RemoteStorage
-from .url import redact, scheme_of
+from .url import bad_port, redact, scheme_of
 
 logger = logging.getLogger("cacheme")
 
@@ -55,6 +55,11 @@ class Storage:
             raise UnknownSchemeError(
                 f"Storage url {redact(url)!r}: unknown scheme {scheme!r}; supported: "
                 f"{', '.join(sorted(SCHEMES))}"
+            )
+        port = bad_port(url)
+        if port is not None:
+            raise ConfigurationError(
+                f"Storage url {redact(url)!r}: port {port!r} is not a number from 1 to 65535"
             )
         self.url = url
         self.scheme = scheme

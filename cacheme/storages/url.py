@@ -17,6 +17,24 @@ def scheme_of(url: str) -> str:
     return urlsplit(url).scheme.lower().split("+", 1)[0]
 
 
+_PORT = re.compile(r"(?:\[[^\]]*\]|[^:]*)(?::(.*))?")
+
+
+def bad_port(url: str) -> str | None:
+    """The first port of ``url``'s host list that is not a number from 1 to 65535, if any.
+
+    Drivers differ here: some raise a bare ``ValueError``, some take the URL and then fail
+    to connect as if the server were down. Hosts may be a list (``h1:27017,h2:27018``).
+    """
+    netloc = urlsplit(url).netloc.rpartition("@")[2]
+    for host in netloc.split(",") if netloc else ():
+        match = _PORT.fullmatch(host)
+        port = match.group(1) if match else host
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            return port
+    return None
+
+
 def secrets_of(url: str) -> set[str]:
     """The credential strings in ``url`` (raw and percent-decoded), to scrub from any text."""
     parts = urlsplit(url)

@@ -400,3 +400,31 @@ def test_envelope_round_trip() -> None:
     assert recorded == [["", b"v1"], ["t", b"v2"]]
     with pytest.raises(cacheme.DecodeError):
         freshness.decode(b"\x93\x01\x02\x03", lambda b: b)
+
+
+async def test_a_refresh_overtaken_by_a_later_refresh_returns_the_later_value(
+    local: Any, clock: Clock
+) -> None:
+    gates = [asyncio.Event(), asyncio.Event()]
+    values = ["first", "second"]
+
+    class Queued(Source):
+        async def load(self, ident: int) -> Any:
+            n = len(self.calls)
+            self.calls.append(ident)
+            await gates[n].wait()
+            return values[n]
+
+    Item = make(Queued(), refresh_after=0.5)
+    assert Item._cacheme_config.stamped
+    first = asyncio.ensure_future(cacheme.refresh(Item(1)))
+    await settle()
+    second = asyncio.ensure_future(cacheme.refresh(Item(1)))
+    await settle()
+    gates[0].set()  # the overtaken load ends first and writes nothing
+    await settle(20)
+    assert not first.done()
+    gates[1].set()
+    assert await first == "second"
+    assert await second == "second"
+    assert await cacheme.get(Item(1)) == "second"

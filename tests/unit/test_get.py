@@ -209,6 +209,72 @@ async def test_refresh_during_a_flight_wins() -> None:
     assert stored("l1", KEY) == ("loaded-1", True)
 
 
+class Queued(Node):
+    """Each load takes the next gate and value from ``GATES``, and waits for its gate."""
+
+    def key(self) -> str:
+        return "queued"
+
+    async def load(self) -> str:
+        gate, value = GATES.pop(0)
+        await gate.wait()
+        return value
+
+    class Meta(Node.Meta):
+        caches = [Cache(storage="l1", ttl=L2_TTL), Cache(storage="l2", ttl=L2_TTL)]
+
+
+GATES: list[tuple[asyncio.Event, str]] = []
+
+
+def gates(*values: str) -> list[asyncio.Event]:
+    GATES[:] = [(asyncio.Event(), v) for v in values]
+    return [g for g, _ in GATES]
+
+
+async def test_a_refresh_overtaken_by_a_later_refresh_returns_the_later_value() -> None:
+    tier("l1").set("cacheme:queued:", "old", None)
+    first_gate, second_gate = gates("first", "second")
+    first = asyncio.ensure_future(cacheme.refresh(Queued()))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(cacheme.refresh(Queued()))
+    await asyncio.sleep(0)
+    first_gate.set()  # the overtaken load ends first: it writes nothing...
+    await asyncio.sleep(0.01)
+    assert not first.done()  # ...and its caller waits for the later refresh
+    second_gate.set()
+    assert await first == "second"
+    assert await second == "second"
+    assert await cacheme.get(Queued()) == "second"
+
+
+async def test_a_refresh_overtaken_by_an_invalidate_waits_for_the_get_after_it() -> None:
+    first_gate, get_gate = gates("before", "after")
+    refreshing = asyncio.ensure_future(cacheme.refresh(Queued()))
+    await asyncio.sleep(0)
+    await cacheme.invalidate(Queued())
+    getting = asyncio.ensure_future(cacheme.get(Queued()))  # a flight begun after it
+    await asyncio.sleep(0)
+    first_gate.set()
+    await asyncio.sleep(0.01)
+    assert not refreshing.done()
+    get_gate.set()
+    assert await refreshing == "after"
+    assert await getting == "after"
+    assert stored("l2", "cacheme:queued:") == ("after", True)
+
+
+async def test_a_refresh_overtaken_by_an_invalidate_alone_returns_its_value_unwritten() -> None:
+    (gate,) = gates("before")
+    refreshing = asyncio.ensure_future(cacheme.refresh(Queued()))
+    await asyncio.sleep(0)
+    await cacheme.invalidate(Queued())
+    gate.set()
+    assert await refreshing == "before"
+    assert stored("l1", "cacheme:queued:") == (None, False)
+    assert stored("l2", "cacheme:queued:") == (None, False)
+
+
 # -- load_timeout / stale_if_error ----------------------------------------------------------
 
 

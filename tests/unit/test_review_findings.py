@@ -104,3 +104,88 @@ async def test_a_load_invalidated_by_another_process_writes_nothing(local: Any) 
     gate.set()
     assert await pending == 1  # its callers get what it loaded...
     assert stored("local", "cacheme:shared:") == (None, False)  # ...but nothing is kept
+
+
+class _Plain(Node):
+    def key(self) -> str:
+        return "plain"
+
+    async def load(self) -> int:
+        return 1
+
+    class Meta(Node.Meta):
+        caches = [Cache(storage="local")]
+
+
+@pytest.mark.parametrize(
+    ("call", "arg"),
+    [
+        (cacheme.get, "a string"),
+        (cacheme.get, _Plain),
+        (cacheme.get, None),
+        (cacheme.invalidate, "a string"),
+        (cacheme.invalidate, _Plain),
+        (cacheme.refresh, 3),
+        (cacheme.refresh, _Plain),
+        (cacheme.get_all, ["a string"]),
+        (cacheme.get_all, [_Plain]),
+        (cacheme.get_all, "ab"),
+        (cacheme.get_all, 3),
+    ],
+)
+async def test_a_call_given_no_node_says_what_it_got(local: Any, call: Any, arg: Any) -> None:
+    with pytest.raises(cacheme.ConfigurationError, match=r"takes .*got") as info:
+        await call(arg)
+    if arg is _Plain or arg == [_Plain]:
+        assert "pass an instance, such as _Plain(...)" in str(info.value)
+
+
+def _sync_node(name: str, **meta: Any) -> type[Node]:
+    meta.setdefault("caches", [Cache(storage="local")])
+
+    class Sync(Node):
+        def key(self) -> str:
+            return name
+
+        def load(self) -> int:  # type: ignore[override]  # the mistake under test
+            return 1
+
+        Meta = type("Meta", (Node.Meta,), meta)
+
+    return Sync
+
+
+@pytest.mark.parametrize("timeout", [None, 1.0])
+async def test_a_load_that_is_not_async_fails_naming_the_node(local: Any, timeout: Any) -> None:
+    cls = _sync_node("sync", load_timeout=timeout)
+    for call in (cacheme.get, cacheme.refresh):
+        with pytest.raises(cacheme.LoadError, match=r"Sync: a load returned int 1"):
+            await call(cls())
+    with pytest.raises(cacheme.LoadError, match=r"Sync: .*not an awaitable"):
+        await cacheme.get_all([cls(), cls()])
+    with pytest.raises(cacheme.LoadError, match=r"returned str 'x'"):
+        await cacheme.get(_Plain(), load_fn=lambda node: "x")
+    assert stored("local", "cacheme:sync:") == (None, False)
+    assert cacheme.stats(cls).load_failure_count() >= 2
+
+
+async def test_a_load_all_that_is_not_async_fails_naming_the_node(local: Any) -> None:
+    class Batch(Node):
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def key(self) -> str:
+            return f"batch:{self.n}"
+
+        async def load(self) -> int:
+            return self.n
+
+        @classmethod
+        def load_all(cls, nodes: Any) -> Any:  # type: ignore[override]
+            return [(n, n.n) for n in nodes]
+
+        class Meta(Node.Meta):
+            caches = [Cache(storage="local")]
+
+    with pytest.raises(cacheme.LoadError, match=r"Batch: a load returned list"):
+        await cacheme.get_all([Batch(1), Batch(2)])

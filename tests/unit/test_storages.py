@@ -123,10 +123,65 @@ async def test_unknown_option_is_named() -> None:
     assert cacheme.storages() == {}
 
 
-@pytest.mark.parametrize("size", ["big", 0, -1, None])
+@pytest.mark.parametrize("size", ["big", 0, -1, None, "10", True, 10.0])
 async def test_bad_option_value_is_named(size: Any) -> None:
     with pytest.raises(ConfigurationError, match=r"'local'.*bad option\(s\): size"):
         await cacheme.register_storage("local", Storage(url="local://lru", size=size))
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("timeout", float("inf")),
+        ("timeout", float("nan")),
+        ("timeout", "3"),
+        ("breaker_cooldown", float("inf")),
+        ("batch_size", "100"),
+        ("batch_size", True),
+        ("fail_open", "yes"),
+        ("fail_open", 1),
+        ("coalesce", "false"),
+        ("pool_size", 5.5),
+    ],
+)
+async def test_remote_options_are_not_coerced(option: str, value: Any) -> None:
+    """Strict: "10" or True is not a number, "false" or 1 not a flag, inf not a timeout."""
+    storage = Storage(url="redis://127.0.0.1:1/0", **{option: value})
+    with pytest.raises(ConfigurationError, match=rf"'r'.*bad option\(s\): {option}"):
+        await cacheme.register_storage("r", storage)
+    assert cacheme.storages() == {}
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/abc",
+        "redis://127.0.0.1:6379/1x",
+        "redis://127.0.0.1:6379/-1",
+        "redis://127.0.0.1:6379/0/extra",
+        "rediss://:secret@127.0.0.1:6379/db",
+    ],
+)
+async def test_a_redis_url_path_that_is_not_a_database_number_is_refused(url: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"'r'.*the path names the database") as info:
+        await cacheme.register_storage("r", Storage(url=url))
+    assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:abc/0",
+        "postgresql://127.0.0.1:abc/test",
+        "mysql://root@127.0.0.1:99999/test",
+        "mongodb://127.0.0.1:27017,127.0.0.1:x/db",
+        "postgresql://u:secret@127.0.0.1:0/test",
+    ],
+)
+def test_a_port_that_is_not_a_number_is_refused_at_once(url: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"port '\w+' is not a number") as info:
+        Storage(url=url)
+    assert "secret" not in str(info.value)
 
 
 async def test_missing_required_option_is_named() -> None:
