@@ -132,7 +132,7 @@ def _join(
     rt = runtime.current()
     flights = rt.flights
     call = flights.get(key)
-    if call is not None:
+    if call is not None and not call.stale:  # stale: see _forget_elsewhere
         rec.coalesced += 1
         return call.join(rt.loop)
     if cfg.lease is None:
@@ -275,6 +275,9 @@ async def invalidate(node: Node, cfg: Config | None = None) -> None:
         for tier in cfg.tiers:
             if tier.immediate:
                 tier.remove((key,))
+    # A flight another loop began while the removals were under way may have read the old
+    # value: no request made after this returns may join it.
+    _forget_elsewhere(key, runtime.current())
     backplane.publish((key,))
     if failed:
         names = ", ".join(repr(name) for name, _ in failed)
@@ -285,16 +288,27 @@ async def invalidate(node: Node, cfg: Config | None = None) -> None:
 
 
 def _forget_everywhere(key: str) -> None:
-    """Detach ``key``'s flight in this loop, and ask the loops of other threads to do it."""
+    """Detach ``key``'s flight in this loop and in the loops of other threads."""
     here = runtime.current()
     here.flights.forget(key)
+    _forget_elsewhere(key, here)
+
+
+def _forget_elsewhere(key: str, here: runtime.Runtime) -> None:
+    """Mark ``key``'s flight of every other loop stale now, so that no request made after
+    this returns joins it; each loop drops it from its table in a turn of its own (the
+    table is that loop's: from here, it is only read)."""
     for rt in runtime.live():
         if rt is here or rt.closed:
             continue
+        call = rt.flights.get(key)
+        if call is None:
+            continue
+        call.stale = True
         loop = rt.loop
         if loop.is_running() and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # closed meanwhile
-                loop.call_soon_threadsafe(rt.flights.forget, key)
+                loop.call_soon_threadsafe(rt.flights.drop, key, call)
 
 
 async def refresh(node: Node) -> Any:

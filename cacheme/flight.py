@@ -154,7 +154,7 @@ class Flights:
 
     def settle(self, key: str, call: Call, outcome: Outcome) -> None:
         call.resolve(outcome)
-        self._drop(key, call)
+        self.drop(key, call)
 
     def settle_each(
         self, calls: dict[str, Call], values: dict[str, Any], sources: dict[str, int]
@@ -169,7 +169,7 @@ class Flights:
 
     def fail(self, key: str, call: Call, error: BaseException) -> None:
         call.reject(error)
-        self._drop(key, call)
+        self.drop(key, call)
 
     def forget(self, key: str) -> None:
         """Detach ``key``'s call: new callers start afresh; its result is not written back."""
@@ -184,7 +184,8 @@ class Flights:
             call.stale = True
             call.reject(asyncio.CancelledError())
 
-    def _drop(self, key: str, call: Call) -> None:
+    def drop(self, key: str, call: Call) -> None:
+        """Remove ``call`` from the table if it is still ``key``'s entry."""
         if self._calls.get(key) is call:
             del self._calls[key]
 
@@ -203,7 +204,7 @@ def join_all(
     table = flights._calls  # the loop below runs once per key of a get_all: no calls in it
     for key in keys:
         call = table.get(key)
-        if call is None:
+        if call is None or call.stale:
             call = started[key] = table[key] = Call(key)
             call.first = group
         else:

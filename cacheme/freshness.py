@@ -728,7 +728,7 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None, key: str) -> Any
     rt = runtime.current()
     flights = rt.flights
     call = flights.get(key)
-    if call is None:
+    if call is None or call.stale:  # stale: marked by another thread's invalidate
         names = _names(cfg, {key: node})
         call = flights.start(key)
         waiter = call.join()

@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -189,3 +191,65 @@ async def test_a_load_all_that_is_not_async_fails_naming_the_node(local: Any) ->
 
     with pytest.raises(cacheme.LoadError, match=r"Batch: a load returned list"):
         await cacheme.get_all([Batch(1), Batch(2)])
+
+
+SOURCE: dict[str, str] = {}
+
+
+class _Slow(Node):
+    """Reads the source when its load starts, answers 50 ms later."""
+
+    def key(self) -> str:
+        return "slow-source"
+
+    async def load(self) -> str:
+        value = SOURCE["v"]
+        await asyncio.sleep(0.05)
+        return value
+
+    class Meta(Node.Meta):
+        caches = [Cache(storage="local")]
+
+
+class _SlowStamped(_Slow):
+    class Meta(Node.Meta):
+        caches = [Cache(storage="local", ttl=timedelta(seconds=100))]
+        refresh_after = 0.5  # stamped entries: the freshness path
+
+
+@pytest.mark.parametrize("how", ["get", "get_all", "stamped get", "stamped get_all"])
+async def test_a_get_after_another_threads_invalidate_never_joins_an_older_flight(
+    local: Any, how: str
+) -> None:
+    """The other loop is busy while this one invalidates: its next get, made before that
+    loop ran any callback (so before any message from here could reach it), must not join
+    the flight that began before the invalidation."""
+    node = _SlowStamped if how.startswith("stamped") else _Slow
+    assert node._cacheme_config.stamped == how.startswith("stamped")
+    SOURCE["v"] = "old"
+    begun, invalidated = threading.Event(), threading.Event()
+    seen: list[Any] = []
+
+    async def other() -> None:
+        first = asyncio.ensure_future(cacheme.get(node()))
+        await asyncio.sleep(0.01)  # its load has read "old"
+        begun.set()
+        invalidated.wait(10)  # blocks this loop while the main thread invalidates
+        if how.endswith("get"):
+            seen.append(await cacheme.get(node()))
+        else:
+            seen.extend(await cacheme.get_all([node()]))
+        seen.append(await first)
+
+    thread = threading.Thread(target=lambda: asyncio.run(other()))
+    thread.start()
+    try:
+        assert await asyncio.to_thread(begun.wait, 10)
+        SOURCE["v"] = "new"
+        await cacheme.invalidate(node())
+        invalidated.set()
+    finally:
+        invalidated.set()
+        await asyncio.to_thread(thread.join, 10)
+    assert seen == ["new", "old"]  # the older flight's own caller still gets its value
+    assert await cacheme.get(node()) == "new"
