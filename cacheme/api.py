@@ -139,7 +139,7 @@ def _join(
         walk = KeyWalk(key, cfg, rt, node, loader)
         flights.put(key, walk)
         return walk.begin(len(cfg.front))
-    call = flights.start(key)
+    call = flights.start(key, cfg.name)
     waiter = call.join(rt.loop)
     Walk(cfg, rt, {key: node}, {key: call}, loader).start()
     return waiter
@@ -206,7 +206,7 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
     first: dict[str, int] = {}
     for i in missed:
         first.setdefault(keys[i], i)
-    calls, outcome = join_all(rt.flights, first, rt.loop)
+    calls, outcome = join_all(rt.flights, first, cfg.name, rt.loop)
     # Every request that missed the front tiers joined a flight, except one per flight begun.
     rec.coalesced += len(missed) - len(calls)
     if calls:
@@ -294,6 +294,29 @@ def _forget_everywhere(key: str) -> None:
     _forget_elsewhere(key, here)
 
 
+def forget_node_everywhere(owner: str) -> None:
+    """Detach every flight of the node named ``owner``, in every loop (as
+    ``_forget_everywhere`` does for one key): ``invalidate_tag`` and ``invalidate_node``."""
+    here = runtime.current()
+    here.flights.forget_owner(owner)
+    freshness.forget_owner(owner)
+    for rt in runtime.live():
+        if rt is here or rt.closed:
+            continue
+        for key, call in list(rt.flights.items()):
+            if call.owner == owner:
+                call.stale = True
+                _drop_soon(rt, key, call)
+
+
+def _drop_soon(rt: runtime.Runtime, key: str, call: Call) -> None:
+    """Have ``rt``'s loop drop ``call`` from its table in a turn of its own."""
+    loop = rt.loop
+    if loop.is_running() and not loop.is_closed():
+        with contextlib.suppress(RuntimeError):  # closed meanwhile
+            loop.call_soon_threadsafe(rt.flights.drop, key, call)
+
+
 def _forget_elsewhere(key: str, here: runtime.Runtime) -> None:
     """Mark ``key``'s flight of every other loop stale now, so that no request made after
     this returns joins it; each loop drops it from its table in a turn of its own (the
@@ -305,10 +328,7 @@ def _forget_elsewhere(key: str, here: runtime.Runtime) -> None:
         if call is None:
             continue
         call.stale = True
-        loop = rt.loop
-        if loop.is_running() and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # closed meanwhile
-                loop.call_soon_threadsafe(rt.flights.drop, key, call)
+        _drop_soon(rt, key, call)
 
 
 async def refresh(node: Node) -> Any:
@@ -325,28 +345,55 @@ async def reload(node: Node, cfg: Config, loader: Loader | None) -> Any:
         return await freshness.reload(node, cfg, loader, key)
     _forget_everywhere(key)
     rt = runtime.current()
-    call = rt.flights.start(key)
+    call = rt.flights.start(key, cfg.name)
     waiter = call.join()
     Walk(cfg, rt, {key: node}, {key: call}, loader).reload()
-    value, _ = await latest(rt, call, await waiter)
+    value, _ = await latest(rt, call, await waiter, node, cfg, loader)
     backplane.publish((key,))
     return value
 
 
-async def latest(rt: runtime.Runtime, call: Call, outcome: Outcome) -> Outcome:
-    """A refresh's outcome, or that of the flight that superseded it.
+async def latest(
+    rt: runtime.Runtime,
+    call: Call,
+    outcome: Outcome,
+    node: Node,
+    cfg: Config,
+    loader: Loader | None,
+) -> Outcome:
+    """A refresh's outcome, or a newer one when the refresh was overtaken.
 
-    A later ``refresh`` or an ``invalidate`` detaches a refresh's call (it writes nothing),
-    so its own value may be older than the one a ``get`` sees next. While the key has a newer
-    flight in this loop, the refresh waits for it and returns what it gets.
+    A later ``refresh``, an ``invalidate`` or an ``invalidate_tag`` detaches a refresh's
+    call: it writes nothing, so its own value may be older than what a ``get`` sees next.
+    Such a refresh returns what the key's newer flight gets, or, with none under way, what a
+    new read of every tier gets (the later refresh's value, or a new load after an
+    invalidation). Should that fail, the refresh's own outcome stands.
     """
-    while call.stale:
-        newer = rt.flights.get(call.key)
-        if newer is None or newer is call:
+    for _ in range(3):  # each round waits for a flight begun after the previous one
+        if not call.stale:
             break
-        call = newer
-        outcome = await newer.join(rt.loop)
+        try:
+            call, waiter = _read_flight(rt, call.key, node, cfg, loader)
+            outcome = await waiter
+        except Exception:
+            break
     return outcome
+
+
+def _read_flight(
+    rt: runtime.Runtime, key: str, node: Node, cfg: Config, loader: Loader | None
+) -> tuple[Call, Awaitable[Outcome]]:
+    """``key``'s live flight in this loop, joined; else a new one over every tier."""
+    call = rt.flights.get(key)
+    if call is not None and not call.stale:
+        return call, call.join(rt.loop)
+    call = rt.flights.start(key, cfg.name)
+    waiter = call.join(rt.loop)
+    walk = Walk(cfg, rt, {key: node}, {key: call}, loader)
+    if cfg.stamped:
+        walk.fresh = freshness.Pass(cfg, walk, freshness.tag_names(cfg, {key: node}))
+    walk.start()
+    return call, waiter
 
 
 @overload

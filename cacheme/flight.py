@@ -61,10 +61,11 @@ Waiter = Union["asyncio.Future[Outcome]", Group]
 class Call:
     """One in-flight fetch of one key, and its waiters."""
 
-    __slots__ = ("first", "key", "others", "stale")
+    __slots__ = ("first", "key", "others", "owner", "stale")
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, owner: str = "") -> None:
         self.key = key
+        self.owner = owner  # the node's name (Config.name): what invalidate_node reaches
         # The first waiter, and a list only when more join (most calls have one).
         self.first: Waiter | None = None
         self.others: list[Waiter] | None = None
@@ -143,9 +144,14 @@ class Flights:
     def get(self, key: str) -> Call | None:
         return self._calls.get(key)
 
-    def start(self, key: str) -> Call:
-        """Register a new call for ``key`` (replacing none: check ``get`` first)."""
-        call = self._calls[key] = Call(key)
+    def items(self) -> list[tuple[str, Call]]:
+        """A copy of the table's entries (safe to take from another thread: one C call)."""
+        return list(self._calls.items())
+
+    def start(self, key: str, owner: str) -> Call:
+        """Register a new call for ``key`` of the node named ``owner`` (replacing none:
+        check ``get`` first)."""
+        call = self._calls[key] = Call(key, owner)
         return call
 
     def put(self, key: str, call: Call) -> None:
@@ -171,6 +177,13 @@ class Flights:
         call.reject(error)
         self.drop(key, call)
 
+    def forget_owner(self, owner: str) -> None:
+        """``forget`` every call of the node named ``owner`` (``invalidate_tag``/``_node``:
+        which keys a tag covers is known only once loaded)."""
+        for key, call in self.items():
+            if call.owner == owner:
+                self.forget(key)
+
     def forget(self, key: str) -> None:
         """Detach ``key``'s call: new callers start afresh; its result is not written back."""
         call = self._calls.pop(key, None)
@@ -191,9 +204,13 @@ class Flights:
 
 
 def join_all(
-    flights: Flights, keys: Iterable[str], loop: asyncio.AbstractEventLoop | None = None
+    flights: Flights,
+    keys: Iterable[str],
+    owner: str,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> tuple[dict[str, Call], asyncio.Future[dict[str, Outcome]]]:
-    """Join (or start) the call of each of ``keys`` (distinct) for one caller.
+    """Join (or start) the call of each of ``keys`` (distinct) of the node named ``owner``,
+    for one caller.
 
     Returns the calls this started, by key (the caller starts their walk), and one future
     that gets every key's outcome, by key. ``loop``: the running loop, if at hand.
@@ -205,7 +222,7 @@ def join_all(
     for key in keys:
         call = table.get(key)
         if call is None or call.stale:
-            call = started[key] = table[key] = Call(key)
+            call = started[key] = table[key] = Call(key, owner)
             call.first = group
         else:
             call._add(group)

@@ -643,7 +643,7 @@ def trigger(
     todo = {k: n for k, n in nodes.items() if k not in table}
     if not todo:
         return
-    calls = {k: Call(k) for k in todo}
+    calls = {k: Call(k, cfg.name) for k in todo}
     table.update(calls)
     cfg.stats.refreshes += len(todo)
     rt.spawn(_refresh(cfg, rt, todo, calls, names, loader))
@@ -690,6 +690,15 @@ async def _refresh(
         )
 
 
+def forget_owner(owner: str) -> None:
+    """``invalidate_node``/``_tag``: no background reload of the node named ``owner`` under
+    way may write back."""
+    for rt in runtime.live():
+        for call in list(rt.refreshing.values()):
+            if call.owner == owner:
+                call.stale = True
+
+
 def forget(key: str) -> None:
     """``invalidate``: a background reload of ``key`` under way must not write it back."""
     for rt in runtime.live():
@@ -701,7 +710,8 @@ def forget(key: str) -> None:
 # -- get / get_all / refresh of a stamped node ------------------------------------------------
 
 
-def _names(cfg: Config, nodes: dict[str, Node]) -> dict[str, tuple[str, ...]] | None:
+def tag_names(cfg: Config, nodes: dict[str, Node]) -> dict[str, tuple[str, ...]] | None:
+    """The tag names of ``nodes`` (by key), or ``None`` for a node without tags."""
     assert cfg.fresh is not None
     if not cfg.fresh.tagged:
         return None
@@ -723,14 +733,14 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None, key: str) -> Any
         if st.negative:
             rec.negative_hits += 1
         if due:
-            trigger(cfg, {key: node}, _names(cfg, {key: node}), loader)
+            trigger(cfg, {key: node}, tag_names(cfg, {key: node}), loader)
         return unwrap(cfg, st)
     rt = runtime.current()
     flights = rt.flights
     call = flights.get(key)
     if call is None or call.stale:  # stale: marked by another thread's invalidate
-        names = _names(cfg, {key: node})
-        call = flights.start(key)
+        names = tag_names(cfg, {key: node})
+        call = flights.start(key, cfg.name)
         waiter = call.join()
         walk = Walk(cfg, rt, {key: node}, {key: call}, loader)
         walk.fresh = Pass(cfg, walk, names)
@@ -771,11 +781,11 @@ async def get_all(nodes: list[Node], cfg: Config, keys: list[str]) -> list[Any]:
     if due:
         wanted = set(due)
         by_key = {k: n for k, n in zip(keys, nodes, strict=True) if k in wanted}
-        trigger(cfg, by_key, _names(cfg, by_key), None)
+        trigger(cfg, by_key, tag_names(cfg, by_key), None)
     if pending:
         rt = runtime.current()
-        names = _names(cfg, {k: nodes[where[0]] for k, where in pending.items()})
-        calls, outcome = join_all(rt.flights, pending)
+        names = tag_names(cfg, {k: nodes[where[0]] for k, where in pending.items()})
+        calls, outcome = join_all(rt.flights, pending, cfg.name, rt.loop)
         rec.coalesced += sum(len(where) for where in pending.values()) - len(calls)
         if calls:
             started = {k: nodes[pending[k][0]] for k in calls}
@@ -800,11 +810,11 @@ async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> An
     from .api import _forget_everywhere, latest
     from .walk import Walk
 
-    names = _names(cfg, {key: node})
+    names = tag_names(cfg, {key: node})
     _forget_everywhere(key)
     forget(key)
     rt = runtime.current()
-    call = rt.flights.start(key)
+    call = rt.flights.start(key, cfg.name)
     waiter = call.join()
     walk = Walk(cfg, rt, {key: node}, {key: call}, loader)
     state = walk.fresh = Pass(cfg, walk, names)
@@ -814,6 +824,6 @@ async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> An
         rt.flights.fail(key, call, exc)
         raise
     walk.reload()
-    st, _ = await latest(rt, call, await waiter)
+    st, _ = await latest(rt, call, await waiter, node, cfg, loader)
     backplane.publish((key,))
     return unwrap(cfg, st)

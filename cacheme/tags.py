@@ -136,7 +136,13 @@ async def invalidate_node(node_cls: type[Node]) -> None:
 
 
 async def _invalidate(cfg: Config, tag: str) -> None:
+    from .api import forget_node_everywhere
+
     key = tag_key(cfg.name, tag)
+    # Which keys carry the tag is known only once loaded: every flight of the node is
+    # detached (its callers still get its value; nothing it loaded is written), and no
+    # request made after this returns joins one of them.
+    forget_node_everywhere(cfg.name)
     bump_local((key,))
     writes = []
     for tier in cfg.tiers:
@@ -149,6 +155,7 @@ async def _invalidate(cfg: Config, tag: str) -> None:
     # Again: a walk that started after the first bump may have read a remote entry before
     # the new remote version landed, and copied it to a local tier under the new version.
     bump_local((key,))
+    forget_node_everywhere(cfg.name)  # flights begun while the new version was being written
     backplane.publish((key,))
     if failed:
         name, error = failed[0]

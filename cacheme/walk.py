@@ -50,7 +50,7 @@ class KeyWalk(Call):
     def __init__(
         self, key: str, cfg: Config, rt: Runtime, node: Node, loader: Loader | None
     ) -> None:
-        super().__init__(key)
+        super().__init__(key, cfg.name)
         self.cfg = cfg
         self.rt = rt
         self.node = node

@@ -227,7 +227,8 @@ async def test_a_write_back_decided_before_an_invalidate_never_lands_after_it(
                 if op == "get_all":
                     assert await cacheme.get_all([node_cls(k)]) == [1]
                 elif op == "refresh":
-                    assert await cacheme.refresh(node_cls(k)) == 1
+                    # 2 when the invalidate detached it first: it then reads again.
+                    assert await cacheme.refresh(node_cls(k)) in (1, 2)
                 else:
                     assert await cacheme.get(node_cls(k)) == 1
                 await node_cls.pending[0]  # the invalidate has returned

@@ -428,3 +428,61 @@ async def test_a_refresh_overtaken_by_a_later_refresh_returns_the_later_value(
     assert await first == "second"
     assert await second == "second"
     assert await cacheme.get(Item(1)) == "second"
+
+
+@pytest.mark.parametrize("how", ["get", "get_all"])
+@pytest.mark.parametrize("scope", ["tag", "node"])
+async def test_a_get_after_invalidate_tag_or_node_never_joins_an_older_flight(
+    local: Any, how: str, scope: str
+) -> None:
+    class ReadsFirst(Source):
+        async def load(self, ident: int) -> Any:
+            self.calls.append(ident)
+            value = self.data.get(ident)  # read before waiting: the old value
+            await asyncio.sleep(0.01)
+            return value
+
+    source = ReadsFirst()
+    source.data[1] = "old"
+    Item = make(source, tagged=True)
+    inflight = asyncio.ensure_future(cacheme.get(Item(1)))
+    await settle()
+    assert source.calls == [1]  # its load is under way
+    source.data[1] = "new"
+    if scope == "tag":
+        await cacheme.invalidate_tag(Item, "a")
+    else:
+        await cacheme.invalidate_node(Item)
+    if how == "get":
+        after = await cacheme.get(Item(1))
+    else:
+        (after,) = await cacheme.get_all([Item(1)])
+    assert after == "new"
+    assert await inflight == "old"  # its own caller still gets what it loaded
+    assert source.calls == [1, 1]
+    assert await cacheme.get(Item(1)) == "new"
+
+
+async def test_a_refresh_overtaken_by_a_refresh_that_ended_first_returns_its_value(
+    local: Any, clock: Clock
+) -> None:
+    gates = [asyncio.Event(), asyncio.Event()]
+    values = ["first", "second"]
+
+    class Queued(Source):
+        async def load(self, ident: int) -> Any:
+            n = len(self.calls)
+            self.calls.append(ident)
+            await gates[n].wait()
+            return values[n]
+
+    Item = make(Queued(), refresh_after=0.5)
+    first = asyncio.ensure_future(cacheme.refresh(Item(1)))
+    await settle()
+    second = asyncio.ensure_future(cacheme.refresh(Item(1)))
+    await settle()
+    gates[1].set()
+    assert await second == "second"
+    gates[0].set()
+    assert await first == "second"  # read from the tier the later refresh wrote
+    assert await cacheme.get(Item(1)) == "second"

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -218,16 +219,18 @@ class Queued(Node):
     async def load(self) -> str:
         gate, value = GATES.pop(0)
         await gate.wait()
+        if isinstance(value, Exception):
+            raise value
         return value
 
     class Meta(Node.Meta):
         caches = [Cache(storage="l1", ttl=L2_TTL), Cache(storage="l2", ttl=L2_TTL)]
 
 
-GATES: list[tuple[asyncio.Event, str]] = []
+GATES: list[tuple[asyncio.Event, Any]] = []
 
 
-def gates(*values: str) -> list[asyncio.Event]:
+def gates(*values: Any) -> list[asyncio.Event]:
     GATES[:] = [(asyncio.Event(), v) for v in values]
     return [g for g, _ in GATES]
 
@@ -264,15 +267,45 @@ async def test_a_refresh_overtaken_by_an_invalidate_waits_for_the_get_after_it()
     assert stored("l2", "cacheme:queued:") == ("after", True)
 
 
-async def test_a_refresh_overtaken_by_an_invalidate_alone_returns_its_value_unwritten() -> None:
-    (gate,) = gates("before")
+async def test_a_refresh_overtaken_by_an_invalidate_alone_reads_again() -> None:
+    """Its own load may predate the invalidation: it writes nothing, and returns what a new
+    read of every tier gets (here a new load, written as a get's would be)."""
+    before, after = gates("before", "after")
     refreshing = asyncio.ensure_future(cacheme.refresh(Queued()))
     await asyncio.sleep(0)
     await cacheme.invalidate(Queued())
-    gate.set()
-    assert await refreshing == "before"
-    assert stored("l1", "cacheme:queued:") == (None, False)
-    assert stored("l2", "cacheme:queued:") == (None, False)
+    before.set()
+    after.set()
+    assert await refreshing == "after"
+    assert stored("l1", "cacheme:queued:") == ("after", True)
+    assert stored("l2", "cacheme:queued:") == ("after", True)
+
+
+async def test_a_refresh_overtaken_by_a_refresh_that_ended_first_returns_its_value() -> None:
+    first_gate, second_gate = gates("first", "second")
+    first = asyncio.ensure_future(cacheme.refresh(Queued()))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(cacheme.refresh(Queued()))
+    await asyncio.sleep(0)
+    second_gate.set()
+    assert await second == "second"
+    first_gate.set()  # the overtaken load ends last: the cache already holds "second"
+    assert await first == "second"
+    assert await cacheme.get(Queued()) == "second"
+
+
+async def test_a_refresh_whose_newer_flight_fails_returns_its_own_value() -> None:
+    mine, theirs = gates("mine", RuntimeError("the get's load failed"))
+    refreshing = asyncio.ensure_future(cacheme.refresh(Queued()))
+    await asyncio.sleep(0)
+    await cacheme.invalidate(Queued())
+    getting = asyncio.ensure_future(cacheme.get(Queued()))
+    await asyncio.sleep(0)
+    mine.set()
+    theirs.set()
+    assert await refreshing == "mine"
+    with pytest.raises(RuntimeError, match="the get's load failed"):
+        await getting
 
 
 # -- load_timeout / stale_if_error ----------------------------------------------------------
