@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar, overload
 
-from . import backplane, freshness, runtime
+from . import backplane, freshness, landing, runtime
 from . import node as _node
 from .errors import ConfigurationError, StorageError
 from .flight import Call, Outcome, join_all
@@ -251,7 +251,11 @@ async def invalidate(node: Node, cfg: Config | None = None) -> None:
         )
     key = full_key(cfg, node)
     _forget_everywhere(key)
-    backplane.note_invalidated((key,))  # for the walks of other threads' loops
+    with backplane.write_guard:  # see its comment
+        backplane.note_invalidated((key,))  # for the walks of other threads' loops
+        writes = landing.of((key,)) if runtime.several() else []
+    if writes:  # decided by other loops before this point: the removal must come after
+        await landing.wait(writes, 2 * max(t.op_timeout() for t in cfg.tiers))
     if cfg.stamped:
         freshness.forget(key)  # a background reload under way must not write it back
     cfg.last_good.pop(key, None)

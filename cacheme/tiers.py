@@ -116,6 +116,11 @@ class Tier(ABC):
         ``None`` to go on without the tier (fail-open), else the error for the callers."""
         return exc
 
+    def op_timeout(self) -> float:
+        """Seconds one operation of the storage may take (its ``timeout``); 0 for a tier
+        that never waits."""
+        return 0.0
+
     @abstractmethod
     async def remaining_ttl(self, keys: Sequence[str]) -> dict[str, float]:
         """Seconds each stored entry has left (``math.inf``: no expiry); unknown left out."""
@@ -271,6 +276,10 @@ class RemoteTier(Tier):
         if isinstance(exc, StorageError):
             return self._failed(exc, "write")
         return exc
+
+    def op_timeout(self) -> float:
+        timeout: float = self.storage.options.timeout
+        return timeout
 
     async def remaining_ttl(self, keys: Sequence[str]) -> dict[str, float]:
         try:

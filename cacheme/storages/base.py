@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar, Union,
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import runtime
+from .. import landing, runtime
 from ..errors import (
     StorageError,
     StorageTimeoutError,
@@ -627,8 +627,12 @@ class RemoteStorage(BaseStorage[OptionsT]):
         ``here``."""
         driver = self.here(rt)
         if entries and driver.options.coalesce:
-            return driver._submit(driver._writes, entries)
-        return driver._set_many_now(entries)
+            write: Awaitable[None] = driver._submit(driver._writes, entries)
+        else:
+            write = driver._set_many_now(entries)
+        if runtime.several() and isinstance(write, asyncio.Future):
+            landing.note([e.key for e in entries], write)
+        return write
 
     def _set_many_now(self, entries: Sequence[Entry]) -> Awaitable[None]:
         return self._write_uncoalesced(entries, self._set_many, _last_per_key)
@@ -674,6 +678,8 @@ class RemoteStorage(BaseStorage[OptionsT]):
             return None
         marker: asyncio.Future[None] = driver._loop().create_future()
         driver._hold(keys, marker)
+        if runtime.several():
+            landing.note(keys, marker)
         return driver._write_direct(unique, keys, marker)
 
     async def _write_direct(

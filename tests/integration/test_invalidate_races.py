@@ -10,6 +10,8 @@ get's read and the removal in one event-loop turn, and through ``get_all``.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -235,3 +237,74 @@ async def test_a_write_back_decided_before_an_invalidate_never_lands_after_it(
                 assert await cacheme.get(node_cls(k)) == 2, f"round {round_}: old value back"
         finally:
             await cacheme.close_storages()
+
+
+@pytest.mark.parametrize("chain", ["remote", "local,remote"])
+@pytest.mark.parametrize(
+    "backend", [pytest.param(b, marks=getattr(pytest.mark, b)) for b in BACKENDS]
+)
+async def test_an_invalidate_is_never_lost_to_another_threads_write_back(
+    tmp_path: Path, backend: str, chain: str
+) -> None:
+    """Readers in three threads, each with its own loop, keep getting one key while this
+    loop bumps the source and invalidates it 300 times. A get begun after an invalidate
+    returned never sees a version older than the one bumped before it: a write-back another
+    loop decided before the invalidation, sent on that loop's own connection, lands before
+    the removal (the invalidate waits for it), never after."""
+    async with FACTORIES[backend](tmp_path, f"xthread-{backend}") as raw:
+        options = raw.options.model_dump(exclude_defaults=True)
+        await cacheme.register_storage("remote", cacheme.Storage(raw.url, **options))
+        await cacheme.register_storage("local", cacheme.Storage("local://lru", size=100))
+        k = uuid.uuid4().hex[:8]
+        pauses = itertools.cycle([0, 0, 0.0005, 0.002])
+
+        class Versioned(Node):
+            def key(self) -> str:
+                return f"xthread:{k}"
+
+            async def load(self) -> int:
+                value = SOURCE[k]
+                await asyncio.sleep(next(pauses))
+                return value
+
+            class Meta(Node.Meta):
+                caches = [Cache(storage=s, ttl=timedelta(seconds=30)) for s in chain.split(",")]
+                serializer = MsgPackSerializer()
+
+        SOURCE[k] = 0
+        floor = [0]  # the version every get begun from now on must see at least
+        stop = threading.Event()
+        older: list[tuple[int, int]] = []
+        errors: list[BaseException] = []
+
+        def reader() -> None:
+            async def run() -> None:
+                while not stop.is_set():
+                    wanted = floor[0]
+                    got = await cacheme.get(Versioned())
+                    if got < wanted:
+                        older.append((wanted, got))
+                    await asyncio.sleep(0)
+
+            try:
+                asyncio.run(run())
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=reader) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        try:
+            for version in range(1, 301):
+                SOURCE[k] = version
+                await cacheme.invalidate(Versioned())
+                floor[0] = version
+                await asyncio.sleep(next(pauses))
+        finally:
+            stop.set()
+            for thread in threads:
+                await asyncio.to_thread(thread.join, 30)
+            await cacheme.close_storages()
+        assert not any(t.is_alive() for t in threads)
+        assert not errors, errors
+        assert not older, f"{len(older)} gets saw an older version, e.g. {older[:3]}"
