@@ -74,6 +74,10 @@ def get(
     ``DynamicNode``), and whatever the load raises.
     """
     # A plain function returning the coroutine: one coroutine frame per get, not two.
+    if load_fn is not None and not callable(load_fn):
+        raise ConfigurationError(
+            f"get({node!r}, load_fn=...) takes an async function of the node, got {load_fn!r}"
+        )
     loader = None if load_fn is None else _bind(load_fn, node)
     try:
         cfg = type(node)._cacheme_config

@@ -55,6 +55,12 @@ class StorageUnavailableError(StorageError):
     """A storage tier is skipped because its circuit breaker is open."""
 
 
+class StorageMisconfiguredError(StorageError, ConfigurationError):
+    """The server answered, and refused the storage's settings: an unknown database, role or
+    password, a database number out of range, a missing cache table. Raised by
+    ``register_storage`` even when the storage fails open (waiting would not help)."""
+
+
 class InvalidKeyError(StorageError, ValueError):
     """A key that no remote tier can store (it does not encode as UTF-8).
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -50,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from . import backplane, runtime, tags
-from .errors import ConfigurationError, DecodeError, EncodeError, StorageError
+from .errors import ConfigurationError, DecodeError, EncodeError, LoadError, StorageError
 from .flight import Call, join_all
 from .storages.base import MISS, Entry
 from .tiers import RemoteTier, Tier, undecodable
@@ -257,10 +258,7 @@ def decode(data: bytes, loads: Callable[[bytes], Any]) -> tuple[Stamp, list[Any]
             raise ValueError("bad stamp")
     except Exception as exc:
         raise DecodeError(f"bad stamp header: {exc!r}") from exc
-    if negative:
-        value = None if info is None else (info[0], tuple(info[1]))
-    else:
-        value = loads(data[_START + size :])
+    value = (None if info is None else _info(info)) if negative else loads(data[_START + size :])
     names = () if tag_list is None else tuple(n for n, _ in tag_list)
     return Stamp(value, written, bool(negative), names, (), expires), tag_list
 
@@ -273,16 +271,80 @@ def unwrap(cfg: Config, st: Stamp) -> Any:
     if info is None:
         return None
     assert cfg.fresh is not None
-    index, args = info
-    raise cfg.fresh.not_found[index](*args)
+    raise _rebuild(cfg, cfg.fresh.not_found, *info)
 
 
-def _negative_info(p: Policy, exc: BaseException) -> tuple[int, tuple[Any, ...]]:
+# What a negative entry keeps of a not_found exception: the index of the Meta.not_found
+# class it matched, its args, its attributes of these types, and its own class's
+# "module:qualname" when it is a subclass of that one (else "").
+_SIMPLE = (str, int, float, bool, type(None))
+NotFoundInfo = tuple[int, tuple[Any, ...], dict[str, Any], str]
+
+
+def _info(raw: list[Any]) -> NotFoundInfo:
+    """A decoded header's not-found info (entries written before attributes and classes
+    were kept have the first two fields only)."""
+    attrs = raw[2] if len(raw) > 2 and isinstance(raw[2], dict) else {}
+    name = raw[3] if len(raw) > 3 and isinstance(raw[3], str) else ""
+    return int(raw[0]), tuple(raw[1]), attrs, name
+
+
+def _negative_info(p: Policy, exc: BaseException) -> NotFoundInfo:
     index = next(i for i, k in enumerate(p.not_found) if isinstance(exc, k))
     args = exc.args
-    if not all(type(a) in (str, int) for a in args):
+    if not all(type(a) in _SIMPLE for a in args):
         args = (str(exc),)
-    return index, tuple(args)
+    attrs = {
+        k: v
+        for k, v in getattr(exc, "__dict__", {}).items()
+        if type(v) in _SIMPLE and not k.startswith("__")
+    }
+    cls = type(exc)
+    name = "" if cls is p.not_found[index] else f"{cls.__module__}:{cls.__qualname__}"
+    return index, tuple(args), attrs, name
+
+
+def _rebuild(
+    cfg: Config,
+    kinds: tuple[type[BaseException], ...],
+    index: int,
+    args: tuple[Any, ...],
+    attrs: dict[str, Any],
+    name: str,
+) -> BaseException:
+    """A new instance of the stored exception: its own class (when this process has it and it
+    still derives from the declared one), its args and simple attributes, set directly. Its
+    ``__init__`` is not called: it may take other arguments than the ``args`` it stored (a
+    message built from an id, keyword-only arguments)."""
+    if not 0 <= index < len(kinds):
+        return LoadError(
+            f"node {cfg.name}: a negative entry names not_found class #{index}, but "
+            f"Meta.not_found has {len(kinds)}; invalidate the entry"
+        )
+    declared = kinds[index]
+    cls = _class_named(name, declared) if name else declared
+    try:
+        exc = cls.__new__(cls, *args)
+        exc.args = args
+        exc.__dict__.update(attrs)
+    except Exception as error:
+        return LoadError(
+            f"node {cfg.name}: cannot rebuild the cached not-found exception "
+            f"{cls.__qualname__}{args!r}: {error!r}"
+        )
+    return exc
+
+
+def _class_named(name: str, declared: type[BaseException]) -> type[BaseException]:
+    """The class ``module:qualname`` if its module is loaded and it derives from ``declared``;
+    else ``declared`` (nothing is imported for it)."""
+    module_name, _, qualname = name.partition(":")
+    found: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if isinstance(found, type) and issubclass(found, declared):
+        return found
+    return declared
 
 
 class _Reader:

@@ -311,7 +311,8 @@ class Node:
         Used by ``get_all`` for the nodes no tier had. The default calls ``load()`` for each
         node concurrently (and a failing node fails only its own callers); override it to
         fetch in one query. An override that leaves a node out fails that node's callers
-        with ``LoadError``.
+        with ``LoadError``. A class that overrides it and not ``load()`` loads every miss
+        through it, a lone ``get`` included.
         """
         raise NotImplementedError  # never called: api.py loads node by node instead
 

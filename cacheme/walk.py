@@ -242,6 +242,8 @@ class KeyWalk(Call):
         key = self.key
         call = self
         try:
+            if self.loader is None and _load_all_only(type(self.node)):
+                self.loader = _by_load_all(cfg, key, self.node)
             if cfg.load_timeout is not None:
                 outcome = await _timed(cfg, self.loader or self.node.load, 1)
             else:  # _timed inlined: one coroutine less alive for the whole load
@@ -575,7 +577,9 @@ class Walk:
         if leased and cfg.lease is not None and len(nodes) == 1:
             key = next(iter(nodes))
             try:
-                outcomes[key] = await self._load_leased(key, loader or first.load)
+                if loader is None:
+                    loader = _by_load_all(cfg, key, first) if _load_all_only(cls) else first.load
+                outcomes[key] = await self._load_leased(key, loader)
             except _Shared:
                 return {}, {}, {}  # another process loaded it: read from the shared tier
             except Exception as exc:
@@ -583,7 +587,7 @@ class Walk:
         elif loader is not None:
             key = next(iter(nodes))
             outcomes[key] = await _timed(cfg, loader, 1)
-        elif len(nodes) > 1 and _has_load_all(cls):
+        elif (len(nodes) > 1 and _has_load_all(cls)) or _load_all_only(cls):
             batch = await _timed(cfg, lambda: cls.load_all(list(nodes.values())), len(nodes))
             if isinstance(batch, BaseException):
                 outcomes = dict.fromkeys(nodes, batch)
@@ -666,6 +670,26 @@ def _has_load_all(cls: type[Node]) -> bool:
     return getattr(cls.load_all, "__func__", None) is not _DEFAULT_LOAD_ALL
 
 
+def _load_all_only(cls: type[Node]) -> bool:
+    """``load_all`` is defined and ``load`` is not: every load, even of one node, goes
+    through ``load_all``."""
+    return cls.load is Node.load and _has_load_all(cls)
+
+
+def _by_load_all(cfg: Config, key: str, node: Node) -> Loader:
+    """A loader of ``node`` alone through its class's ``load_all``."""
+    cls = type(node)
+
+    async def load() -> Any:
+        pairs = await awaitable(cfg, cls.load_all([node]))
+        outcome = _match(cfg, cls, {key: node}, pairs, count=False)[key]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    return load
+
+
 def _remember(cfg: Config, key: str, value: Any, now: float) -> None:
     assert cfg.stale_if_error is not None
     kept = cfg.last_good
@@ -675,8 +699,11 @@ def _remember(cfg: Config, key: str, value: Any, now: float) -> None:
         kept.popitem(last=False)
 
 
-def _match(cfg: Config, cls: type[Node], nodes: dict[str, Node], pairs: Any) -> dict[str, Any]:
-    """Map ``load_all``'s ``(node, value)`` pairs back to keys; a left-out node is an error."""
+def _match(
+    cfg: Config, cls: type[Node], nodes: dict[str, Node], pairs: Any, count: bool = True
+) -> dict[str, Any]:
+    """Map ``load_all``'s ``(node, value)`` pairs back to keys; a left-out node is an error
+    (``count``: moved from the load successes to the failures, else the caller counts)."""
     from .api import full_key
 
     out: dict[str, Any] = {}
@@ -687,8 +714,9 @@ def _match(cfg: Config, cls: type[Node], nodes: dict[str, Node], pairs: Any) -> 
             out[full_key(cfg, got)] = value
     except (TypeError, ValueError) as exc:
         error = LoadError(f"{cls.__qualname__}.load_all must return (node, value) pairs: {exc}")
-        cfg.stats.load_successes -= len(nodes)
-        cfg.stats.load_failures += len(nodes)
+        if count:
+            cfg.stats.load_successes -= len(nodes)
+            cfg.stats.load_failures += len(nodes)
         return dict.fromkeys(nodes, error)
     left_out = [k for k in nodes if k not in out]
     if left_out:
@@ -696,8 +724,9 @@ def _match(cfg: Config, cls: type[Node], nodes: dict[str, Node], pairs: Any) -> 
             f"{cls.__qualname__}.load_all returned no value for {len(left_out)} node(s), "
             f"e.g. key {left_out[0]!r}"
         )
-        cfg.stats.load_successes -= len(left_out)
-        cfg.stats.load_failures += len(left_out)
+        if count:
+            cfg.stats.load_successes -= len(left_out)
+            cfg.stats.load_failures += len(left_out)
         for key in left_out:
             out[key] = error
     return {k: out[k] for k in nodes}

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import landing, runtime
 from ..errors import (
     StorageError,
+    StorageMisconfiguredError,
     StorageTimeoutError,
     StorageUnavailableError,
 )
@@ -290,6 +291,12 @@ class RemoteStorage(BaseStorage[OptionsT]):
 
     # Driver exceptions that mean "the server did not answer in time"; counted as timeouts.
     timeout_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+
+    def misconfigured(self, exc: BaseException) -> bool:
+        """Whether a failed connect's driver exception is the server refusing this storage's
+        settings (see ``StorageMisconfiguredError``); backends that can tell override it."""
+        return False
+
     # The longest TTL an entry can carry; a longer one means no expiry (see ``Cache``).
     max_ttl: ClassVar[timedelta] = timedelta.max
 
@@ -399,7 +406,8 @@ class RemoteStorage(BaseStorage[OptionsT]):
                     f"storage {self.name!r} ({redact(self.url)}): cannot connect within "
                     f"{timeout:g}s: {_shorten(describe(exc, self.url))}"
                 ) from exc
-            raise StorageError(
+            kind = StorageMisconfiguredError if self.misconfigured(exc) else StorageError
+            raise kind(
                 f"storage {self.name!r} ({redact(self.url)}): cannot connect: "
                 f"{_shorten(describe(exc, self.url))}"
             ) from exc

@@ -76,6 +76,7 @@ DEFAULT_DATABASE = "cacheme"
 # mongod rejects these in database names (the Windows set, so a name works everywhere).
 _DATABASE_FORBIDDEN = frozenset('/\\. "$*<>:|?\x00')
 _DUPLICATE_KEY = 11000
+_REFUSED_CODES = (13, 18)  # Unauthorized, AuthenticationFailed
 
 Document = dict[str, Any]
 
@@ -140,6 +141,10 @@ class MongoStorage(RemoteStorage[MongoOptions]):
     options_model = MongoOptions
     options: MongoOptions
     timeout_errors = (NetworkTimeout, ServerSelectionTimeoutError, ExecutionTimeout)
+
+    def misconfigured(self, exc: BaseException) -> bool:
+        return isinstance(exc, OperationFailure) and exc.code in _REFUSED_CODES
+
     # ``expire`` is now + TTL as a date (Python's end with the year 9999): a longer TTL than
     # this (7000 years) means no expiry (see ``Cache``).
     max_ttl: ClassVar[timedelta] = timedelta(days=365 * 7000)

@@ -114,6 +114,13 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
     """Cache entries in a MySQL or MariaDB table, through an asyncmy pool."""
 
     options_model = MySQLOptions
+
+    def misconfigured(self, exc: BaseException) -> bool:
+        # Access denied to the database or for the user, unknown database.
+        return isinstance(exc, mysql_errors.OperationalError) and bool(
+            exc.args and exc.args[0] in (1044, 1045, 1049, 1698)
+        )
+
     options: MySQLOptions
     schema_file: ClassVar[str] = "sql/mysql.sql"
 

@@ -93,6 +93,12 @@ class PostgresStorage(SQLStorage[PostgresOptions]):
     # The server cancelled the statement (statement_timeout, lock_timeout): a timeout.
     timeout_errors = (asyncpg.QueryCanceledError,)
 
+    def misconfigured(self, exc: BaseException) -> bool:
+        # No such database; no such role, or a wrong password (a subclass of the latter).
+        return isinstance(
+            exc, (asyncpg.InvalidCatalogNameError, asyncpg.InvalidAuthorizationSpecificationError)
+        )
+
     def __init__(self, name: str, url: str, options: PostgresOptions) -> None:
         super().__init__(name, url, options)
         self._pool: Any = None  # asyncpg.Pool

@@ -83,6 +83,14 @@ class RedisStorage(RemoteStorage[RedisOptions]):
     """A Redis (or Redis Cluster) tier."""
 
     options_model = RedisOptions
+
+    def misconfigured(self, exc: BaseException) -> bool:
+        # A wrong password or user, or a database number the server does not have.
+        return isinstance(exc, redis.exceptions.AuthenticationError) or (
+            isinstance(exc, redis.exceptions.ResponseError)
+            and str(exc).startswith(("DB index is out of range", "WRONGPASS", "NOAUTH"))
+        )
+
     options: RedisOptions
 
     def __init__(self, name: str, url: str, options: RedisOptions) -> None:

@@ -17,6 +17,7 @@ from ..errors import (
     ConfigurationError,
     MissingDriverError,
     StorageError,
+    StorageMisconfiguredError,
     StorageNotRegisteredError,
     UnknownSchemeError,
 )
@@ -50,7 +51,12 @@ class Storage:
             raise ConfigurationError(
                 f"Storage url must be a URL string like 'redis://host', got {url!r}"
             )
-        scheme = scheme_of(url)
+        try:
+            scheme = scheme_of(url)
+        except ValueError as exc:  # urlsplit: "Invalid IPv6 URL", a port out of range...
+            raise ConfigurationError(
+                f"Storage url {redact(url)!r} is not a valid URL: {exc}"
+            ) from None
         if scheme not in SCHEMES:
             raise UnknownSchemeError(
                 f"Storage url {redact(url)!r}: unknown scheme {scheme!r}; supported: "
@@ -122,8 +128,9 @@ async def register_storage(name: str, storage: Storage) -> None:
     circuit breaker opens, so nodes skip it) and comes into use by itself once the server
     answers, each event loop connecting at its first operation. With ``fail_open=False`` the
     error is raised (``StorageError``, or ``StorageTimeoutError`` when nothing answered) and
-    nothing is registered. Registering a name again replaces the old storage (after the new
-    one connects) and closes the old one.
+    nothing is registered. A server that answers and refuses the settings raises
+    ``StorageMisconfiguredError`` whatever ``fail_open`` says. Registering a name again
+    replaces the old storage (after the new one connects) and closes the old one.
     """
     global generation
     if not isinstance(name, str) or not name:
@@ -136,7 +143,8 @@ async def register_storage(name: str, storage: Storage) -> None:
     try:
         await backend.connect()
     except StorageError as exc:
-        if not isinstance(backend, RemoteStorage) or not backend.options.fail_open:
+        misconfigured = isinstance(exc, StorageMisconfiguredError)
+        if misconfigured or not isinstance(backend, RemoteStorage) or not backend.options.fail_open:
             raise
         logger.warning(
             "cacheme: storage %r is unreachable at registration (%s); registered anyway "

@@ -57,7 +57,7 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import Field, field_validator
 
-from ..errors import ConfigurationError, StorageError
+from ..errors import ConfigurationError, StorageError, StorageMisconfiguredError
 from .base import RemoteOptions, RemoteStorage, describe
 from .url import redact
 
@@ -213,8 +213,9 @@ class SQLStorage(RemoteStorage[SO]):
                 )
 
     def _missing_table(self, exc: BaseException) -> StorageError:
-        return StorageError(
+        rename = "" if self.table == "cacheme_data" else f" (its table named {self.table})"
+        return StorageMisconfiguredError(
             f"storage {self.name!r} ({redact(self.url)}): table {self.table!r} with columns "
             f"key, value, expire not found ({describe(exc, self.url)}); create it first with "
-            f"{self.schema_file} (replace cacheme_data with {self.table})"
+            f"{self.schema_file}{rename}"
         )

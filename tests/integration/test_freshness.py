@@ -433,3 +433,49 @@ async def test_first_invalidation_racing_the_tag_key_add(
     assert await cacheme.get(node) == "after"
     assert source.calls == [1, 1]
     assert await backend.raw.get(tag_key) == stored  # the invalidation's version stays
+
+
+class Missing(Exception):
+    """The declared not_found class; the two below derive from it."""
+
+
+class MissingUser(Missing):
+    def __init__(self, user_id: int) -> None:  # the message is built from the id
+        self.user_id = user_id
+        super().__init__(f"user {user_id} not found")
+
+
+class MissingOrder(Missing):
+    def __init__(self, *, kind: str, ident: int) -> None:  # keyword-only
+        self.kind = kind
+        self.ident = ident
+        super().__init__(f"{kind} {ident} not found")
+
+
+@pytest.mark.parametrize("chain", [("remote",), ("local", "remote")], ids=["remote", "local"])
+async def test_not_found_exceptions_come_back_as_raised(
+    backend: Backend, clock: Clock, chain: tuple[str, ...]
+) -> None:
+    """The caller whose load raised, a later hit, and a hit read from the remote tier after
+    a restart all get the exception's own class, args, message and attributes, whatever its
+    __init__ takes."""
+    raised = {1: MissingUser(1), 2: MissingOrder(kind="order", ident=2), 3: Missing("gone", 3)}
+
+    class Raising(Source):
+        async def load(self, ident: int) -> Any:
+            self.calls.append(ident)
+            raise raised[ident]
+
+    source = Raising()
+    Item = make(source, chain, negative_ttl=timedelta(seconds=30), not_found=Missing)
+    for ident, original in raised.items():
+        for attempt in ("load", "hit", "after a restart"):
+            if attempt == "after a restart":
+                await backend.restart()
+            with pytest.raises(Missing) as info:
+                await cacheme.get(Item(ident))
+            got = info.value
+            assert type(got) is type(original), attempt
+            assert got.args == original.args and str(got) == str(original), attempt
+            assert vars(got) == vars(original), attempt
+    assert source.calls == [1, 2, 3]

@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import pickle
+import sqlite3
 import time
 import traceback
 import uuid
@@ -26,6 +27,7 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import msgpack
 import pytest
@@ -37,7 +39,7 @@ from cacheme import runtime
 from cacheme.node import get_prefix
 from cacheme.serializer import JSONSerializer, MsgPackSerializer, PickleSerializer, Serializer
 from cacheme.storages.base import RemoteStorage
-from tests.services import MONGO_URL, MYSQL_URL, POSTGRES_URL, unavailable
+from tests.services import MONGO_URL, MYSQL_URL, POSTGRES_URL, REDIS_URL, unavailable
 
 from .backend_redis import redis_url
 from .backend_sql import sql_table
@@ -1747,3 +1749,49 @@ async def test_close_storages_on_a_black_holed_network_ends_within_the_timeout(
                 error = None if get.cancelled() else get.exception()
                 assert error is None or isinstance(error, cacheme.StorageError), error
             proxy.drop()
+
+
+def _variant(url: str, *, path: str | None = None, user: str | None = None) -> str:
+    """``url`` with another database path or user (and no password with a new user)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if user is not None:
+        netloc = f"{user}@{netloc.rpartition('@')[2]}"
+    return urlunsplit(parts._replace(netloc=netloc, path=parts.path if path is None else path))
+
+
+MISCONFIGURED = {
+    "redis: database out of range": (REDIS_URL, _variant(REDIS_URL, path="/16")),
+    "postgres: no such database": (POSTGRES_URL, _variant(POSTGRES_URL, path="/cacheme_none")),
+    "postgres: no such role": (POSTGRES_URL, _variant(POSTGRES_URL, user="cacheme_no_role")),
+    "mysql: no such database": (MYSQL_URL, _variant(MYSQL_URL, path="/cacheme_none")),
+    "mysql: wrong password": (MYSQL_URL, _variant(MYSQL_URL, user="cacheme:wrong")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISCONFIGURED))
+async def test_a_server_refusing_the_settings_is_not_registered_even_failing_open(
+    case: str,
+) -> None:
+    """Waiting would not help: the error is raised though the storage fails open."""
+    good, bad = MISCONFIGURED[case]
+    try:
+        await cacheme.register_storage("probe", cacheme.Storage(good, fail_open=False))
+    except cacheme.StorageError as exc:
+        unavailable(case.split(":")[0], good, exc)
+    finally:
+        await cacheme.close_storages()
+    with pytest.raises(cacheme.StorageMisconfiguredError, match=r"'refused'.*cannot connect"):
+        await cacheme.register_storage("refused", cacheme.Storage(bad))
+    assert "refused" not in cacheme.storages()
+    assert isinstance(cacheme.StorageMisconfiguredError("x"), cacheme.ConfigurationError)
+
+
+async def test_a_sql_storage_without_its_table_is_not_registered_even_failing_open(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path}/empty.db"
+    sqlite3.connect(tmp_path / "empty.db").close()
+    with pytest.raises(cacheme.StorageMisconfiguredError, match=r"table 'cacheme_data'.*sql/"):
+        await cacheme.register_storage("tableless", cacheme.Storage(url))
+    assert "tableless" not in cacheme.storages()

@@ -486,3 +486,21 @@ async def test_a_refresh_overtaken_by_a_refresh_that_ended_first_returns_its_val
     gates[0].set()
     assert await first == "second"  # read from the tier the later refresh wrote
     assert await cacheme.get(Item(1)) == "second"
+
+
+def test_a_negative_entry_of_the_older_header_still_decodes() -> None:
+    """Entries written before the class and attributes were kept hold (index, args) only."""
+    old = freshness.encode(freshness.Stamp((0, ("no user", 7)), 1, True), 0, None, bytes)
+    st, _ = freshness.decode(old, bytes)
+    assert st.negative and st.value == (0, ("no user", 7), {}, "")
+
+
+async def test_a_negative_entry_naming_a_class_no_longer_declared_is_a_load_error(
+    local: Any,
+) -> None:
+    Item = make(Source(), negative_ttl=timedelta(seconds=30), not_found=NotFound)
+    cfg = Item._cacheme_config
+    with pytest.raises(cacheme.LoadError, match=r"not_found class #3, but Meta.not_found has 1"):
+        freshness.unwrap(cfg, freshness.Stamp((3, ("x",), {}, ""), 1, True))
+    rebuilt = freshness._rebuild(cfg, (NotFound,), 0, ("x", 1), {"extra": 2}, "nowhere:Gone")
+    assert type(rebuilt) is NotFound and rebuilt.args == ("x", 1) and vars(rebuilt) == {"extra": 2}

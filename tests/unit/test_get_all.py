@@ -218,6 +218,48 @@ async def test_load_all_override_loads_the_misses_in_one_call(batched: type[Batc
     assert stats.load_count() == 3
 
 
+class OnlyBatched(Node):
+    """Defines ``load_all`` and no ``load``: every load goes through ``load_all``."""
+
+    batches: list[list[int]] = []
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def key(self) -> str:
+        return f"only:{self.n}"
+
+    @classmethod
+    async def load_all(cls, nodes: Sequence[OnlyBatched]) -> list[tuple[OnlyBatched, int]]:
+        cls.batches.append(sorted(n.n for n in nodes))
+        return [(n, n.n * 10) for n in nodes if n.n != 13]
+
+    class Meta(Node.Meta):
+        caches = [Cache(storage="local")]
+
+
+@pytest.mark.parametrize("timeout", [None, 1.0])
+async def test_a_node_with_load_all_only_loads_through_it_even_alone(
+    local: Any, timeout: Any
+) -> None:
+    class Only(OnlyBatched):
+        class Meta(Node.Meta):
+            caches = [Cache(storage="local")]
+            load_timeout = timeout
+
+    Only.batches = []
+    assert await cacheme.get_all([Only(1), Only(2)]) == [10, 20]
+    assert await cacheme.get_all([Only(3)]) == [30]  # one miss
+    assert await cacheme.get_all([Only(1), Only(4), Only(4)]) == [10, 40, 40]
+    assert await cacheme.get(Only(5)) == 50  # a lone get
+    assert await cacheme.refresh(Only(5)) == 50
+    assert Only.batches == [[1, 2], [3], [4], [5], [5]]
+    with pytest.raises(LoadError, match=r"Only\.load_all returned no value.*only:13"):
+        await cacheme.get(Only(13))
+    stats = cacheme.stats(Only)
+    assert stats.load_success_count() == 6 and stats.load_failure_count() == 1
+
+
 async def test_load_all_that_omits_a_node_fails_that_node(batched: type[Batched]) -> None:
     batched.omit = {2}
     GATE.append(asyncio.Event())

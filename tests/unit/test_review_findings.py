@@ -142,6 +142,13 @@ async def test_a_call_given_no_node_says_what_it_got(local: Any, call: Any, arg:
         assert "pass an instance, such as _Plain(...)" in str(info.value)
 
 
+@pytest.mark.parametrize("load_fn", ["not a function", 3, object()])
+async def test_a_load_fn_that_cannot_be_called_is_refused(local: Any, load_fn: Any) -> None:
+    with pytest.raises(cacheme.ConfigurationError, match=r"load_fn=\.\.\.\) takes an async"):
+        await cacheme.get(_Plain(), load_fn=load_fn)
+    assert len(cacheme.runtime.current().flights) == 0
+
+
 def _sync_node(name: str, **meta: Any) -> type[Node]:
     meta.setdefault("caches", [Cache(storage="local")])
 

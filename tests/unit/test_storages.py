@@ -184,6 +184,15 @@ def test_a_port_that_is_not_a_number_is_refused_at_once(url: str) -> None:
     assert "secret" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "url", ["redis://[::1/1", "postgresql://u:secret@[::1:5432/db", "mongodb://[zz/db"]
+)
+def test_a_url_urllib_cannot_split_is_refused_naming_it(url: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"is not a valid URL: Invalid IPv6 URL") as info:
+        Storage(url=url)
+    assert "secret" not in str(info.value)
+
+
 async def test_missing_required_option_is_named() -> None:
     with pytest.raises(ConfigurationError, match=r"size: Field required"):
         await cacheme.register_storage("local", Storage(url="local://tlfu"))
