@@ -168,16 +168,16 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
         return []
     cls = type(nodes[0])
     cfg = node_config(nodes[0], "get_all")
-    for other in nodes:
-        if type(other) is not cls:
-            raise ConfigurationError(
-                f"get_all takes nodes of one class, got {cls.__qualname__} and "
-                f"{type(other).__qualname__}"
-            )
+    if len(set(map(type, nodes))) > 1:
+        other = next(n for n in nodes if type(n) is not cls)
+        raise ConfigurationError(
+            f"get_all takes nodes of one class, got {cls.__qualname__} and "
+            f"{type(other).__qualname__}"
+        )
     names = [n.key() for n in nodes]
-    for i, name in enumerate(names):
-        if type(name) is not str:
-            full_key(cfg, nodes[i])  # raises, naming the node
+    if set(map(type, names)) != {str}:
+        wrong = next(i for i, name in enumerate(names) if type(name) is not str)
+        full_key(cfg, nodes[wrong])  # raises, naming the node
     head, tail = cfg.key_head, cfg.key_tail
     keys = [f"{head}{name}{tail}" for name in names]
     if cfg.stamped:
@@ -205,16 +205,18 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
         if not missed:
             return results
     rt = runtime.current()
-    # The first position of each key (no list per key: every object kept alive while the
-    # loads run is work for the garbage collector).
-    first: dict[str, int] = {}
-    for i in missed:
-        first.setdefault(keys[i], i)
-    calls, outcome = join_all(rt.flights, first, cfg.name, rt.loop)
+    # A node for each key missed, in first-seen order (of equal keys, any node will do).
+    by_key: dict[str, Node]
+    if len(missed) == len(keys):
+        by_key = dict(zip(keys, nodes, strict=True))
+    else:
+        by_key = {keys[i]: nodes[i] for i in missed}
+    calls, outcome = join_all(rt.flights, by_key, cfg.name, rt.loop)
     # Every request that missed the front tiers joined a flight, except one per flight begun.
     rec.coalesced += len(missed) - len(calls)
     if calls:
-        walk = Walk(cfg, rt, {k: nodes[first[k]] for k in calls}, calls, None)
+        started = by_key if len(calls) == len(by_key) else {k: by_key[k] for k in calls}
+        walk = Walk(cfg, rt, started, calls, None)
         direct = walk.begin(len(front))
         if direct is not None:
             try:

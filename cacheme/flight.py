@@ -63,11 +63,11 @@ class Call:
 
     __slots__ = ("first", "key", "others", "owner", "stale")
 
-    def __init__(self, key: str, owner: str = "") -> None:
+    def __init__(self, key: str, owner: str = "", first: Waiter | None = None) -> None:
         self.key = key
         self.owner = owner  # the node's name (Config.name): what invalidate_node reaches
         # The first waiter, and a list only when more join (most calls have one).
-        self.first: Waiter | None = None
+        self.first: Waiter | None = first
         self.others: list[Waiter] | None = None
         self.stale = False  # set by forget(): the result must not be written or remembered
 
@@ -169,7 +169,15 @@ class Flights:
         (``get_all``)."""
         table = self._calls
         for key, call in calls.items():
-            call.resolve((values[key], sources[key]))
+            group = call.first
+            if call.others is None and type(group) is Group:  # resolve() inlined: get_all
+                call.first = None
+                group.outcomes[key] = (values[key], sources[key])
+                group.left -= 1
+                if not group.left and not group.future.done():
+                    group.future.set_result(group.outcomes)
+            else:
+                call.resolve((values[key], sources[key]))
             if table.get(key) is call:
                 del table[key]
 
@@ -222,8 +230,7 @@ def join_all(
     for key in keys:
         call = table.get(key)
         if call is None or call.stale:
-            call = started[key] = table[key] = Call(key, owner)
-            call.first = group
+            started[key] = table[key] = Call(key, owner, group)
         else:
             call._add(group)
     return started, group.future

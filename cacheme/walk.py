@@ -432,9 +432,7 @@ class Walk:
                 return
             elif found:
                 self.values.update(found)
-                sources = self.sources
-                for key in found:
-                    sources[key] = i
+                self.sources.update(dict.fromkeys(found, i))
                 for j in range(i):
                     if j not in self.failed:
                         self.backfill.setdefault(j, []).extend(found)
@@ -483,6 +481,9 @@ class Walk:
         return pending, errors
 
     def _write_then_settle(self) -> None:
+        if not self.backfill:  # every key came from the first tier read: nothing to write
+            self._settle({})
+            return
         pending, errors = self._writes()
         if not pending:
             self._settle(errors)

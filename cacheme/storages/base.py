@@ -596,8 +596,8 @@ class RemoteStorage(BaseStorage[OptionsT]):
         ):
             return False
         key_writes = self._key_writes
-        for key in keys:  # noqa: SIM110 - all() would make a generator on a lone get's path
-            if key in key_writes or not _sendable_key(key):
+        for key in keys:  # a loop, not all(): no generator on a lone get's path
+            if key in key_writes or not (key.isascii() or _sendable_key(key)):
                 return False
         return True
 
