@@ -136,7 +136,7 @@ def _join(
     rt = runtime.current()
     flights = rt.flights
     call = flights.get(key)
-    if call is not None and not call.stale:  # stale: see _forget_elsewhere
+    if call is not None and not call.detached:  # see _forget_elsewhere
         rec.coalesced += 1
         return call.join(rt.loop)
     if cfg.lease is None:
@@ -257,11 +257,7 @@ async def invalidate(node: Node, cfg: Config | None = None) -> None:
         )
     key = full_key(cfg, node)
     _forget_everywhere(key)
-    with backplane.write_guard:  # see its comment
-        backplane.note_invalidated((key,))  # for the walks of other threads' loops
-        writes = landing.of((key,)) if runtime.several() else []
-    if writes:  # decided by other loops before this point: the removal must come after
-        await landing.wait(writes, 2 * max(t.op_timeout() for t in cfg.tiers))
+    await after_other_loops_writes(cfg, key)
     if cfg.stamped:
         freshness.forget(key)  # a background reload under way must not write it back
     cfg.last_good.pop(key, None)
@@ -297,6 +293,17 @@ async def invalidate(node: Node, cfg: Config | None = None) -> None:
         ) from failed[0][1]
 
 
+async def after_other_loops_writes(cfg: Config, key: str) -> None:
+    """Note ``key`` as changed (a walk of any loop begun before writes nothing back), then
+    wait for the remote writes of it other loops decided before (see ``landing``): what
+    ``invalidate`` and ``refresh`` do before they touch the tiers."""
+    with backplane.write_guard:  # see its comment
+        backplane.note_invalidated((key,))
+        writes = landing.of(key) if runtime.several() else []
+    if writes:
+        await landing.wait(key, writes, 2 * max(t.op_timeout() for t in cfg.tiers))
+
+
 def _forget_everywhere(key: str) -> None:
     """Detach ``key``'s flight in this loop and in the loops of other threads."""
     here = runtime.current()
@@ -305,17 +312,16 @@ def _forget_everywhere(key: str) -> None:
 
 
 def forget_node_everywhere(owner: str) -> None:
-    """Detach every flight of the node named ``owner``, in every loop (as
-    ``_forget_everywhere`` does for one key): ``invalidate_tag`` and ``invalidate_node``."""
+    """Let no new request join a flight of the node named ``owner``, in any loop:
+    ``invalidate_tag`` and ``invalidate_node`` (see ``Flights.detach_owner``)."""
     here = runtime.current()
-    here.flights.forget_owner(owner)
-    freshness.forget_owner(owner)
+    here.flights.detach_owner(owner)
     for rt in runtime.live():
         if rt is here or rt.closed:
             continue
-        for key, call in list(rt.flights.items()):
+        for key, call in rt.flights.items():
             if call.owner == owner:
-                call.stale = True
+                call.detached = True
                 _drop_soon(rt, key, call)
 
 
@@ -337,7 +343,7 @@ def _forget_elsewhere(key: str, here: runtime.Runtime) -> None:
         call = rt.flights.get(key)
         if call is None:
             continue
-        call.stale = True
+        call.stale = call.detached = True
         _drop_soon(rt, key, call)
 
 
@@ -354,6 +360,7 @@ async def reload(node: Node, cfg: Config, loader: Loader | None) -> Any:
     if cfg.stamped:
         return await freshness.reload(node, cfg, loader, key)
     _forget_everywhere(key)
+    await after_other_loops_writes(cfg, key)
     rt = runtime.current()
     call = rt.flights.start(key, cfg.name)
     waiter = call.join()
@@ -395,7 +402,7 @@ def _read_flight(
 ) -> tuple[Call, Awaitable[Outcome]]:
     """``key``'s live flight in this loop, joined; else a new one over every tier."""
     call = rt.flights.get(key)
-    if call is not None and not call.stale:
+    if call is not None and not call.detached:
         return call, call.join(rt.loop)
     call = rt.flights.start(key, cfg.name)
     waiter = call.join(rt.loop)

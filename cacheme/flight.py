@@ -61,7 +61,7 @@ Waiter = Union["asyncio.Future[Outcome]", Group]
 class Call:
     """One in-flight fetch of one key, and its waiters."""
 
-    __slots__ = ("first", "key", "others", "owner", "stale")
+    __slots__ = ("detached", "first", "key", "others", "owner", "stale")
 
     def __init__(self, key: str, owner: str = "", first: Waiter | None = None) -> None:
         self.key = key
@@ -70,6 +70,8 @@ class Call:
         self.first: Waiter | None = first
         self.others: list[Waiter] | None = None
         self.stale = False  # set by forget(): the result must not be written or remembered
+        # No new caller may join it (set with ``stale``, or alone by ``detach_owner``).
+        self.detached = False
 
     def _add(self, waiter: Waiter) -> None:
         if self.first is None:
@@ -185,24 +187,26 @@ class Flights:
         call.reject(error)
         self.drop(key, call)
 
-    def forget_owner(self, owner: str) -> None:
-        """``forget`` every call of the node named ``owner`` (``invalidate_tag``/``_node``:
-        which keys a tag covers is known only once loaded)."""
+    def detach_owner(self, owner: str) -> None:
+        """Let no new caller join a call of the node named ``owner`` (``invalidate_tag`` and
+        ``_node``). Their results are still written: entries carry the tag versions read
+        before the load, so what the new versions cover reads as stale anyway."""
         for key, call in self.items():
             if call.owner == owner:
-                self.forget(key)
+                call.detached = True
+                self.drop(key, call)
 
     def forget(self, key: str) -> None:
         """Detach ``key``'s call: new callers start afresh; its result is not written back."""
         call = self._calls.pop(key, None)
         if call is not None:
-            call.stale = True
+            call.stale = call.detached = True
 
     def abandon(self) -> None:
         """The loop is shutting down: cancel every waiter and empty the table."""
         calls, self._calls = self._calls, {}
         for call in calls.values():
-            call.stale = True
+            call.stale = call.detached = True
             call.reject(asyncio.CancelledError())
 
     def drop(self, key: str, call: Call) -> None:
@@ -229,7 +233,7 @@ def join_all(
     table = flights._calls  # the loop below runs once per key of a get_all: no calls in it
     for key in keys:
         call = table.get(key)
-        if call is None or call.stale:
+        if call is None or call.detached:
             started[key] = table[key] = Call(key, owner, group)
         else:
             call._add(group)

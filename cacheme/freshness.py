@@ -289,15 +289,53 @@ def _info(raw: list[Any]) -> NotFoundInfo:
     return int(raw[0]), tuple(raw[1]), attrs, name
 
 
+def _shared_errors(errors: dict[str, BaseException]) -> set[int]:
+    """The ids of exceptions failing more than one key: a ``load_all`` that raised for the
+    whole batch cannot say which node is missing, so none is cached as not found."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for exc in errors.values():
+        (shared if id(exc) in seen else seen).add(id(exc))
+    return shared
+
+
+def _storable(value: Any) -> bool:
+    """A simple value MessagePack can hold: a str that is valid UTF-8, a 64-bit int..."""
+    kind = type(value)
+    if kind is str:
+        return bool(value.isascii()) or _utf8(value)
+    if kind is int:
+        return bool(-(2**63) <= value < 2**64)
+    return kind in _SIMPLE
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _message(exc: BaseException) -> str:
+    """``str(exc)``, made storable (a lone surrogate escaped; a ``__str__`` that raises gives
+    the class name)."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = type(exc).__qualname__
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _negative_info(p: Policy, exc: BaseException) -> NotFoundInfo:
     index = next(i for i, k in enumerate(p.not_found) if isinstance(exc, k))
     args = exc.args
-    if not all(type(a) in _SIMPLE for a in args):
-        args = (str(exc),)
+    if not all(_storable(a) for a in args):
+        args = (_message(exc),)
     attrs = {
         k: v
         for k, v in getattr(exc, "__dict__", {}).items()
-        if type(v) in _SIMPLE and not k.startswith("__")
+        if _storable(v) and _storable(k) and not k.startswith("__")
     }
     cls = type(exc)
     name = "" if cls is p.not_found[index] else f"{cls.__module__}:{cls.__qualname__}"
@@ -603,8 +641,9 @@ class Pass:
         cfg = self.cfg
         now = now_ms()
         calls = self.walk.calls
+        shared = _shared_errors(errors)
         for key, exc in list(errors.items()):
-            if p.not_found and isinstance(exc, p.not_found):
+            if p.not_found and isinstance(exc, p.not_found) and id(exc) not in shared:
                 del errors[key]
                 loaded[key] = Stamp(_negative_info(p, exc), now, True, self.names.get(key, ()))
                 continue
@@ -752,15 +791,6 @@ async def _refresh(
         )
 
 
-def forget_owner(owner: str) -> None:
-    """``invalidate_node``/``_tag``: no background reload of the node named ``owner`` under
-    way may write back."""
-    for rt in runtime.live():
-        for call in list(rt.refreshing.values()):
-            if call.owner == owner:
-                call.stale = True
-
-
 def forget(key: str) -> None:
     """``invalidate``: a background reload of ``key`` under way must not write it back."""
     for rt in runtime.live():
@@ -800,7 +830,7 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None, key: str) -> Any
     rt = runtime.current()
     flights = rt.flights
     call = flights.get(key)
-    if call is None or call.stale:  # stale: marked by another thread's invalidate
+    if call is None or call.detached:  # e.g. by another thread's invalidate
         names = tag_names(cfg, {key: node})
         call = flights.start(key, cfg.name)
         waiter = call.join()
@@ -869,12 +899,13 @@ async def get_all(nodes: list[Node], cfg: Config, keys: list[str]) -> list[Any]:
 
 async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> Any:
     """``api.reload`` (``refresh``) for a stamped node: load, write every tier, return."""
-    from .api import _forget_everywhere, latest
+    from .api import _forget_everywhere, after_other_loops_writes, latest
     from .walk import Walk
 
     names = tag_names(cfg, {key: node})
     _forget_everywhere(key)
     forget(key)
+    await after_other_loops_writes(cfg, key)
     rt = runtime.current()
     call = rt.flights.start(key, cfg.name)
     waiter = call.join()

@@ -139,9 +139,9 @@ async def _invalidate(cfg: Config, tag: str) -> None:
     from .api import forget_node_everywhere
 
     key = tag_key(cfg.name, tag)
-    # Which keys carry the tag is known only once loaded: every flight of the node is
-    # detached (its callers still get its value; nothing it loaded is written), and no
-    # request made after this returns joins one of them.
+    # Which keys carry the tag is known only once loaded: no request made after this
+    # returns joins a flight of the node begun before (their own callers still get their
+    # values, and what they write carries the tag versions read before the bump).
     forget_node_everywhere(cfg.name)
     bump_local((key,))
     writes = []

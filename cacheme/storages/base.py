@@ -639,7 +639,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
         else:
             write = driver._set_many_now(entries)
         if runtime.several() and isinstance(write, asyncio.Future):
-            landing.note([e.key for e in entries], write)
+            landing.note([e.key for e in entries], write, self._remove_revoked)
         return write
 
     def _set_many_now(self, entries: Sequence[Entry]) -> Awaitable[None]:
@@ -687,7 +687,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
         marker: asyncio.Future[None] = driver._loop().create_future()
         driver._hold(keys, marker)
         if runtime.several():
-            landing.note(keys, marker)
+            landing.note(keys, marker, self._remove_revoked)
         return driver._write_direct(unique, keys, marker)
 
     async def _write_direct(
@@ -702,6 +702,15 @@ class RemoteStorage(BaseStorage[OptionsT]):
             self._writing -= 1
             marker.set_result(None)
             self._release(keys, marker)
+
+    def _remove_revoked(self, keys: list[str]) -> None:
+        """A write of ``keys`` landed after an ``invalidate`` or ``refresh`` elsewhere gave
+        up waiting for it (see ``landing``): remove them again, after it, from this loop."""
+        try:
+            removal = self.remove_many(keys)
+        except StorageError:  # closed meanwhile: nothing more to do here
+            return
+        asyncio.ensure_future(removal).add_done_callback(_retrieved)
 
     def add_many(self, entries: Sequence[Entry]) -> Awaitable[None]:
         """Store each entry only if its key is absent (or expired); return nothing.
@@ -1161,6 +1170,12 @@ def _reject_bad_keys(
     for call in [c for c in pending.calls if not c[0]]:
         pending.calls.remove(call)
         _deliver(call[1], nothing_left, False)
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """Retrieve a fire-and-forget operation's outcome (counted and logged where it failed)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _completed(value: T) -> asyncio.Future[T]:

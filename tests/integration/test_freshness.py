@@ -479,3 +479,55 @@ async def test_not_found_exceptions_come_back_as_raised(
             assert got.args == original.args and str(got) == str(original), attempt
             assert vars(got) == vars(original), attempt
     assert source.calls == [1, 2, 3]
+
+
+class Odd(Missing):
+    """args no MessagePack header can hold."""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((2**70,), "1180591620717411303424"),  # past 64 bits
+        (("a\ud800b",), "a\\ud800b"),  # a lone surrogate
+        (({"id": 3},), "{'id': 3}"),  # not a simple value
+    ],
+)
+async def test_a_not_found_with_args_no_header_can_hold_comes_back_with_its_message(
+    backend: Backend, clock: Clock, args: tuple[Any, ...], message: str
+) -> None:
+    class Raising(Source):
+        async def load(self, ident: int) -> Any:
+            self.calls.append(ident)
+            raise Odd(*args)
+
+    source = Raising()
+    Item = make(source, ("remote",), negative_ttl=timedelta(seconds=30), not_found=Missing)
+    for _ in range(3):
+        with pytest.raises(Odd) as info:
+            await cacheme.get(Item(1))
+        assert info.value.args == (message,)
+    assert source.calls == [1]  # cached after all
+
+
+async def test_a_not_found_raised_by_load_all_for_a_batch_is_not_cached(
+    backend: Backend, clock: Clock
+) -> None:
+    """load_all raising for the whole batch cannot say which node is missing: each caller
+    gets the error, nothing is cached as not found, and the nodes load again later."""
+    source = Source()
+    source.data = {1: "one", 2: "two"}
+    batches: list[list[int]] = []
+    Item = make(source, ("local", "remote"), negative_ttl=timedelta(seconds=30), not_found=Missing)
+
+    async def load_all(cls: Any, nodes: Any) -> Any:
+        batches.append(sorted(n.ident for n in nodes))
+        if len(batches) == 1:
+            raise Missing("one of them is missing")
+        return [(n, source.data[n.ident]) for n in nodes]
+
+    Item.load_all = classmethod(load_all)
+    with pytest.raises(Missing):
+        await cacheme.get_all([Item(1), Item(2)])
+    assert await cacheme.get_all([Item(1), Item(2)]) == ["one", "two"]
+    assert batches == [[1, 2], [1, 2]]

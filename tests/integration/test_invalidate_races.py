@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -25,6 +27,7 @@ from cacheme import Cache, Node
 from cacheme.serializer import MsgPackSerializer
 from cacheme.storages.base import Entry, RemoteStorage
 from cacheme.storages.registry import storages
+from tests.services import REDIS_URL
 
 from .backends import BACKENDS, FACTORIES
 
@@ -308,3 +311,130 @@ async def test_an_invalidate_is_never_lost_to_another_threads_write_back(
         assert not any(t.is_alive() for t in threads)
         assert not errors, errors
         assert not older, f"{len(older)} gets saw an older version, e.g. {older[:3]}"
+
+
+@pytest.mark.parametrize("op", ["invalidate", "refresh"])
+@pytest.mark.parametrize(
+    "backend", [pytest.param(b, marks=getattr(pytest.mark, b)) for b in BACKENDS]
+)
+async def test_a_write_back_held_up_past_the_wait_is_removed_again_after_it(
+    tmp_path: Path, backend: str, op: str
+) -> None:
+    """Another thread's loop queues a write-back of the old value, then is blocked for longer
+    than an ``invalidate`` or ``refresh`` here waits for it (twice the 0.2 s timeout). When
+    that write lands at last, its own loop removes the key again: a get afterwards loads
+    (or reads) the new value, never the old one."""
+    async with FACTORIES[backend](tmp_path, f"held-{backend}") as raw:
+        options = raw.options.model_dump(exclude_defaults=True)
+        options["timeout"] = 0.2
+        await cacheme.register_storage("remote", cacheme.Storage(raw.url, **options))
+        k = uuid.uuid4().hex[:8]
+        SOURCE[k] = 1
+
+        class Held(Node):
+            def __init__(self, which: str) -> None:
+                self.which = which
+
+            def key(self) -> str:
+                return f"held:{k}:{self.which}"
+
+            async def load(self) -> int:
+                value = SOURCE[k]
+                if self.which == "y" and value == 1:
+                    # Blocks this loop in the turn after the write-backs are queued.
+                    asyncio.get_running_loop().call_soon(time.sleep, 0.8)
+                    stalling.set()
+                return value
+
+            class Meta(Node.Meta):
+                caches = [Cache(storage="remote", ttl=timedelta(seconds=30))]
+                serializer = MsgPackSerializer()
+
+        got: list[Any] = []
+        stalling = threading.Event()
+
+        def other() -> None:
+            async def run() -> None:
+                # x's write goes at once, y's is queued for the next turn (then blocked)
+                got.extend(await asyncio.gather(cacheme.get(Held("x")), cacheme.get(Held("y"))))
+                await asyncio.sleep(0.3)  # the removal after the late write lands
+
+            asyncio.run(run())
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        try:
+            assert await asyncio.to_thread(stalling.wait, 10)
+            await asyncio.sleep(0.1)  # the other loop is blocked now, y's write queued
+            SOURCE[k] = 2
+            if op == "invalidate":
+                await cacheme.invalidate(Held("y"))
+            else:
+                assert await cacheme.refresh(Held("y")) == 2
+        finally:
+            await asyncio.to_thread(thread.join, 10)
+        assert got[1] == 1  # y loaded the old value, and its write-back was held up
+        assert await cacheme.get(Held("y")) == 2
+        await cacheme.close_storages()
+
+
+_CLOSED_LOOP = """
+import asyncio, sys, time
+import cacheme
+import cacheme.serializer
+from cacheme import landing
+
+class N(cacheme.Node):
+    def __init__(self, k): self.k = k
+    def key(self): return f"closed-loop:{self.k}"
+    async def load(self) -> int: return 1
+    class Meta(cacheme.Node.Meta):
+        caches = [cacheme.Cache(storage="r", ttl=None)]
+        serializer = cacheme.serializer.JSONSerializer()
+
+async def setup():
+    await cacheme.register_storage("r", cacheme.Storage(sys.argv[1], timeout=1.0))
+asyncio.run(setup())
+other = asyncio.new_event_loop()  # a second live loop: writes are noted
+loop = asyncio.new_event_loop()
+
+async def queue_writes():
+    tasks = [asyncio.ensure_future(cacheme.get(N(k))) for k in ("x", "y")]
+    for _ in range(1000):  # until a write is noted, before it is flushed
+        if landing._pending:
+            return sorted(landing._pending)
+        await asyncio.sleep(0)
+
+stuck = loop.run_until_complete(queue_writes())
+loop.close()  # no shutdown_asyncgens: the queued write is never sent
+took = []
+for key in stuck:
+    async def invalidate():
+        started = time.monotonic()
+        await cacheme.invalidate(N(key.split(":")[2]))
+        return time.monotonic() - started
+    took.append(asyncio.run(invalidate()))
+print("stuck", len(stuck), "slowest", round(max(took), 3), "left", len(landing._pending))
+"""
+
+
+@pytest.mark.redis
+async def test_a_write_of_a_loop_closed_without_shutdown_is_not_waited_for() -> None:
+    """A loop closed with a write still queued (no ``shutdown_asyncgens``) never sends it: an
+    ``invalidate`` elsewhere does not wait for it, and nothing is left behind. In a fresh
+    interpreter: the closed loop's leftovers are not this test process's business."""
+    url = REDIS_URL.rsplit("/", 1)[0] + "/13"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _CLOSED_LOOP,
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    words = out.decode().split()
+    assert words[0] == "stuck" and int(words[1]) >= 1, out
+    assert float(words[3]) < 0.5, out  # not the 2 s the write could take
+    assert words[5] == "0", out

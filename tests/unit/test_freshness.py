@@ -504,3 +504,23 @@ async def test_a_negative_entry_naming_a_class_no_longer_declared_is_a_load_erro
         freshness.unwrap(cfg, freshness.Stamp((3, ("x",), {}, ""), 1, True))
     rebuilt = freshness._rebuild(cfg, (NotFound,), 0, ("x", 1), {"extra": 2}, "nowhere:Gone")
     assert type(rebuilt) is NotFound and rebuilt.args == ("x", 1) and vars(rebuilt) == {"extra": 2}
+
+
+async def test_a_refresh_racing_invalidate_tag_of_another_tag_still_writes(
+    local: Any, clock: Clock
+) -> None:
+    """invalidate_tag keeps new requests off the node's flights, but a flight's write stands
+    (it carries the tag versions read before its load): a refresh under way is not lost."""
+    source = Source()
+    source.data[1] = "old"
+    Item = make(source, tagged=True)
+    assert await cacheme.get(Item(1)) == "old"
+    source.data[1] = "new"
+    source.gate = asyncio.Event()
+    refreshing = asyncio.ensure_future(cacheme.refresh(Item(1)))
+    await settle()
+    await cacheme.invalidate_tag(Item, "unrelated")
+    source.gate.set()
+    assert await refreshing == "new"
+    assert await cacheme.get(Item(1)) == "new"
+    assert source.calls == [1, 1]

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from datetime import timedelta
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 import cacheme
-from cacheme import backplane
+from cacheme import backplane, landing
 from cacheme.node import Cache, Node
 
 from .helpers import stored
@@ -260,3 +261,23 @@ async def test_a_get_after_another_threads_invalidate_never_joins_an_older_fligh
         await asyncio.to_thread(thread.join, 10)
     assert seen == ["new", "old"]  # the older flight's own caller still gets its value
     assert await cacheme.get(node()) == "new"
+
+
+def test_a_forked_child_waits_for_none_of_its_parents_remote_writes() -> None:
+    """The threads and loops sending the parent's writes are not in the child: its
+    invalidates must not wait for them."""
+    loop = asyncio.new_event_loop()
+    entry = landing.Write(["cacheme:k:"], loop)
+    with landing._lock:
+        landing._pending["cacheme:k:"] = {entry}
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: report, and leave at once
+            os._exit(0 if not landing._pending and not landing.of("cacheme:k:") else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert landing.of("cacheme:k:") == [entry]  # the parent's own are still there
+    finally:
+        with landing._lock:
+            landing._pending.clear()
+        loop.close()
