@@ -32,6 +32,9 @@ from tests.services import REDIS_URL
 from .backends import BACKENDS, FACTORIES
 
 SOURCE: dict[str, int] = {}
+every_backend = pytest.mark.parametrize(
+    "backend", [pytest.param(b, marks=getattr(pytest.mark, b)) for b in BACKENDS]
+)
 
 
 class Item(Node):
@@ -198,9 +201,7 @@ class _Writer(Node):
 
 @pytest.mark.parametrize("coalesce", [True, False], ids=["coalesce", "no-coalesce"])
 @pytest.mark.parametrize("op", ["get", "get_all", "refresh", "get-stamped"])
-@pytest.mark.parametrize(
-    "backend", [pytest.param(b, marks=getattr(pytest.mark, b)) for b in BACKENDS]
-)
+@every_backend
 async def test_a_write_back_decided_before_an_invalidate_never_lands_after_it(
     tmp_path: Path, backend: str, op: str, coalesce: bool
 ) -> None:
@@ -243,9 +244,7 @@ async def test_a_write_back_decided_before_an_invalidate_never_lands_after_it(
 
 
 @pytest.mark.parametrize("chain", ["remote", "local,remote"])
-@pytest.mark.parametrize(
-    "backend", [pytest.param(b, marks=getattr(pytest.mark, b)) for b in BACKENDS]
-)
+@every_backend
 async def test_an_invalidate_is_never_lost_to_another_threads_write_back(
     tmp_path: Path, backend: str, chain: str
 ) -> None:
@@ -314,9 +313,7 @@ async def test_an_invalidate_is_never_lost_to_another_threads_write_back(
 
 
 @pytest.mark.parametrize("op", ["invalidate", "refresh"])
-@pytest.mark.parametrize(
-    "backend", [pytest.param(b, marks=getattr(pytest.mark, b)) for b in BACKENDS]
-)
+@every_backend
 async def test_a_write_back_held_up_past_the_wait_is_removed_again_after_it(
     tmp_path: Path, backend: str, op: str
 ) -> None:
