@@ -299,7 +299,7 @@ async def after_other_loops_writes(cfg: Config, key: str) -> None:
     ``invalidate`` and ``refresh`` do before they touch the tiers."""
     with backplane.write_guard:  # see its comment
         backplane.note_invalidated((key,))
-        writes = landing.of(key) if runtime.several() else []
+        writes = landing.of(key)
     if writes:
         await landing.wait(key, writes, 2 * max(t.op_timeout() for t in cfg.tiers))
 
@@ -387,7 +387,7 @@ async def latest(
     invalidation). Should that fail, the refresh's own outcome stands.
     """
     for _ in range(3):  # each round waits for a flight begun after the previous one
-        if not call.stale:
+        if not (call.stale or call.detached):
             break
         try:
             call, waiter = _read_flight(rt, call.key, node, cfg, loader)

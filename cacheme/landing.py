@@ -3,11 +3,12 @@
 A write-back decided in one event loop before an ``invalidate`` or ``refresh`` in another
 thread's loop (see ``backplane.write_guard``) goes out on that loop's own connection: it
 could reach the server after the removal and bring the old value back until its TTL. So
-while more than one loop is live, each remote write registers its keys here until it has
-landed, and ``invalidate`` and ``refresh`` wait for those of their key. The wait is bounded
-(a loop may be blocked for long); a write still pending then is *revoked* for that key: once
-it lands, its own loop removes the key again, after it. A lone loop needs none of this: its
-storage driver orders the writes and removals of each key itself (see ``storages.base``).
+each remote write registers its keys here until it has landed (a loop started later, in
+another thread, may invalidate while it is under way), and ``invalidate`` and ``refresh``
+wait for those of their key. The wait is bounded (a loop may be blocked for long); a write
+still pending then is *revoked* for that key: once it lands, its own loop removes the key
+again, after it, and nobody waits for it again. Within one loop the storage driver orders
+the writes and removals of each key itself (see ``storages.base``).
 """
 
 from __future__ import annotations
@@ -16,80 +17,117 @@ import asyncio
 import concurrent.futures
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 _lock = threading.Lock()
-_pending: dict[str, set[Write]] = {}
+# key -> the writes of it under way: one Write, or a list when there are several.
+_pending: dict[str, Write | list[Write]] = {}
 
 
 class Write:
-    """One remote write of ``keys`` in ``loop``, until it lands (or fails)."""
+    """One remote write of ``keys`` in ``loop``, until it lands (or fails); also the done
+    callback of the write's future (no closure made per write)."""
 
-    __slots__ = ("keys", "landed", "loop", "revoked", "signal")
+    __slots__ = ("keys", "landed", "loop", "remove", "revoked", "signal")
 
-    def __init__(self, keys: list[str], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        keys: list[str],
+        loop: asyncio.AbstractEventLoop,
+        remove: Callable[[list[str]], Any],
+    ) -> None:
         self.keys = keys
         self.loop = loop
-        self.signal: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.remove = remove
+        # Made when a waiter asks (under _lock): most writes are never waited for.
+        self.signal: concurrent.futures.Future[None] | None = None
         self.landed = False
-        self.revoked: set[str] = set()
+        self.revoked: set[str] | None = None
+
+    def __call__(self, _: object) -> None:
+        with _lock:
+            self.landed = True
+            revoked = self.revoked
+            signal = self.signal
+            for key in self.keys:
+                _drop(key, self)
+        if signal is not None:
+            signal.set_result(None)
+        if revoked:
+            self.remove(sorted(revoked))
 
 
 def note(
-    keys: Sequence[str],
+    keys: list[str],
     write: asyncio.Future[Any],
     remove: Callable[[list[str]], Any],
 ) -> None:
     """Register ``write`` (a future of the running loop) as a write of ``keys`` until it is
     done. ``remove(keys)`` is called in that loop, once it is done, for the keys an
     ``invalidate`` or ``refresh`` revoked meanwhile (see ``wait``)."""
-    entry = Write(list(keys), write.get_loop())
+    entry = Write(keys, write.get_loop(), remove)
     with _lock:
-        for key in entry.keys:
-            _pending.setdefault(key, set()).add(entry)
-
-    def done(_: object) -> None:
-        with _lock:
-            entry.landed = True
-            revoked = sorted(entry.revoked)
-            _forget(entry)
-        entry.signal.set_result(None)
-        if revoked:
-            remove(revoked)
-
-    write.add_done_callback(done)
+        for key in keys:
+            found = _pending.get(key)
+            if found is None:
+                _pending[key] = entry
+            elif type(found) is list:
+                found.append(entry)
+            else:
+                _pending[key] = [found, entry]  # type: ignore[list-item]
+    write.add_done_callback(entry)
 
 
-def _forget(entry: Write) -> None:
-    for key in entry.keys:
-        waiting = _pending.get(key)
-        if waiting is not None:
-            waiting.discard(entry)
-            if not waiting:
-                del _pending[key]
+def _drop(key: str, entry: Write) -> None:
+    found = _pending.get(key)
+    if found is entry:
+        del _pending[key]
+    elif type(found) is list:
+        if entry in found:
+            found.remove(entry)
+        if not found:
+            del _pending[key]
+
+
+def _writes_of(key: str) -> list[Write]:
+    found = _pending.get(key)
+    if found is None:
+        return []
+    return list(found) if type(found) is list else [found]  # type: ignore[list-item]
 
 
 def of(key: str) -> list[Write]:
-    """The writes of ``key`` not landed yet, from any loop still open (a write of a loop
-    closed without its shutdown step can never land: it is dropped here)."""
+    """The writes of ``key`` not landed yet and not revoked for it, from any loop still open
+    (a write of a loop closed without its shutdown step can never land: it is dropped)."""
+    live = []
     with _lock:
-        found = list(_pending.get(key, ()))
-        dead = [w for w in found if w.loop.is_closed()]
-        for entry in dead:
-            _forget(entry)
-    return [w for w in found if w not in dead]
+        for entry in _writes_of(key):
+            if entry.revoked and key in entry.revoked:
+                continue
+            if entry.loop.is_closed():
+                for k in entry.keys:
+                    _drop(k, entry)
+                continue
+            if entry.signal is None:
+                entry.signal = concurrent.futures.Future()
+            live.append(entry)
+    return live
 
 
 async def wait(key: str, writes: list[Write], timeout: float) -> None:
-    """Wait until each of ``writes`` has landed, ``timeout`` seconds at most; revoke ``key``
-    from those still pending then (their own loop removes it again once they land)."""
+    """Wait until each of ``writes`` (from ``of``) has landed, ``timeout`` seconds at most;
+    revoke ``key`` from those still pending then (their own loop removes it again once they
+    land)."""
     if not writes:
         return
-    await asyncio.wait([asyncio.wrap_future(w.signal) for w in writes], timeout=timeout)
+    signals = [w.signal for w in writes if w.signal is not None]
+    await asyncio.wait([asyncio.wrap_future(s) for s in signals], timeout=timeout)
     with _lock:
         for entry in writes:
             if not entry.landed:
+                if entry.revoked is None:
+                    entry.revoked = set()
                 entry.revoked.add(key)
 
 

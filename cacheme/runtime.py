@@ -125,11 +125,6 @@ def live() -> list[Runtime]:
         return list(_live)
 
 
-def several() -> bool:
-    """Whether more than one loop's runtime is live (cheap: no lock, no copy)."""
-    return len(_live) > 1
-
-
 def _create(loop: asyncio.AbstractEventLoop) -> Runtime:
     with _create_lock:
         rt = Runtime(loop)

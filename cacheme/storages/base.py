@@ -638,7 +638,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
             write: Awaitable[None] = driver._submit(driver._writes, entries)
         else:
             write = driver._set_many_now(entries)
-        if runtime.several() and isinstance(write, asyncio.Future):
+        if entries and isinstance(write, asyncio.Future):
             landing.note([e.key for e in entries], write, self._remove_revoked)
         return write
 
@@ -686,8 +686,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
             return None
         marker: asyncio.Future[None] = driver._loop().create_future()
         driver._hold(keys, marker)
-        if runtime.several():
-            landing.note(keys, marker, self._remove_revoked)
+        landing.note(keys, marker, self._remove_revoked)
         return driver._write_direct(unique, keys, marker)
 
     async def _write_direct(

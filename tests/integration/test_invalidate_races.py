@@ -435,3 +435,69 @@ async def test_a_write_of_a_loop_closed_without_shutdown_is_not_waited_for() -> 
     assert words[0] == "stuck" and int(words[1]) >= 1, out
     assert float(words[3]) < 0.5, out  # not the 2 s the write could take
     assert words[5] == "0", out
+
+
+_FIRST_LOOP = """
+import asyncio, gc, sys, threading, time, uuid
+import cacheme
+from cacheme.serializer import MsgPackSerializer
+
+k = uuid.uuid4().hex[:8]
+SOURCE = {k: 1}
+stalling = threading.Event()
+
+class Held(cacheme.Node):
+    def __init__(self, which): self.which = which
+    def key(self): return f"first-loop:{k}:{self.which}"
+    async def load(self) -> int:
+        value = SOURCE[k]
+        if self.which == "y" and value == 1:
+            asyncio.get_running_loop().call_soon(time.sleep, 0.8)  # blocks the loop
+            stalling.set()
+        return value
+    class Meta(cacheme.Node.Meta):
+        caches = [cacheme.Cache(storage="remote", ttl=None)]
+        serializer = MsgPackSerializer()
+
+asyncio.run(cacheme.register_storage("remote", cacheme.Storage(sys.argv[1], timeout=0.2)))
+gc.collect()  # the registering loop is gone: the writer's loop is the only one live
+
+def writer():
+    async def run():
+        await asyncio.gather(cacheme.get(Held("x")), cacheme.get(Held("y")))
+        await asyncio.sleep(0.3)  # the removal after the late write
+    asyncio.run(run())
+
+thread = threading.Thread(target=writer)
+thread.start()
+assert stalling.wait(10)
+time.sleep(0.1)
+SOURCE[k] = 2
+asyncio.run(cacheme.invalidate(Held("y")))  # a loop started after the write was queued
+thread.join(10)
+
+async def final():
+    value = await cacheme.get(Held("y"))
+    await cacheme.close_storages()
+    return value
+print(asyncio.run(final()))
+"""
+
+
+@pytest.mark.redis
+async def test_an_invalidate_from_a_loop_started_later_is_not_lost() -> None:
+    """The writer's loop was the only one live when it queued its write-back; a thread then
+    runs ``asyncio.run(invalidate(...))`` while that loop is blocked. The write was noted
+    anyway, so the invalidation holds. In a fresh interpreter: no other loop is live."""
+    url = REDIS_URL.rsplit("/", 1)[0] + "/13"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _FIRST_LOOP,
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().split() == ["2"], (out, err)

@@ -507,3 +507,34 @@ async def test_a_refresh_racing_invalidate_tag_of_another_tag_still_writes(
     assert await refreshing == "new"
     assert await cacheme.get(Item(1)) == "new"
     assert source.calls == [1, 1]
+
+
+async def test_a_refresh_overtaken_by_invalidate_tag_of_its_own_tag_returns_a_new_value(
+    local: Any, clock: Clock
+) -> None:
+    """Its load began before the tag was invalidated: what it wrote reads as stale, so it
+    returns what a new read gets (a new load), never its own older value."""
+
+    gate = asyncio.Event()
+
+    class ReadsFirst(Source):
+        async def load(self, ident: int) -> Any:
+            self.calls.append(ident)
+            value = self.data.get(ident)  # read before waiting
+            if len(self.calls) == 2:  # the refresh's load
+                await gate.wait()
+            return value
+
+    source = ReadsFirst()
+    source.data[1] = "old"
+    Item = make(source, tagged=True)
+    assert await cacheme.get(Item(1)) == "old"
+    source.data[1] = "mid"
+    refreshing = asyncio.ensure_future(cacheme.refresh(Item(1)))
+    await settle()
+    source.data[1] = "new"
+    await cacheme.invalidate_tag(Item, "a")
+    assert await cacheme.get(Item(1)) == "new"  # a get after the invalidation
+    gate.set()
+    assert await refreshing == "new"
+    assert await cacheme.get(Item(1)) == "new"

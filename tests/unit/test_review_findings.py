@@ -267,9 +267,9 @@ def test_a_forked_child_waits_for_none_of_its_parents_remote_writes() -> None:
     """The threads and loops sending the parent's writes are not in the child: its
     invalidates must not wait for them."""
     loop = asyncio.new_event_loop()
-    entry = landing.Write(["cacheme:k:"], loop)
+    entry = landing.Write(["cacheme:k:"], loop, print)
     with landing._lock:
-        landing._pending["cacheme:k:"] = {entry}
+        landing._pending["cacheme:k:"] = entry
     try:
         pid = os.fork()
         if pid == 0:  # the child: report, and leave at once
@@ -281,3 +281,28 @@ def test_a_forked_child_waits_for_none_of_its_parents_remote_writes() -> None:
         with landing._lock:
             landing._pending.clear()
         loop.close()
+
+
+async def test_a_revoked_write_is_waited_for_once_and_removed_again_when_it_lands() -> None:
+    """A write of another loop that does not land within the wait (its loop is stopped) is
+    revoked: later invalidates do not wait for it again, and once it lands its own loop
+    removes the key after it."""
+    other = asyncio.new_event_loop()
+    write = other.create_future()
+    removed: list[list[str]] = []
+    landing.note(["cacheme:r:", "cacheme:s:"], write, removed.append)
+    try:
+        writes = landing.of("cacheme:r:")
+        assert len(writes) == 1
+        started = time.monotonic()
+        await landing.wait("cacheme:r:", writes, 0.05)
+        assert 0.04 < time.monotonic() - started < 1
+        assert landing.of("cacheme:r:") == []  # revoked: not waited for again
+        assert len(landing.of("cacheme:s:")) == 1  # the write's other key was not revoked
+        write.set_result(None)
+        # The loop runs again (in a thread of its own): the write's callbacks run there.
+        await asyncio.to_thread(other.run_until_complete, asyncio.sleep(0))
+        assert removed == [["cacheme:r:"]]
+        assert "cacheme:r:" not in landing._pending and "cacheme:s:" not in landing._pending
+    finally:
+        other.close()
