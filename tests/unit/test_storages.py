@@ -144,6 +144,7 @@ async def test_bad_option_value_is_named(size: Any) -> None:
         ("pool_size", 5.5),
     ],
 )
+@pytest.mark.needs_dev  # the Redis driver validates the URL
 async def test_remote_options_are_not_coerced(option: str, value: Any) -> None:
     """Strict: "10" or True is not a number, "false" or 1 not a flag, inf not a timeout."""
     storage = Storage(url="redis://127.0.0.1:1/0", **{option: value})
@@ -162,6 +163,7 @@ async def test_remote_options_are_not_coerced(option: str, value: Any) -> None:
         "rediss://:secret@127.0.0.1:6379/db",
     ],
 )
+@pytest.mark.needs_dev  # the Redis driver parses the URL
 async def test_a_redis_url_path_that_is_not_a_database_number_is_refused(url: str) -> None:
     with pytest.raises(ConfigurationError, match=r"'r'.*the path names the database") as info:
         await cacheme.register_storage("r", Storage(url=url))
