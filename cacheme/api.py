@@ -281,9 +281,10 @@ async def invalidate(node: Node, cfg: Config | None = None) -> None:
         for tier in cfg.tiers:
             if tier.immediate:
                 tier.remove((key,))
-    # A flight another loop began while the removals were under way may have read the old
-    # value: no request made after this returns may join it.
-    _forget_elsewhere(key, runtime.current())
+    # A flight begun while the removals were under way (in another loop, or in this one
+    # while it waited for other loops' writes) may have read the old value: no request
+    # made after this returns may join it.
+    _forget_everywhere(key)
     backplane.publish((key,))
     if failed:
         names = ", ".join(repr(name) for name, _ in failed)
@@ -360,10 +361,15 @@ async def reload(node: Node, cfg: Config, loader: Loader | None) -> Any:
     if cfg.stamped:
         return await freshness.reload(node, cfg, loader, key)
     _forget_everywhere(key)
-    await after_other_loops_writes(cfg, key)
     rt = runtime.current()
-    call = rt.flights.start(key, cfg.name)
+    call = rt.flights.start(key, cfg.name)  # a get from now on joins this refresh
     waiter = call.join()
+    try:
+        await after_other_loops_writes(cfg, key)
+    except BaseException as exc:
+        rt.flights.fail(key, call, exc)
+        raise
+    # Made after that: its mark (see backplane.changed_since) follows the note there.
     Walk(cfg, rt, {key: node}, {key: call}, loader).reload()
     value, _ = await latest(rt, call, await waiter, node, cfg, loader)
     backplane.publish((key,))

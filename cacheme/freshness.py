@@ -905,13 +905,14 @@ async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> An
     names = tag_names(cfg, {key: node})
     _forget_everywhere(key)
     forget(key)
-    await after_other_loops_writes(cfg, key)
     rt = runtime.current()
-    call = rt.flights.start(key, cfg.name)
+    call = rt.flights.start(key, cfg.name)  # a get from now on joins this refresh
     waiter = call.join()
-    walk = Walk(cfg, rt, {key: node}, {key: call}, loader)
-    state = walk.fresh = Pass(cfg, walk, names)
     try:
+        await after_other_loops_writes(cfg, key)
+        # Made after that: its mark (see backplane.changed_since) follows the note there.
+        walk = Walk(cfg, rt, {key: node}, {key: call}, loader)
+        state = walk.fresh = Pass(cfg, walk, names)
         await state.read_versions()
     except BaseException as exc:
         rt.flights.fail(key, call, exc)
