@@ -284,9 +284,12 @@ NotFoundInfo = tuple[int, tuple[Any, ...], dict[str, Any], str]
 def _info(raw: list[Any]) -> NotFoundInfo:
     """A decoded header's not-found info (entries written before attributes and classes
     were kept have the first two fields only)."""
-    attrs = raw[2] if len(raw) > 2 and isinstance(raw[2], dict) else {}
-    name = raw[3] if len(raw) > 3 and isinstance(raw[3], str) else ""
-    return int(raw[0]), tuple(raw[1]), attrs, name
+    try:
+        attrs = raw[2] if len(raw) > 2 and isinstance(raw[2], dict) else {}
+        name = raw[3] if len(raw) > 3 and isinstance(raw[3], str) else ""
+        return int(raw[0]), tuple(raw[1]), attrs, name
+    except (TypeError, ValueError, IndexError) as exc:
+        raise DecodeError(f"bad not-found info in a stamp header: {raw!r:.80}") from exc
 
 
 def _shared_errors(errors: dict[str, BaseException]) -> set[int]:

@@ -538,3 +538,13 @@ async def test_a_refresh_overtaken_by_invalidate_tag_of_its_own_tag_returns_a_ne
     gate.set()
     assert await refreshing == "new"
     assert await cacheme.get(Item(1)) == "new"
+
+
+@pytest.mark.parametrize("info", [5, "x", [None, 1], []])
+def test_a_stamp_with_bad_not_found_info_is_a_decode_error(info: Any) -> None:
+    import msgpack
+
+    header = msgpack.packb([1, 0, True, None, info])
+    data = freshness.MAGIC + freshness._HEADER.pack(len(header)) + header
+    with pytest.raises(cacheme.DecodeError, match="bad not-found info"):
+        freshness.decode(data, bytes)
