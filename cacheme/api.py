@@ -312,7 +312,7 @@ def _forget_everywhere(key: str) -> None:
     _forget_elsewhere(key, here)
 
 
-def forget_node_everywhere(owner: str) -> None:
+def detach_node_everywhere(owner: str) -> None:
     """Let no new request join a flight of the node named ``owner``, in any loop:
     ``invalidate_tag`` and ``invalidate_node`` (see ``Flights.detach_owner``)."""
     here = runtime.current()
