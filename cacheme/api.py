@@ -8,6 +8,7 @@ the values back and settles every waiter. Counting follows the rules in ``stats`
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar, overload
@@ -257,7 +258,26 @@ async def invalidate(node: Node, cfg: Config | None = None) -> None:
         )
     key = full_key(cfg, node)
     _forget_everywhere(key)
-    await after_other_loops_writes(cfg, key)
+    writes = note_changed(key)
+    if not writes:
+        await _remove(cfg, key, writes)  # the removals are queued before this first awaits
+        return
+    # In a task of the loop, shielded: a caller cancelled while this waits for other loops'
+    # writes (a request's timeout) does not call the invalidation off.
+    task = runtime.current().spawn(_remove(cfg, key, writes))
+    task.add_done_callback(_retrieve)
+    await asyncio.shield(task)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # reaches the caller if it still waits (its tier logged it anyway)
+
+
+async def _remove(cfg: Config, key: str, writes: list[landing.Write]) -> None:
+    """``invalidate`` of ``key``, once noted: wait for ``writes``, then remove it everywhere."""
+    if writes:
+        await landing.wait(key, writes, _wait_bound(cfg))
     if cfg.stamped:
         freshness.forget(key)  # a background reload under way must not write it back
     cfg.last_good.pop(key, None)
@@ -294,15 +314,19 @@ async def invalidate(node: Node, cfg: Config | None = None) -> None:
         ) from failed[0][1]
 
 
-async def after_other_loops_writes(cfg: Config, key: str) -> None:
-    """Note ``key`` as changed (a walk of any loop begun before writes nothing back), then
-    wait for the remote writes of it other loops decided before (see ``landing``): what
-    ``invalidate`` and ``refresh`` do before they touch the tiers."""
+def note_changed(key: str) -> list[landing.Write]:
+    """Note ``key`` as changed (a walk of any loop begun before writes nothing back to it;
+    one begun after takes a later mark), and return the remote writes of it decided before,
+    not landed yet (see ``landing``): what ``invalidate`` and ``refresh`` wait for before
+    they touch the tiers."""
     with backplane.write_guard:  # see its comment
         backplane.note_invalidated((key,))
-        writes = landing.of(key)
-    if writes:
-        await landing.wait(key, writes, 2 * max(t.op_timeout() for t in cfg.tiers))
+        return landing.of(key)
+
+
+def _wait_bound(cfg: Config) -> float:
+    """Seconds to wait for other loops' writes: twice the slowest tier's timeout."""
+    return 2 * max(t.op_timeout() for t in cfg.tiers)
 
 
 def _forget_everywhere(key: str) -> None:
@@ -364,13 +388,21 @@ async def reload(node: Node, cfg: Config, loader: Loader | None) -> Any:
     rt = runtime.current()
     call = rt.flights.start(key, cfg.name)  # a get from now on joins this refresh
     waiter = call.join()
-    try:
-        await after_other_loops_writes(cfg, key)
-    except BaseException as exc:
-        rt.flights.fail(key, call, exc)
-        raise
-    # Made after that: its mark (see backplane.changed_since) follows the note there.
-    Walk(cfg, rt, {key: node}, {key: call}, loader).reload()
+    writes = note_changed(key)
+    if writes:  # wait in a task of the loop: a cancelled caller cancels only its own wait
+
+        async def reload_after_writes() -> None:
+            try:
+                await landing.wait(key, writes, _wait_bound(cfg))
+                Walk(cfg, rt, {key: node}, {key: call}, loader).reload()
+            except BaseException as exc:
+                rt.flights.fail(key, call, exc)
+                if not isinstance(exc, Exception):
+                    raise
+
+        rt.spawn(reload_after_writes())
+    else:
+        Walk(cfg, rt, {key: node}, {key: call}, loader).reload()
     value, _ = await latest(rt, call, await waiter, node, cfg, loader)
     backplane.publish((key,))
     return value

@@ -50,11 +50,11 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from . import backplane, runtime, tags
+from . import backplane, landing, runtime, tags
 from .errors import ConfigurationError, DecodeError, EncodeError, LoadError, StorageError
 from .flight import Call, join_all
 from .storages.base import MISS, Entry
-from .tiers import RemoteTier, Tier, undecodable
+from .tiers import RemoteTier, Tier, deliver_to, undecodable
 
 if TYPE_CHECKING:
     from .node import Cache, Config, Node
@@ -624,7 +624,7 @@ class Pass:
                 continue
             fut: asyncio.Future[Any] = loop.create_future()
             try:
-                tier.storage.read_many(tagkeys, _Reader(fut.set_result))
+                tier.storage.read_many(tagkeys, _Reader(deliver_to(fut)))
             except StorageError as exc:
                 fut.set_result(exc)
             raw = await fut
@@ -902,7 +902,7 @@ async def get_all(nodes: list[Node], cfg: Config, keys: list[str]) -> list[Any]:
 
 async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> Any:
     """``api.reload`` (``refresh``) for a stamped node: load, write every tier, return."""
-    from .api import _forget_everywhere, after_other_loops_writes, latest
+    from .api import _forget_everywhere, _wait_bound, latest, note_changed
     from .walk import Walk
 
     names = tag_names(cfg, {key: node})
@@ -911,16 +911,23 @@ async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> An
     rt = runtime.current()
     call = rt.flights.start(key, cfg.name)  # a get from now on joins this refresh
     waiter = call.join()
-    try:
-        await after_other_loops_writes(cfg, key)
-        # Made after that: its mark (see backplane.changed_since) follows the note there.
-        walk = Walk(cfg, rt, {key: node}, {key: call}, loader)
-        state = walk.fresh = Pass(cfg, walk, names)
-        await state.read_versions()
-    except BaseException as exc:
-        rt.flights.fail(key, call, exc)
-        raise
-    walk.reload()
+    writes = note_changed(key)
+
+    # In a task of the loop: a cancelled caller cancels only its own wait, never the reads
+    # that the callers who joined this refresh depend on.
+    async def versions_then_reload() -> None:
+        try:
+            await landing.wait(key, writes, _wait_bound(cfg))
+            walk = Walk(cfg, rt, {key: node}, {key: call}, loader)  # its mark follows the note
+            state = walk.fresh = Pass(cfg, walk, names)
+            await state.read_versions()
+            walk.reload()
+        except BaseException as exc:
+            rt.flights.fail(key, call, exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    rt.spawn(versions_then_reload())
     st, _ = await latest(rt, call, await waiter, node, cfg, loader)
     backplane.publish((key,))
     return unwrap(cfg, st)

@@ -53,6 +53,17 @@ class Reader(Protocol):
     def delivered(self, raw: Any) -> None: ...
 
 
+def deliver_to(fut: asyncio.Future[Any]) -> Callable[[Any], None]:
+    """A ``done`` callback that sets ``fut``'s result, or does nothing once ``fut`` is done
+    (its waiter was cancelled: the storage's batch must not fail on it)."""
+
+    def deliver(outcome: Any) -> None:
+        if not fut.done():
+            fut.set_result(outcome)
+
+    return deliver
+
+
 class Tier(ABC):
     """One storage in one node's chain; see the module docstring for the contract."""
 

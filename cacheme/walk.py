@@ -30,7 +30,7 @@ from .errors import LoadError, LoadTimeoutError, StorageError
 from .flight import LOADED, STALE, Call, Outcome
 from .node import Config, Node
 from .runtime import Runtime
-from .tiers import Tier
+from .tiers import Tier, deliver_to
 
 logger = logging.getLogger("cacheme")
 
@@ -641,9 +641,9 @@ class Walk:
                 if not tier.immediate and tier.index not in self.failed:
                     fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
                     if self.fresh is None:
-                        tier.read([key], fut.set_result)
+                        tier.read([key], deliver_to(fut))
                     else:
-                        self.fresh.read(tier, [key], fut.set_result)
+                        self.fresh.read(tier, [key], deliver_to(fut))
                     found = await fut
                     if isinstance(found, dict) and key in found:
                         return True, (tier.index, found[key])

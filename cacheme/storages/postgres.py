@@ -94,9 +94,15 @@ class PostgresStorage(SQLStorage[PostgresOptions]):
     timeout_errors = (asyncpg.QueryCanceledError,)
 
     def misconfigured(self, exc: BaseException) -> bool:
-        # No such database; no such role, or a wrong password (a subclass of the latter).
+        # No such database; no such role, or a wrong password (a subclass of the latter); a
+        # URL query option the server takes for a setting it does not have.
         return isinstance(
-            exc, (asyncpg.InvalidCatalogNameError, asyncpg.InvalidAuthorizationSpecificationError)
+            exc,
+            (
+                asyncpg.InvalidCatalogNameError,
+                asyncpg.InvalidAuthorizationSpecificationError,
+                asyncpg.UndefinedObjectError,
+            ),
         )
 
     def __init__(self, name: str, url: str, options: PostgresOptions) -> None:

@@ -85,10 +85,15 @@ class RedisStorage(RemoteStorage[RedisOptions]):
     options_model = RedisOptions
 
     def misconfigured(self, exc: BaseException) -> bool:
-        # A wrong password or user, or a database number the server does not have.
-        return isinstance(exc, redis.exceptions.AuthenticationError) or (
-            isinstance(exc, redis.exceptions.ResponseError)
-            and str(exc).startswith(("DB index is out of range", "WRONGPASS", "NOAUTH"))
+        # A wrong password or user, a database number the server does not have, or a URL
+        # query option redis-py does not know (it passes it to the connection as is).
+        return (
+            isinstance(exc, redis.exceptions.AuthenticationError)
+            or (
+                isinstance(exc, redis.exceptions.ResponseError)
+                and str(exc).startswith(("DB index is out of range", "WRONGPASS", "NOAUTH"))
+            )
+            or (isinstance(exc, TypeError) and "unexpected keyword argument" in str(exc))
         )
 
     options: RedisOptions

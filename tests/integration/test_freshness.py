@@ -531,3 +531,24 @@ async def test_a_not_found_raised_by_load_all_for_a_batch_is_not_cached(
         await cacheme.get_all([Item(1), Item(2)])
     assert await cacheme.get_all([Item(1), Item(2)]) == ["one", "two"]
     assert batches == [[1, 2], [1, 2]]
+
+
+async def test_a_cancelled_refresh_does_not_fail_the_gets_that_joined_it(
+    backend: Backend, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tagged node's refresh first reads the tag versions of the remote tier; its caller
+    cancelled then (a request's timeout) cancels only its own wait: a get that joined it gets
+    the value, and nothing is logged as failed."""
+    source = Source()
+    source.data[1] = "v"
+    Item = make(source, ("remote",), tagged=True)
+    refreshing = asyncio.ensure_future(cacheme.refresh(Item(1)))
+    await asyncio.sleep(0)  # its flight is registered; the tag versions are being read
+    joined = asyncio.ensure_future(cacheme.get(Item(1)))
+    await asyncio.sleep(0)
+    refreshing.cancel()
+    assert await asyncio.wait_for(joined, 5) == "v"
+    with pytest.raises(asyncio.CancelledError):
+        await refreshing
+    assert source.calls == [1]
+    assert "read callback failed" not in caplog.text

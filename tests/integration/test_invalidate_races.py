@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 import cacheme
-from cacheme import Cache, Node
+from cacheme import Cache, Node, runtime
 from cacheme.serializer import MsgPackSerializer
 from cacheme.storages.base import Entry, RemoteStorage
 from cacheme.storages.registry import storages
@@ -413,6 +413,64 @@ for key in stuck:
     took.append(asyncio.run(invalidate()))
 print("stuck", len(stuck), "slowest", round(max(took), 3), "left", len(landing._pending))
 """
+
+
+@pytest.mark.parametrize("op", ["invalidate", "refresh"])
+@every_backend
+async def test_a_caller_cancelled_while_waiting_for_another_loops_write_calls_nothing_off(
+    tmp_path: Path, backend: str, op: str
+) -> None:
+    """An ``invalidate`` or ``refresh`` waiting for another thread's held-up write-back is
+    cancelled (a request's timeout): the invalidation still happens, and a get that joined
+    the refresh gets its value, not the caller's ``CancelledError``."""
+    async with FACTORIES[backend](tmp_path, f"cancelled-{backend}") as raw:
+        options = raw.options.model_dump(exclude_defaults=True)
+        options["timeout"] = 0.2
+        await cacheme.register_storage("remote", cacheme.Storage(raw.url, **options))
+        k = uuid.uuid4().hex[:8]
+        SOURCE[k] = 1
+        stalling = threading.Event()
+
+        class Held(Node):
+            def key(self) -> str:
+                return f"cancelled:{k}"
+
+            async def load(self) -> int:
+                value = SOURCE[k]
+                if value == 1:
+                    asyncio.get_running_loop().call_soon(time.sleep, 0.8)  # blocks the loop
+                    stalling.set()
+                return value
+
+            class Meta(Node.Meta):
+                caches = [Cache(storage="remote", ttl=timedelta(seconds=30))]
+                serializer = MsgPackSerializer()
+
+        thread = threading.Thread(target=lambda: asyncio.run(_get_then_linger(Held())))
+        thread.start()
+        try:
+            assert await asyncio.to_thread(stalling.wait, 10)
+            await asyncio.sleep(0.1)  # the other loop is blocked, its write-back queued
+            SOURCE[k] = 2
+            call = cacheme.invalidate(Held()) if op == "invalidate" else cacheme.refresh(Held())
+            caller = asyncio.ensure_future(call)
+            await asyncio.sleep(0.05)  # it waits for the other loop's write
+            if op == "refresh":
+                joined = asyncio.ensure_future(cacheme.get(Held()))
+                await asyncio.sleep(0)
+            caller.cancel()
+            if op == "refresh":
+                assert await asyncio.wait_for(joined, 5) == 2
+            await runtime.current().quiesce(5)  # the invalidation goes on by itself
+        finally:
+            await asyncio.to_thread(thread.join, 10)
+        assert await cacheme.get(Held()) == 2
+        await cacheme.close_storages()
+
+
+async def _get_then_linger(node: Node) -> None:
+    await cacheme.get(node)
+    await asyncio.sleep(0.3)  # the removal after its late write lands
 
 
 @pytest.mark.redis

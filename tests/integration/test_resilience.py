@@ -1766,6 +1766,8 @@ MISCONFIGURED = {
     "postgres: no such role": (POSTGRES_URL, _variant(POSTGRES_URL, user="cacheme_no_role")),
     "mysql: no such database": (MYSQL_URL, _variant(MYSQL_URL, path="/cacheme_none")),
     "mysql: wrong password": (MYSQL_URL, _variant(MYSQL_URL, user="cacheme:wrong")),
+    "redis: unknown URL option": (REDIS_URL, REDIS_URL + "?socket_timeot=1"),
+    "postgres: unknown URL setting": (POSTGRES_URL, POSTGRES_URL + "?statment_timeout=1000"),
 }
 
 
