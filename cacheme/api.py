@@ -21,7 +21,7 @@ from .metrics import StatsSnapshot, snapshot
 from .node import Config, Node
 from .stats import NodeStats, Recorder
 from .storages import registry
-from .storages.base import MISS
+from .storages.base import MISS, retrieve_outcome
 from .tiers import failures, raised
 from .walk import KeyWalk, Loader, Walk
 
@@ -265,19 +265,15 @@ async def invalidate(node: Node, cfg: Config | None = None) -> None:
     # In a task of the loop, shielded: a caller cancelled while this waits for other loops'
     # writes (a request's timeout) does not call the invalidation off.
     task = runtime.current().spawn(_remove(cfg, key, writes))
-    task.add_done_callback(_retrieve)
+    # Its error reaches the caller if it still waits (its tier logged it anyway).
+    task.add_done_callback(retrieve_outcome)
     await asyncio.shield(task)
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()  # reaches the caller if it still waits (its tier logged it anyway)
 
 
 async def _remove(cfg: Config, key: str, writes: list[landing.Write]) -> None:
     """``invalidate`` of ``key``, once noted: wait for ``writes``, then remove it everywhere."""
     if writes:
-        await landing.wait(key, writes, _wait_bound(cfg))
+        await landing.wait(key, writes, wait_bound(cfg))
     if cfg.stamped:
         freshness.forget(key)  # a background reload under way must not write it back
     cfg.last_good.pop(key, None)
@@ -324,7 +320,7 @@ def note_changed(key: str) -> list[landing.Write]:
         return landing.of(key)
 
 
-def _wait_bound(cfg: Config) -> float:
+def wait_bound(cfg: Config) -> float:
     """Seconds to wait for other loops' writes: twice the slowest tier's timeout."""
     return 2 * max(t.op_timeout() for t in cfg.tiers)
 
@@ -393,7 +389,7 @@ async def reload(node: Node, cfg: Config, loader: Loader | None) -> Any:
 
         async def reload_after_writes() -> None:
             try:
-                await landing.wait(key, writes, _wait_bound(cfg))
+                await landing.wait(key, writes, wait_bound(cfg))
                 Walk(cfg, rt, {key: node}, {key: call}, loader).reload()
             except BaseException as exc:
                 rt.flights.fail(key, call, exc)

@@ -53,7 +53,7 @@ import msgpack
 from . import backplane, landing, runtime, tags
 from .errors import ConfigurationError, DecodeError, EncodeError, LoadError, StorageError
 from .flight import Call, join_all
-from .storages.base import MISS, Entry
+from .storages.base import MISS, Entry, utf8_encodable
 from .tiers import RemoteTier, Tier, deliver_to, undecodable
 
 if TYPE_CHECKING:
@@ -306,18 +306,10 @@ def _storable(value: Any) -> bool:
     """A simple value MessagePack can hold: a str that is valid UTF-8, a 64-bit int..."""
     kind = type(value)
     if kind is str:
-        return bool(value.isascii()) or _utf8(value)
+        return utf8_encodable(value)
     if kind is int:
         return bool(-(2**63) <= value < 2**64)
     return kind in _SIMPLE
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _message(exc: BaseException) -> str:
@@ -902,7 +894,7 @@ async def get_all(nodes: list[Node], cfg: Config, keys: list[str]) -> list[Any]:
 
 async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> Any:
     """``api.reload`` (``refresh``) for a stamped node: load, write every tier, return."""
-    from .api import _forget_everywhere, _wait_bound, latest, note_changed
+    from .api import _forget_everywhere, latest, note_changed, wait_bound
     from .walk import Walk
 
     names = tag_names(cfg, {key: node})
@@ -917,7 +909,7 @@ async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> An
     # that the callers who joined this refresh depend on.
     async def versions_then_reload() -> None:
         try:
-            await landing.wait(key, writes, _wait_bound(cfg))
+            await landing.wait(key, writes, wait_bound(cfg))
             walk = Walk(cfg, rt, {key: node}, {key: call}, loader)  # its mark follows the note
             state = walk.fresh = Pass(cfg, walk, names)
             await state.read_versions()

@@ -597,7 +597,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
             return False
         key_writes = self._key_writes
         for key in keys:  # a loop, not all(): no generator on a lone get's path
-            if key in key_writes or not (key.isascii() or _sendable_key(key)):
+            if key in key_writes or not (key.isascii() or utf8_encodable(key)):
                 return False
         return True
 
@@ -709,7 +709,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
             removal = self.remove_many(keys)
         except StorageError:  # closed meanwhile: nothing more to do here
             return
-        asyncio.ensure_future(removal).add_done_callback(_retrieved)
+        asyncio.ensure_future(removal).add_done_callback(retrieve_outcome)
 
     def add_many(self, entries: Sequence[Entry]) -> Awaitable[None]:
         """Store each entry only if its key is absent (or expired); return nothing.
@@ -1124,12 +1124,13 @@ def _entry_key(entry: Entry) -> str:
     return entry.key
 
 
-def _sendable_key(key: str) -> bool:
-    """Whether a driver can send ``key``: it must encode as UTF-8 (no lone surrogate)."""
-    if key.isascii():
+def utf8_encodable(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (no lone surrogate): a key a driver can send, a
+    string MessagePack can hold."""
+    if text.isascii():
         return True
     try:
-        key.encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
@@ -1137,12 +1138,12 @@ def _sendable_key(key: str) -> bool:
 
 def _sendable(keys: Sequence[str]) -> list[str]:
     """``keys`` without the ones no driver can send (they can never be stored)."""
-    return [k for k in keys if _sendable_key(k)]
+    return [k for k in keys if utf8_encodable(k)]
 
 
 def _sendable_entries(entries: Sequence[Entry]) -> list[Entry]:
     """``entries`` without the ones whose key no driver can send (never stored)."""
-    return [e for e in entries if _sendable_key(e.key)]
+    return [e for e in entries if utf8_encodable(e.key)]
 
 
 def _reject_bad_keys(
@@ -1163,15 +1164,15 @@ def _reject_bad_keys(
     if joined.isascii():
         return
     for i, (items, sink) in enumerate(pending.calls):
-        if all(_sendable_key(key_of(item)) for item in items):
+        if all(utf8_encodable(key_of(item)) for item in items):
             continue
-        pending.calls[i] = ([item for item in items if _sendable_key(key_of(item))], sink)
+        pending.calls[i] = ([item for item in items if utf8_encodable(key_of(item))], sink)
     for call in [c for c in pending.calls if not c[0]]:
         pending.calls.remove(call)
         _deliver(call[1], nothing_left, False)
 
 
-def _retrieved(fut: asyncio.Future[Any]) -> None:
+def retrieve_outcome(fut: asyncio.Future[Any]) -> None:
     """Retrieve a fire-and-forget operation's outcome (counted and logged where it failed)."""
     if not fut.cancelled():
         fut.exception()
