@@ -21,13 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio
+import redis.exceptions
 
 import cacheme
 from cacheme import Cache, Node, runtime
 from cacheme.serializer import MsgPackSerializer
 from cacheme.storages.base import Entry, RemoteStorage
 from cacheme.storages.registry import storages
-from tests.services import REDIS_URL
+from tests.services import REDIS_URL, unavailable
 
 from .backends import BACKENDS, FACTORIES
 
@@ -375,6 +377,31 @@ async def test_a_write_back_held_up_past_the_wait_is_removed_again_after_it(
         await cacheme.close_storages()
 
 
+async def _run_on_redis(script: str) -> str:
+    """Run ``script`` in a fresh interpreter with a Redis URL (database 13) as its argument;
+    its standard output. Skips (or fails, under CACHEME_REQUIRE_SERVICES=1) when Redis is
+    not reachable."""
+    url = REDIS_URL.rsplit("/", 1)[0] + "/13"
+    client = redis.asyncio.Redis.from_url(url)
+    try:
+        await client.ping()
+    except (OSError, redis.exceptions.RedisError) as exc:
+        unavailable("Redis", url, exc)
+    finally:
+        await client.aclose()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        script,
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
 _CLOSED_LOOP = """
 import asyncio, sys, time
 import cacheme
@@ -478,18 +505,8 @@ async def test_a_write_of_a_loop_closed_without_shutdown_is_not_waited_for() -> 
     """A loop closed with a write still queued (no ``shutdown_asyncgens``) never sends it: an
     ``invalidate`` elsewhere does not wait for it, and nothing is left behind. In a fresh
     interpreter: the closed loop's leftovers are not this test process's business."""
-    url = REDIS_URL.rsplit("/", 1)[0] + "/13"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _CLOSED_LOOP,
-        url,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode()
-    words = out.decode().split()
+    out = await _run_on_redis(_CLOSED_LOOP)
+    words = out.split()
     assert words[0] == "stuck" and int(words[1]) >= 1, out
     assert float(words[3]) < 0.5, out  # not the 2 s the write could take
     assert words[5] == "0", out
@@ -547,15 +564,4 @@ async def test_an_invalidate_from_a_loop_started_later_is_not_lost() -> None:
     """The writer's loop was the only one live when it queued its write-back; a thread then
     runs ``asyncio.run(invalidate(...))`` while that loop is blocked. The write was noted
     anyway, so the invalidation holds. In a fresh interpreter: no other loop is live."""
-    url = REDIS_URL.rsplit("/", 1)[0] + "/13"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _FIRST_LOOP,
-        url,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode()
-    assert out.decode().split() == ["2"], (out, err)
+    assert (await _run_on_redis(_FIRST_LOOP)).split() == ["2"]

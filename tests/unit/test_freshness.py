@@ -61,6 +61,23 @@ class Source:
         return self.data.get(ident)
 
 
+class Gated(Source):
+    """Reads the source when a load starts (so a change made meanwhile is not seen), then
+    waits for ``gates[n]`` if the n-th load (from 0) has one."""
+
+    def __init__(self, *held: int) -> None:
+        super().__init__()
+        self.gates = {n: asyncio.Event() for n in held}
+
+    async def load(self, ident: int) -> Any:
+        gate = self.gates.get(len(self.calls))
+        self.calls.append(ident)
+        value = self.data.get(ident)
+        if gate is not None:
+            await gate.wait()
+        return value
+
+
 def make(source: Source, caches: list[cacheme.Cache] | None = None, **meta: Any) -> Any:
     """A node class of its own with ``meta`` options."""
     n = next(_ids)
@@ -408,20 +425,14 @@ async def test_a_refresh_overtaken_by_a_later_refresh_returns_the_later_value(
 ) -> None:
     """Whichever load ends first, both refreshes return the later one's value: the
     overtaken one writes nothing, then waits for the later flight or reads what it wrote."""
-    gates = [asyncio.Event(), asyncio.Event()]
-    values = ["first", "second"]
-
-    class Queued(Source):
-        async def load(self, ident: int) -> Any:
-            n = len(self.calls)
-            self.calls.append(ident)
-            await gates[n].wait()
-            return values[n]
-
-    Item = make(Queued(), refresh_after=0.5)
+    source = Gated(0, 1)
+    gates = source.gates
+    Item = make(source, refresh_after=0.5)
     assert Item._cacheme_config.stamped
+    source.data[1] = "first"
     first = asyncio.ensure_future(cacheme.refresh(Item(1)))
     await settle()
+    source.data[1] = "second"
     second = asyncio.ensure_future(cacheme.refresh(Item(1)))
     await settle()
     if ends_first == "overtaken":
@@ -443,14 +454,7 @@ async def test_a_refresh_overtaken_by_a_later_refresh_returns_the_later_value(
 async def test_a_get_after_invalidate_tag_or_node_never_joins_an_older_flight(
     local: Any, how: str, scope: str
 ) -> None:
-    class ReadsFirst(Source):
-        async def load(self, ident: int) -> Any:
-            self.calls.append(ident)
-            value = self.data.get(ident)  # read before waiting: the old value
-            await asyncio.sleep(0.01)
-            return value
-
-    source = ReadsFirst()
+    source = Gated(0)
     source.data[1] = "old"
     Item = make(source, tagged=True)
     inflight = asyncio.ensure_future(cacheme.get(Item(1)))
@@ -461,11 +465,13 @@ async def test_a_get_after_invalidate_tag_or_node_never_joins_an_older_flight(
         await cacheme.invalidate_tag(Item, "a")
     else:
         await cacheme.invalidate_node(Item)
+    # Bounded: joining the held older flight would wait until its gate opens.
     if how == "get":
-        after = await cacheme.get(Item(1))
+        after = await asyncio.wait_for(cacheme.get(Item(1)), 2)
     else:
-        (after,) = await cacheme.get_all([Item(1)])
+        (after,) = await asyncio.wait_for(cacheme.get_all([Item(1)]), 2)
     assert after == "new"
+    source.gates[0].set()
     assert await inflight == "old"  # its own caller still gets what it loaded
     assert source.calls == [1, 1]
     assert await cacheme.get(Item(1)) == "new"
@@ -514,18 +520,7 @@ async def test_a_refresh_overtaken_by_invalidate_tag_of_its_own_tag_returns_a_ne
 ) -> None:
     """Its load began before the tag was invalidated: what it wrote reads as stale, so it
     returns what a new read gets (a new load), never its own older value."""
-
-    gate = asyncio.Event()
-
-    class ReadsFirst(Source):
-        async def load(self, ident: int) -> Any:
-            self.calls.append(ident)
-            value = self.data.get(ident)  # read before waiting
-            if len(self.calls) == 2:  # the refresh's load
-                await gate.wait()
-            return value
-
-    source = ReadsFirst()
+    source = Gated(1)  # the refresh's load waits
     source.data[1] = "old"
     Item = make(source, tagged=True)
     assert await cacheme.get(Item(1)) == "old"
@@ -534,8 +529,9 @@ async def test_a_refresh_overtaken_by_invalidate_tag_of_its_own_tag_returns_a_ne
     await settle()
     source.data[1] = "new"
     await cacheme.invalidate_tag(Item, "a")
-    assert await cacheme.get(Item(1)) == "new"  # a get after the invalidation
-    gate.set()
+    # A get after the invalidation (bounded: joining the held refresh would wait for it).
+    assert await asyncio.wait_for(cacheme.get(Item(1)), 2) == "new"
+    source.gates[1].set()
     assert await refreshing == "new"
     assert await cacheme.get(Item(1)) == "new"
 
