@@ -678,10 +678,15 @@ def add_listener(listener: Listener) -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _instance, _own_prefix, _counters, _seq, _floor, _sync_lock
+    global _instance, _own_prefix, _counters, _seq, _floor, _sync_lock, _changes_lock
+    global write_guard
     _instance = uuid.uuid4().hex
     _own_prefix = f"{_VERSION}|{_instance}|".encode()
+    # A lock another thread of the parent held at the fork stays held in the child forever
+    # (that thread is not in the child): every lock starts afresh.
     _sync_lock = threading.Lock()
+    _changes_lock = threading.Lock()
+    write_guard = threading.Lock()
     _counters = _Counters()
     _sync_clients.clear()
     _changed.clear()

@@ -116,8 +116,16 @@ class Config:
         self.name = name
         self.version: str = _option(name, meta, "version", "", str)
         caches = _option(name, meta, "caches", [], (list, tuple))
+        seen: dict[str, int] = {}
         for i, cache in enumerate(caches):
             _check_cache(name, i, cache)
+            if cache.storage in seen:
+                # Two tiers on one storage would read and write the same entries.
+                raise ConfigurationError(
+                    f"{name}.Meta.caches[{i}] names storage {cache.storage!r} again "
+                    f"(caches[{seen[cache.storage]}]): each storage may be one tier of a node"
+                )
+            seen[cache.storage] = i
         self.caches: tuple[Cache, ...] = tuple(caches)
         self.serializer: Serializer | None = _option(name, meta, "serializer", None, Serializer)
         self.doorkeeper: DoorKeeper | None = _option(name, meta, "doorkeeper", None, DoorKeeper)

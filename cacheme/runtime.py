@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import weakref
 from collections.abc import AsyncGenerator, Coroutine
@@ -54,6 +55,7 @@ class Runtime:
         "refreshing",
         "sentinel",
         "tasks",
+        "thread",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -66,6 +68,7 @@ class Runtime:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.closed = False
         self.sentinel: AsyncGenerator[None, None] | None = None
+        self.thread = threading.get_ident()  # the loop's thread: runtimes are made in it
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run ``coro`` in a task of this loop, kept alive until it is done."""
@@ -164,3 +167,20 @@ async def _shutdown(rt: Runtime) -> None:
     rt.flights.abandon()
     for name, exc in await rt.close_instances():
         logger.warning("cacheme: closing storage %r at event-loop shutdown failed: %r", name, exc)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has only the thread that forked: the loops of the parent's other
+    threads never run in it, so their runtimes are closed (``close_storages`` and the
+    cross-loop steps of ``invalidate`` skip them instead of waiting for those loops)."""
+    global _create_lock
+    _create_lock = threading.Lock()  # another thread of the parent may have held it
+    me = threading.get_ident()
+    for rt in list(_live):
+        if rt.thread != me:
+            rt.closed = True
+            _live.discard(rt)
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)

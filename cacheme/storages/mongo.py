@@ -50,10 +50,10 @@ import math
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from pydantic import Field, field_validator
-from pymongo import AsyncMongoClient, UpdateOne
+from pymongo import AsyncMongoClient, UpdateOne, uri_parser
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import (
     BulkWriteError,
@@ -63,7 +63,7 @@ from pymongo.errors import (
     ServerSelectionTimeoutError,
 )
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, StorageMisconfiguredError
 from .base import Entry, RemoteOptions, RemoteStorage
 from .url import redact
 
@@ -158,6 +158,7 @@ class MongoStorage(RemoteStorage[MongoOptions]):
             raise ConfigurationError(
                 f"storage {name!r} ({redact(url)}): database from the URL: {exc}"
             ) from None
+        _check_url_options(name, url)
         self.collection = options.collection
         self._client: AsyncMongoClient[Document] | None = None
         self._coll: AsyncCollection[Document] | None = None
@@ -333,3 +334,24 @@ class MongoStorage(RemoteStorage[MongoOptions]):
 
     async def _remove_many(self, keys: Sequence[str]) -> None:
         await self._collection.delete_many({"key": {"$in": list(keys)}})
+
+
+def _check_url_options(name: str, url: str) -> None:
+    """``StorageMisconfiguredError`` naming each URL query option pymongo does not know or
+    takes no such value for (pymongo itself only warns and ignores an unknown one). An SRV
+    URL (``mongodb+srv://``) is checked by the driver when it connects: parsing it here
+    would mean a DNS lookup."""
+    parts = urlsplit(url)
+    if parts.scheme != "mongodb" or not parts.query:
+        return
+    bad = []
+    for option, value in parse_qsl(parts.query, keep_blank_values=True):
+        try:
+            uri_parser.parse_uri(f"mongodb://127.0.0.1/?{urlencode({option: value})}", warn=False)
+        except Exception as exc:  # pymongo's ConfigurationError, or ValueError for a value
+            bad.append(f"{option!r} ({exc})")
+    if bad:
+        raise StorageMisconfiguredError(
+            f"storage {name!r} ({redact(url)}): URL query option(s) pymongo refuses: "
+            f"{'; '.join(bad)}"
+        )

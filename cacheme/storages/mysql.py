@@ -60,7 +60,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import asyncmy
 from asyncmy import errors as mysql_errors
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, StorageMisconfiguredError
 from .base import Entry
 from .sql import SQLOptions, SQLStorage, stored_key, stored_keys
 from .url import redact
@@ -95,7 +95,7 @@ def connect_args(url: str) -> dict[str, Any]:
         if name == "unix_socket":
             args["unix_socket"] = value
         else:
-            raise ConfigurationError(
+            raise StorageMisconfiguredError(
                 f"MySQL URL {redact(url)!r}: unknown query parameter {name!r} "
                 f"(supported: unix_socket)"
             )

@@ -43,7 +43,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiosqlite
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, StorageMisconfiguredError
 from .base import Entry
 from .sql import SQLOptions, SQLStorage, expire_at, stored_key, stored_keys, utc_now
 from .url import redact
@@ -68,7 +68,7 @@ def database_of(url: str) -> str:
             f"sqlite:////absolute/path.db"
         )
     if parts.query or parts.fragment:
-        raise ConfigurationError(f"SQLite URL {redact(url)!r}: no query or fragment allowed")
+        raise StorageMisconfiguredError(f"SQLite URL {redact(url)!r}: no query or fragment allowed")
     path = unquote(parts.path)
     if path.startswith("/"):
         path = path[1:]  # sqlite:///rel -> "rel"; sqlite:////abs -> "/abs"

@@ -307,6 +307,102 @@ def fork(cfg: dict[str, Any], out: dict[str, Any]) -> None:
     out["parent_after_delta"] = delta(stats(), before)
 
 
+class _Blocking(MsgPackSerializer):
+    """Encodes ``BusyNode``'s value only once the test lets it: meanwhile the thread writing
+    it back holds the locks a write-back holds (found by a review: a fork then left them
+    held in the child for good)."""
+
+    entered = threading.Event()
+    release = threading.Event()
+
+    def dumps(self, value: Any) -> bytes:
+        _Blocking.entered.set()
+        _Blocking.release.wait(FORK_BOUND)
+        return super().dumps(value)
+
+
+@dataclass
+class BusyNode(cacheme.Node):
+    name: str
+
+    def key(self) -> str:
+        return f"loops:busy:{self.name}"
+
+    async def load(self) -> dict[str, str]:
+        return expected(self.name)
+
+    class Meta(cacheme.Node.Meta):
+        version = "v1"
+        caches = [cacheme.Cache(storage=STORAGE, ttl=timedelta(minutes=10))]
+        serializer = _Blocking()
+
+
+def fork_while_busy(cfg: dict[str, Any], out: dict[str, Any]) -> None:
+    """Fork while another thread's loop is inside a write-back: the child invalidates, gets
+    and closes its storages within bounds (the other thread and its loop are not in it)."""
+    out["parent_before"] = asyncio.run(register_and_use(cfg, ["parent-0"]))
+    busy: dict[str, Any] = {}
+
+    def writer() -> None:
+        async def go() -> Any:
+            return await cacheme.get(BusyNode("busy"))
+
+        try:
+            busy["value"] = asyncio.run(go())
+        except BaseException as exc:
+            busy["error"] = describe(exc)
+
+    thread = threading.Thread(target=writer, name="busy-writer")
+    thread.start()
+    out["writer_entered"] = _Blocking.entered.wait(BOUND)
+    result_path = os.path.join(cfg["workdir"], "fork-busy-worker.json")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the worker: bounded by SIGALRM (default action: killed)
+        signal.alarm(int(FORK_BOUND))
+        code = 3
+        try:
+
+            async def work() -> dict[str, Any]:
+                t0 = time.monotonic()
+                await asyncio.wait_for(cacheme.invalidate(LoopNode("child-0")), BOUND)
+                invalidated = round(time.monotonic() - t0, 3)
+                reads = [await timed_get(n) for n in ("parent-0", "child-0")]
+                return {"invalidate": invalidated, "reads": reads, "close": await close_all()}
+
+            report = asyncio.run(work())
+            with open(result_path, "w") as f:
+                json.dump(report, f)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+            code = 2
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    deadline = time.monotonic() + FORK_BOUND + 2
+    status = None
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        out["worker_hung"] = True
+    assert status is not None
+    out["worker_exit"] = os.waitstatus_to_exitcode(status)
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            out["worker"] = json.load(f)
+    _Blocking.release.set()
+    thread.join(BOUND)
+    out["writer"] = busy
+
+
 def exit_without_close(cfg: dict[str, Any], out: dict[str, Any]) -> None:
     """Register, use, never close: the interpreter must still exit (see ``main``)."""
 
@@ -469,6 +565,7 @@ SCENARIOS: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {
         closed_mid_load,
         stopped_before_flush,
         fork,
+        fork_while_busy,
         exit_without_close,
         close_from_new_loop,
         close_reaches_live_loop,

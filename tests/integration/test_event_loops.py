@@ -432,6 +432,26 @@ def test_fork(children: Children, backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", backends(BACKENDS))
+def test_fork_while_another_thread_writes_back(children: Children, backend: str) -> None:
+    """Forked while another thread's loop was inside a write-back (holding the process-wide
+    locks of one): the worker invalidates, reads and closes its storages within bounds."""
+    child = children.get("fork_while_busy", backend)
+    r = child.data()
+    child.expect_reads(r["parent_before"], "parent before the fork")
+    child.expect(r["writer_entered"], "the other thread never reached its write-back")
+    child.expect(not r.get("worker_hung"), "the forked worker hung and was killed")
+    child.expect(r["worker_exit"] == 0, f"the forked worker exited with {r['worker_exit']}")
+    worker = r["worker"]
+    child.expect(worker["invalidate"] < 1.0, f"invalidate took {worker['invalidate']} s")
+    child.expect_reads(worker["reads"], "forked worker")
+    close = worker["close"]
+    child.expect(close["outcome"] == "ok", f"close_storages in the worker: {close}")
+    child.expect(close["elapsed"] < 1.0, f"close_storages in the worker took {close}")
+    busy = {"name": "busy", "value": "value-of-busy"}
+    child.expect(r["writer"].get("value") == busy, f"the writer: {r['writer']}")
+
+
+@pytest.mark.parametrize("backend", backends(BACKENDS))
 def test_exit_without_close(children: Children, backend: str) -> None:
     """A process that used a storage and never called ``close_storages()`` exits (0)."""
     child = children.get("exit_without_close", backend)

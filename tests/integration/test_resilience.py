@@ -1779,6 +1779,8 @@ async def test_a_server_refusing_the_settings_is_not_registered_even_failing_ope
     good, bad = MISCONFIGURED[case]
     try:
         await cacheme.register_storage("probe", cacheme.Storage(good, fail_open=False))
+    except cacheme.StorageMisconfiguredError:
+        pass  # the server answered (its default cache table may not exist yet): reachable
     except cacheme.StorageError as exc:
         unavailable(case.split(":")[0], good, exc)
     finally:
@@ -1787,6 +1789,28 @@ async def test_a_server_refusing_the_settings_is_not_registered_even_failing_ope
         await cacheme.register_storage("refused", cacheme.Storage(bad))
     assert "refused" not in cacheme.storages()
     assert isinstance(cacheme.StorageMisconfiguredError("x"), cacheme.ConfigurationError)
+
+
+# Query options the driver does not know, or values it refuses, found before any server is
+# contacted (pymongo itself only warns about an unknown option and ignores it).
+REFUSED_URL_OPTIONS = {
+    "mongo: misspelt option": (f"{MONGO_URL}?maxPoolSzie=5", "'maxPoolSzie'"),
+    "mongo: unknown option": (f"{MONGO_URL}?foo=1", "'foo'"),
+    "mongo: bad value": (f"{MONGO_URL}?maxPoolSize=many", "'maxPoolSize'"),
+    "mongo: one bad of two": (f"{MONGO_URL}?maxPoolSize=5&retryWirtes=true", "'retryWirtes'"),
+    "mysql: misspelt option": (f"{MYSQL_URL}?conect_timeout=1", "'conect_timeout'"),
+    "sqlite: any option": ("sqlite:///cacheme-refused.db?journal=wal", "no query"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_URL_OPTIONS))
+async def test_a_url_query_option_the_driver_refuses_is_not_registered(case: str) -> None:
+    """Found by a review: a misspelt MongoDB option was registered silently."""
+    url, named = REFUSED_URL_OPTIONS[case]
+    with pytest.raises(cacheme.StorageMisconfiguredError, match=named):
+        await cacheme.register_storage("refused", cacheme.Storage(url))
+    assert "refused" not in cacheme.storages()
+    assert not Path("cacheme-refused.db").exists()  # noqa: ASYNC240 - no file was made
 
 
 async def test_a_sql_storage_without_its_table_is_not_registered_even_failing_open(

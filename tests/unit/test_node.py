@@ -102,6 +102,24 @@ def test_caches_must_be_a_list() -> None:
                 caches = Cache(storage="local")  # type: ignore[assignment]
 
 
+@pytest.mark.parametrize(
+    "chain",
+    [
+        [Cache(storage="local"), Cache(storage="local")],
+        [Cache(storage="local"), Cache(storage="redis"), Cache(storage="local", ttl=None)],
+        (Cache(storage="redis"), Cache(storage="redis", fail_open=False)),
+    ],
+    ids=["twice in a row", "apart, other options", "tuple, remote"],
+)
+def test_a_storage_may_be_one_tier_only(chain: list[Cache]) -> None:
+    """Found by a review: a chain naming one storage twice was accepted."""
+    with pytest.raises(ConfigurationError, match=r"Twice\.Meta\.caches\[\d\] names storage"):
+
+        class Twice(Node):
+            class Meta(Node.Meta):
+                caches = chain
+
+
 def test_caches_must_hold_cache_objects() -> None:
     with pytest.raises(ConfigurationError, match=r"BadItem\.Meta\.caches\[1\].*'local'"):
 
