@@ -17,7 +17,7 @@ import asyncio
 import concurrent.futures
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 _lock = threading.Lock()
@@ -33,7 +33,7 @@ class Write:
 
     def __init__(
         self,
-        keys: list[str],
+        keys: Sequence[str],
         loop: asyncio.AbstractEventLoop,
         remove: Callable[[list[str]], Any],
     ) -> None:
@@ -59,7 +59,7 @@ class Write:
 
 
 def note(
-    keys: list[str],
+    keys: Sequence[str],
     write: asyncio.Future[Any],
     remove: Callable[[list[str]], Any],
 ) -> None:

@@ -269,6 +269,8 @@ class RemoteStorage(BaseStorage[OptionsT]):
         self._home: weakref.ref[runtime.Runtime] | None = None  # the loop this driver serves
         self._connected = False
         self._connecting: asyncio.Future[None] | None = None
+        # Made once: landing keeps it with each write not landed yet (no method object each).
+        self._revoker = self._remove_revoked
         self._reset_loop_state()
 
     def _reset_loop_state(self) -> None:
@@ -639,7 +641,9 @@ class RemoteStorage(BaseStorage[OptionsT]):
         else:
             write = driver._set_many_now(entries)
         if entries and isinstance(write, asyncio.Future):
-            landing.note([e.key for e in entries], write, self._remove_revoked)
+            # A tuple of str leaves the garbage collector's lists at its first collection.
+            keys = (entries[0].key,) if len(entries) == 1 else tuple(e.key for e in entries)
+            landing.note(keys, write, self._revoker)
         return write
 
     def _set_many_now(self, entries: Sequence[Entry]) -> Awaitable[None]:
@@ -686,7 +690,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
             return None
         marker: asyncio.Future[None] = driver._loop().create_future()
         driver._hold(keys, marker)
-        landing.note(keys, marker, self._remove_revoked)
+        landing.note(keys, marker, self._revoker)
         return driver._write_direct(unique, keys, marker)
 
     async def _write_direct(
@@ -702,7 +706,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
             marker.set_result(None)
             self._release(keys, marker)
 
-    def _remove_revoked(self, keys: list[str]) -> None:
+    def _remove_revoked(self, keys: Sequence[str]) -> None:
         """A write of ``keys`` landed after an ``invalidate`` or ``refresh`` elsewhere gave
         up waiting for it (see ``landing``): remove them again, after it, from this loop."""
         try:
