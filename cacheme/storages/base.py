@@ -915,8 +915,32 @@ class RemoteStorage(BaseStorage[OptionsT]):
         the awaitable settles each call. ``pick`` keeps one entry per key (the last write,
         the first add)."""
         entries = pick([e for items, _ in pending.calls for e in items])
-        task = self._ordered([e.key for e in entries], lambda: self._write_isolating(entries, op))
-        return _settle_writes(pending, task)
+        keys = [e.key for e in entries]
+        if any(k in self._key_writes for k in keys):
+            task = self._ordered(keys, lambda: self._write_isolating(entries, op))
+            return _settle_writes(pending, task)
+        # Nothing of these keys under way: no task to order it after anything. The write
+        # runs in the caller's task (the turn's runner), two event-loop turns sooner, and a
+        # marker stands for it in the meantime.
+        marker: asyncio.Future[None] = self._loop().create_future()
+        self._hold(keys, marker)
+        return self._write_marked(pending, entries, op, keys, marker)
+
+    async def _write_marked(
+        self,
+        pending: _Pending[Entry, None],
+        entries: list[Entry],
+        op: Callable[[Sequence[Entry]], Awaitable[None]],
+        keys: list[str],
+        marker: asyncio.Future[None],
+    ) -> None:
+        try:
+            results = await self._write_isolating(entries, op)
+        finally:
+            marker.set_result(None)
+            self._release(keys, marker)
+        failed = {e.key: r for chunk, r in results if isinstance(r, BaseException) for e in chunk}
+        _settle(pending, failed, _entry_key)
 
     async def _write_isolating(
         self, entries: list[Entry], op: Callable[[Sequence[Entry]], Awaitable[None]]
