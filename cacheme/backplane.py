@@ -326,6 +326,9 @@ def _notify(kind: str, keys: Sequence[str], remote: bool) -> None:
 _STOP: Any = None  # the queue item that stops the publisher
 
 
+_enabled_before = False  # a backplane was enabled in this process before
+
+
 class _Backplane:
     def __init__(self, target: _Target, channel: str) -> None:
         self.target = target
@@ -600,7 +603,7 @@ async def enable_backplane(storage: str, *, channel: str = DEFAULT_CHANNEL) -> N
     it keeps trying in the background and clears the local tiers once subscribed. Enabling
     again replaces the previous settings.
     """
-    global _active
+    global _active, _enabled_before
     if not isinstance(channel, str) or not channel:
         raise ConfigurationError(
             f"enable_backplane channel must be a non-empty string, got {channel!r}"
@@ -608,6 +611,11 @@ async def enable_backplane(storage: str, *, channel: str = DEFAULT_CHANNEL) -> N
     target = target_of(storage, user="enable_backplane")
     await disable_backplane()
     bp = _Backplane(target, channel)
+    if _enabled_before:
+        # Messages sent while no backplane listened here (or on another channel) were
+        # missed: the local tiers are cleared once subscribed, as after a lost link.
+        bp.fresh = False
+    _enabled_before = True
     _active = bp
     bp.start_subscriber()
     bp.start_publisher()

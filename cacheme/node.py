@@ -182,8 +182,9 @@ class Config:
         self.key_head = ""
         self.key_tail = ""
 
-        # Last loaded values for stale-if-error: key -> (value, monotonic deadline).
-        self.last_good: OrderedDict[str, tuple[Any, float]] = OrderedDict()
+        # Last loaded values for stale-if-error: key -> (value, monotonic deadline, the
+        # backplane mark taken before it was read: see walk._servable).
+        self.last_good: OrderedDict[str, tuple[Any, float, int]] = OrderedDict()
 
     def for_function(self, fn: Callable[..., Any]) -> Config:
         """This configuration as ``Memoize`` uses it for ``fn``: the same tiers, stats and
@@ -213,6 +214,14 @@ class Config:
             make_tier(self, i, registry.get_storage(c.storage, user=f"node {self.name}"), c)
             for i, c in enumerate(self.caches)
         )
+        if self.lease is not None and all(t.immediate for t in tiers):
+            # The lease holder hands its value over through a shared tier: with none, every
+            # waiter would wait out the lease and then load the key itself.
+            raise ConfigurationError(
+                f"{self.name}.Meta.lease needs a shared tier (Redis, SQL, MongoDB) in "
+                f"Meta.caches to hand the loaded value to the other processes; its tiers "
+                f"are all local: {', '.join(repr(t.name) for t in tiers) or 'none'}"
+            )
         front: list[Tier] = []
         for tier in tiers:
             if not tier.immediate:

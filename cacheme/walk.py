@@ -262,7 +262,7 @@ class KeyWalk(Call):
             source = LOADED
             if isinstance(outcome, BaseException):
                 kept = cfg.last_good.get(key)
-                if kept is None or kept[1] <= time.monotonic() or call.stale:
+                if kept is None or not _servable(key, kept, time.monotonic()) or call.stale:
                     self.rt.flights.fail(key, call, outcome)
                     return
                 cfg.stats.stale += 1
@@ -276,7 +276,7 @@ class KeyWalk(Call):
             else:
                 value = outcome
                 if cfg.stale_if_error is not None and not call.stale:
-                    _remember(cfg, key, value, time.monotonic())
+                    _remember(cfg, key, value, time.monotonic(), self.mark)
             keeper = cfg.doorkeeper
             if source == STALE or (keeper is not None and not keeper.admit(key)):
                 self.rt.flights.settle(key, call, (value, source))
@@ -609,10 +609,10 @@ class Walk:
                 loaded[key] = outcome
                 # A call detached by invalidate()/refresh() leaves nothing behind.
                 if cfg.stale_if_error is not None and not cfg.stamped and not self.calls[key].stale:
-                    _remember(cfg, key, outcome, now)
+                    _remember(cfg, key, outcome, now, self.mark)
                 continue
             kept = cfg.last_good.get(key)
-            if kept is not None and kept[1] > now and not self.calls[key].stale:
+            if kept is not None and _servable(key, kept, now) and not self.calls[key].stale:
                 cfg.stats.stale += 1
                 stale[key] = kept[0]
                 logger.warning(
@@ -691,10 +691,12 @@ def _by_load_all(cfg: Config, key: str, node: Node) -> Loader:
     return load
 
 
-def _remember(cfg: Config, key: str, value: Any, now: float) -> None:
+def _remember(cfg: Config, key: str, value: Any, now: float, mark: int) -> None:
+    """Keep ``value`` for stale-if-error, with the backplane's mark taken before the walk
+    read or loaded it (see ``_servable``)."""
     assert cfg.stale_if_error is not None
     kept = cfg.last_good
-    kept[key] = (value, now + cfg.stale_if_error.total_seconds())
+    kept[key] = (value, now + cfg.stale_if_error.total_seconds(), mark)
     kept.move_to_end(key)
     if len(kept) > _STALE_KEEP:
         kept.popitem(last=False)
@@ -785,3 +787,10 @@ async def _bounded(cfg: Config, fn: Callable[[], Awaitable[Any]], seconds: float
 def _discard(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()  # retrieved: a late failure of an abandoned load is not logged
+
+
+def _servable(key: str, kept: tuple[Any, float, int], now: float) -> bool:
+    """Whether a kept last-good value may still be served: not expired, and not invalidated
+    by another process since it was read (a backplane message; this process's own
+    ``invalidate`` drops it at once)."""
+    return kept[1] > now and not backplane.changed_since(key, kept[2])

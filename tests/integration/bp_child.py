@@ -82,6 +82,8 @@ async def main() -> None:
             serializer = JSONSerializer()
             if lease_ms:
                 lease = timedelta(milliseconds=lease_ms)
+            if setup.get("stale_if_error_ms"):
+                stale_if_error = timedelta(milliseconds=setup["stale_if_error_ms"])
 
     tagged_loads: dict[str, int] = {}
 
@@ -125,7 +127,12 @@ async def main() -> None:
         op = cmd["op"]
         try:
             if op == "get":
-                reply(value=await cacheme.get(Item(cmd.get("key", key))), at=time.monotonic())
+                try:
+                    value = await cacheme.get(Item(cmd.get("key", key)))
+                except RuntimeError as exc:  # a failed load (fail_loads), served as such
+                    reply(failed=str(exc), at=time.monotonic())
+                else:
+                    reply(value=value, at=time.monotonic())
             elif op == "invalidate":
                 try:
                     await cacheme.invalidate(Item(cmd.get("key", key)))
@@ -192,6 +199,13 @@ async def main() -> None:
                 reply(backplane=backplane.stats().__dict__, lease=lease.stats().__dict__)
             elif op == "disable":
                 await backplane.disable_backplane()
+                reply(ok=True)
+            elif op == "enable":
+                channel = cmd.get("channel", setup["channel"])
+                await backplane.enable_backplane(setup["backplane"], channel=channel)
+                reply(ok=True)
+            elif op == "fail_loads":  # the next ``n`` loads raise
+                failures[0] = cmd["n"]
                 reply(ok=True)
             elif op == "exit":
                 await backplane.disable_backplane()

@@ -91,6 +91,49 @@ def test_invalidate_reaches_every_process(tmp_path: Path, children_factory: Any)
     assert stats["messages_received"] >= 1 and stats["subscribed"]
 
 
+@pytest.mark.redis
+@pytest.mark.parametrize("channel", ["same", "other"])
+def test_enabling_again_clears_what_was_missed_meanwhile(
+    tmp_path: Path, children_factory: Any, channel: str
+) -> None:
+    """Found by a review: a process that turned its backplane off and on again kept
+    serving what another process invalidated in between, until its local TTL."""
+    url = redis_or_skip()
+    setup = _setup(tmp_path, {"redis": {"url": url}}, "redis", "redis")
+    writer, reader = children_factory(2, setup)
+    assert reader.call("get")["value"] == 0  # in its local tier now
+    assert writer.call("get")["value"] == 0
+    assert reader.call("disable")["ok"]
+    Path(setup["source"]).write_text("1")
+    assert writer.call("invalidate")["ok"]  # published while the reader listens to nothing
+    again = setup["channel"] if channel == "same" else unique("bp-test")
+    assert reader.call("enable", channel=again)["ok"]
+    reader.send("wait_for", value=1, within=2.0)
+    reply = reader.recv(5)
+    assert reply["ok"], f"still serves {reply.get('seen')!r} after enabling again"
+
+
+@pytest.mark.redis
+def test_a_kept_stale_value_is_not_served_after_another_process_invalidated(
+    tmp_path: Path, children_factory: Any
+) -> None:
+    """Found by a review: stale-if-error served, in a process that had loaded the key, the
+    value another process had just invalidated (the invalidating process itself raised)."""
+    url = redis_or_skip()
+    setup = _setup(tmp_path, {"redis": {"url": url}}, "redis", "redis")
+    setup["stale_if_error_ms"] = 3_600_000
+    loader, other = children_factory(2, setup)
+    assert loader.call("get")["value"] == 0  # loaded here: kept for stale-if-error
+    assert other.call("get")["value"] == 0  # from Redis
+    for child in (loader, other):
+        assert child.call("fail_loads", n=5)["ok"]  # the source is gone from now on
+    assert other.call("invalidate")["ok"]
+    time.sleep(0.3)  # the message reaches the loader (the bound is 0.2 s)
+    assert "failed" in other.call("get"), "the invalidating process served a value"
+    reply = loader.call("get")
+    assert "failed" in reply, f"served the invalidated value {reply.get('value')!r}"
+
+
 @pytest.mark.redis_cluster
 def test_invalidate_reaches_every_process_on_a_cluster(
     tmp_path: Path, children_factory: Any

@@ -370,3 +370,29 @@ def test_non_positive_timeouts_are_rejected(option: str, value: object) -> None:
         cacheme.ConfigurationError, match=rf"Bad\.Meta\.{option} must be (a )?positive"
     ):
         type("Bad", (Node,), {"Meta": meta})
+
+
+@pytest.mark.parametrize("chain", [["l1"], ["l1", "l2"]], ids=["one local", "two local"])
+async def test_a_lease_without_a_shared_tier_is_refused(chain: list[str]) -> None:
+    """Found by a review: with local tiers only, each process waited out the lease and then
+    loaded the key itself (the holder has no shared tier to hand its value over in)."""
+    tiers = [Cache(storage=name) for name in chain]
+
+    @dataclass
+    class Leased(Node):
+        n: int
+
+        def key(self) -> str:
+            return f"leased:{self.n}"
+
+        async def load(self) -> int:
+            return self.n
+
+        class Meta(Node.Meta):
+            version = "v1"
+            caches = tiers
+            lease = timedelta(seconds=5)
+
+    for call in (cacheme.get(Leased(1)), cacheme.get_all([Leased(2)])):
+        with pytest.raises(cacheme.ConfigurationError, match=r"Leased\.Meta\.lease needs a shared"):
+            await call
