@@ -601,7 +601,8 @@ async def enable_backplane(storage: str, *, channel: str = DEFAULT_CHANNEL) -> N
     ``storage`` names a registered Redis storage (standalone or cluster), used as transport
     only. Waits (up to the storage's timeout) for the subscription; if Redis is unreachable
     it keeps trying in the background and clears the local tiers once subscribed. Enabling
-    again replaces the previous settings.
+    again replaces the previous settings, and clears the local tiers once subscribed (the
+    messages sent while no backplane listened were missed).
     """
     global _active, _enabled_before
     if not isinstance(channel, str) or not channel:

@@ -249,32 +249,24 @@ def stopped_before_flush(cfg: dict[str, Any], out: dict[str, Any]) -> None:
     out["after_delta"] = delta(stats(), before)
 
 
-def fork(cfg: dict[str, Any], out: dict[str, Any]) -> None:
-    """A worker forked after the parent used the storage; the parent goes on after it."""
-    out["parent_before"] = asyncio.run(register_and_use(cfg, ["parent-0", "parent-1"]))
-    out["threads_at_fork"] = [t.name for t in threading.enumerate()]
-    result_path = os.path.join(cfg["workdir"], "fork-worker.json")
+def in_forked_worker(
+    cfg: dict[str, Any], out: dict[str, Any], work: Callable[[], tuple[dict[str, Any], bool]]
+) -> None:
+    """Fork a worker that runs ``work`` (bounded by SIGALRM, whose default action kills it)
+    and writes the report it returns; wait for it (``FORK_BOUND``, killed if it hangs) and
+    put its exit code (0 when ``work`` said ok) and report in ``out``."""
+    result_path = os.path.join(cfg["workdir"], f"fork-worker-{cfg['scenario']}.json")
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
-    if pid == 0:  # the worker: bounded by SIGALRM (default action: killed)
+    if pid == 0:
         signal.alarm(int(FORK_BOUND))
         code = 3
         try:
-            before = stats()
-
-            async def work() -> list[dict[str, Any]]:
-                return [await timed_get(n) for n in ("parent-0", "parent-1", "child-0")]
-
-            reads = asyncio.run(work())
-            report = {
-                "reads": reads,
-                "delta": delta(stats(), before),
-                "threads": [t.name for t in threading.enumerate()],
-            }
+            report, ok = work()
             with open(result_path, "w") as f:
                 json.dump(report, f)
-            code = 0 if all(r["ok"] for r in reads) else 1
+            code = 0 if ok else 1
         except BaseException:
             traceback.print_exc()
             code = 2
@@ -298,6 +290,28 @@ def fork(cfg: dict[str, Any], out: dict[str, Any]) -> None:
     if os.path.exists(result_path):
         with open(result_path) as f:
             out["worker"] = json.load(f)
+
+
+def fork(cfg: dict[str, Any], out: dict[str, Any]) -> None:
+    """A worker forked after the parent used the storage; the parent goes on after it."""
+    out["parent_before"] = asyncio.run(register_and_use(cfg, ["parent-0", "parent-1"]))
+    out["threads_at_fork"] = [t.name for t in threading.enumerate()]
+
+    def work() -> tuple[dict[str, Any], bool]:
+        before = stats()
+
+        async def reads() -> list[dict[str, Any]]:
+            return [await timed_get(n) for n in ("parent-0", "parent-1", "child-0")]
+
+        done = asyncio.run(reads())
+        report = {
+            "reads": done,
+            "delta": delta(stats(), before),
+            "threads": [t.name for t in threading.enumerate()],
+        }
+        return report, all(r["ok"] for r in done)
+
+    in_forked_worker(cfg, out, work)
     before = stats()
 
     async def parent_after() -> list[dict[str, Any]]:
@@ -355,49 +369,18 @@ def fork_while_busy(cfg: dict[str, Any], out: dict[str, Any]) -> None:
     thread = threading.Thread(target=writer, name="busy-writer")
     thread.start()
     out["writer_entered"] = _Blocking.entered.wait(BOUND)
-    result_path = os.path.join(cfg["workdir"], "fork-busy-worker.json")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the worker: bounded by SIGALRM (default action: killed)
-        signal.alarm(int(FORK_BOUND))
-        code = 3
-        try:
 
-            async def work() -> dict[str, Any]:
-                t0 = time.monotonic()
-                await asyncio.wait_for(cacheme.invalidate(LoopNode("child-0")), BOUND)
-                invalidated = round(time.monotonic() - t0, 3)
-                reads = [await timed_get(n) for n in ("parent-0", "child-0")]
-                return {"invalidate": invalidated, "reads": reads, "close": await close_all()}
+    def work() -> tuple[dict[str, Any], bool]:
+        async def steps() -> dict[str, Any]:
+            t0 = time.monotonic()
+            await asyncio.wait_for(cacheme.invalidate(LoopNode("child-0")), BOUND)
+            invalidated = round(time.monotonic() - t0, 3)
+            reads = [await timed_get(n) for n in ("parent-0", "child-0")]
+            return {"invalidate": invalidated, "reads": reads, "close": await close_all()}
 
-            report = asyncio.run(work())
-            with open(result_path, "w") as f:
-                json.dump(report, f)
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-            code = 2
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    deadline = time.monotonic() + FORK_BOUND + 2
-    status = None
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        time.sleep(0.05)
-    else:
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        out["worker_hung"] = True
-    assert status is not None
-    out["worker_exit"] = os.waitstatus_to_exitcode(status)
-    if os.path.exists(result_path):
-        with open(result_path) as f:
-            out["worker"] = json.load(f)
+        return asyncio.run(steps()), True
+
+    in_forked_worker(cfg, out, work)
     _Blocking.release.set()
     thread.join(BOUND)
     out["writer"] = busy
