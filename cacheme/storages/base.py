@@ -703,7 +703,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
                     raise result
         finally:
             self._writing -= 1
-            marker.set_result(None)
+            _mark_done(marker)
             self._release(keys, marker)
 
     def _remove_revoked(self, keys: Sequence[str]) -> None:
@@ -937,7 +937,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
         try:
             results = await self._write_isolating(entries, op)
         finally:
-            marker.set_result(None)
+            _mark_done(marker)
             self._release(keys, marker)
         failed = {e.key: r for chunk, r in results if isinstance(r, BaseException) for e in chunk}
         _settle(pending, failed, _entry_key)
@@ -1204,6 +1204,13 @@ def retrieve_outcome(fut: asyncio.Future[Any]) -> None:
     """Retrieve a fire-and-forget operation's outcome (counted and logged where it failed)."""
     if not fut.cancelled():
         fut.exception()
+
+
+def _mark_done(marker: asyncio.Future[None]) -> None:
+    """The write a marker stands for is over. A waiter's ``gather`` may have cancelled the
+    marker meanwhile (``close`` cancels the runners): it is done then all the same."""
+    if not marker.done():
+        marker.set_result(None)
 
 
 def _completed(value: T) -> asyncio.Future[T]:
