@@ -68,14 +68,19 @@ def item_class() -> type[Item]:
     return type("RaceItem", (Item,), {"Meta": meta, "__module__": __name__})
 
 
+async def register_remote(raw: RemoteStorage[Any], **overrides: Any) -> None:
+    """Register the backend ``raw`` stands for as ``remote``: its options, with ``overrides``."""
+    options = raw.options.model_dump(exclude_defaults=True) | overrides
+    await cacheme.register_storage("remote", cacheme.Storage(raw.url, **options))
+
+
 @pytest.fixture(params=[pytest.param(b, marks=getattr(pytest.mark, b)) for b in BACKENDS])
 async def remote(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[RemoteStorage[Any]]:
     name: str = request.param
     async with FACTORIES[name](tmp_path, f"race-{name}") as raw:
-        options = raw.options.model_dump(exclude_defaults=True)
-        await cacheme.register_storage("remote", cacheme.Storage(raw.url, **options))
+        await register_remote(raw)
         await cacheme.register_storage("local", cacheme.Storage("local://tlfu", size=1000))
         try:
             storage = storages()["remote"]
@@ -212,9 +217,7 @@ async def test_a_write_back_decided_before_an_invalidate_never_lands_after_it(
     of an ``invalidate`` issued in between waits for it, so the old value never outlives
     the invalidate in the shared tier."""
     async with FACTORIES[backend](tmp_path, f"late-{backend}") as raw:
-        options = raw.options.model_dump(exclude_defaults=True)
-        options["coalesce"] = coalesce
-        await cacheme.register_storage("remote", cacheme.Storage(raw.url, **options))
+        await register_remote(raw, coalesce=coalesce)
         try:
             meta: dict[str, Any] = {
                 "version": "v1",
@@ -256,8 +259,7 @@ async def test_an_invalidate_is_never_lost_to_another_threads_write_back(
     loop decided before the invalidation, sent on that loop's own connection, lands before
     the removal (the invalidate waits for it), never after."""
     async with FACTORIES[backend](tmp_path, f"xthread-{backend}") as raw:
-        options = raw.options.model_dump(exclude_defaults=True)
-        await cacheme.register_storage("remote", cacheme.Storage(raw.url, **options))
+        await register_remote(raw)
         await cacheme.register_storage("local", cacheme.Storage("local://lru", size=100))
         k = uuid.uuid4().hex[:8]
         pauses = itertools.cycle([0, 0, 0.0005, 0.002])
@@ -324,9 +326,7 @@ async def test_a_write_back_held_up_past_the_wait_is_removed_again_after_it(
     that write lands at last, its own loop removes the key again: a get afterwards loads
     (or reads) the new value, never the old one."""
     async with FACTORIES[backend](tmp_path, f"held-{backend}") as raw:
-        options = raw.options.model_dump(exclude_defaults=True)
-        options["timeout"] = 0.2
-        await cacheme.register_storage("remote", cacheme.Storage(raw.url, **options))
+        await register_remote(raw, timeout=0.2)
         k = uuid.uuid4().hex[:8]
         SOURCE[k] = 1
 
@@ -451,9 +451,7 @@ async def test_a_caller_cancelled_while_waiting_for_another_loops_write_calls_no
     cancelled (a request's timeout): the invalidation still happens, and a get that joined
     the refresh gets its value, not the caller's ``CancelledError``."""
     async with FACTORIES[backend](tmp_path, f"cancelled-{backend}") as raw:
-        options = raw.options.model_dump(exclude_defaults=True)
-        options["timeout"] = 0.2
-        await cacheme.register_storage("remote", cacheme.Storage(raw.url, **options))
+        await register_remote(raw, timeout=0.2)
         k = uuid.uuid4().hex[:8]
         SOURCE[k] = 1
         stalling = threading.Event()
