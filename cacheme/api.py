@@ -16,7 +16,7 @@ from typing import Any, TypeVar, overload
 from . import backplane, freshness, landing, runtime
 from . import node as _node
 from .errors import ConfigurationError, StorageError
-from .flight import Call, Outcome, join_all
+from .flight import Call, Outcome, Reload, forgettable, join_all
 from .metrics import StatsSnapshot, snapshot
 from .node import Config, Node
 from .stats import NodeStats, Recorder
@@ -299,8 +299,8 @@ async def _remove(cfg: Config, key: str, writes: list[landing.Write]) -> None:
                 tier.remove((key,))
     # A flight begun while the removals were under way (in another loop, or in this one
     # while it waited for other loops' writes) may have read the old value: no request
-    # made after this returns may join it.
-    _forget_everywhere(key)
+    # made after this returns may join it. A refresh begun meanwhile read nothing: it stays.
+    _forget_everywhere(key, readers_only=True)
     backplane.publish((key,))
     if failed:
         names = ", ".join(repr(name) for name, _ in failed)
@@ -325,11 +325,12 @@ def wait_bound(cfg: Config) -> float:
     return 2 * max(t.op_timeout() for t in cfg.tiers)
 
 
-def _forget_everywhere(key: str) -> None:
-    """Detach ``key``'s flight in this loop and in the loops of other threads."""
+def _forget_everywhere(key: str, readers_only: bool = False) -> None:
+    """Detach ``key``'s flight in this loop and in the loops of other threads
+    (``readers_only``: see ``flight.forgettable``)."""
     here = runtime.current()
-    here.flights.forget(key)
-    _forget_elsewhere(key, here)
+    here.flights.forget(key, readers_only)
+    _forget_elsewhere(key, here, readers_only)
 
 
 def detach_node_everywhere(owner: str) -> None:
@@ -354,7 +355,7 @@ def _drop_soon(rt: runtime.Runtime, key: str, call: Call) -> None:
             loop.call_soon_threadsafe(rt.flights.drop, key, call)
 
 
-def _forget_elsewhere(key: str, here: runtime.Runtime) -> None:
+def _forget_elsewhere(key: str, here: runtime.Runtime, readers_only: bool = False) -> None:
     """Mark ``key``'s flight of every other loop stale now, so that no request made after
     this returns joins it; each loop drops it from its table in a turn of its own (the
     table is that loop's: from here, it is only read)."""
@@ -362,7 +363,7 @@ def _forget_elsewhere(key: str, here: runtime.Runtime) -> None:
         if rt is here or rt.closed:
             continue
         call = rt.flights.get(key)
-        if call is None:
+        if call is None or not forgettable(call, readers_only):
             continue
         call.stale = call.detached = True
         _drop_soon(rt, key, call)
@@ -382,7 +383,7 @@ async def reload(node: Node, cfg: Config, loader: Loader | None) -> Any:
         return await freshness.reload(node, cfg, loader, key)
     _forget_everywhere(key)
     rt = runtime.current()
-    call = rt.flights.start(key, cfg.name)  # a get from now on joins this refresh
+    call = rt.flights.start(key, cfg.name, Reload)  # a get from now on joins this refresh
     waiter = call.join()
     writes = note_changed(key)
     if writes:  # wait in a task of the loop: a cancelled caller cancels only its own wait
@@ -417,13 +418,18 @@ async def latest(
     A later ``refresh``, an ``invalidate`` or an ``invalidate_tag`` detaches a refresh's
     call: it writes nothing, so its own value may be older than what a ``get`` sees next.
     Such a refresh returns what the key's newer flight gets, or, with none under way, what a
-    new read of every tier gets (the later refresh's value, or a new load after an
-    invalidation). Should that fail, the refresh's own outcome stands.
+    new read of every tier gets once the remote writes of the key under way in any loop
+    have landed (the later refresh's value, or a new load after an invalidation). Should
+    that fail, the refresh's own outcome stands.
     """
     for _ in range(3):  # each round waits for a flight begun after the previous one
         if not (call.stale or call.detached):
             break
         try:
+            # What overtook it may be a refresh in another thread's loop: read after its
+            # remote write lands, not before (a read on this loop's connection could
+            # overtake that write and copy the older value into a shared local tier).
+            await landing.wait(call.key, landing.of(call.key), wait_bound(cfg))
             call, waiter = _read_flight(rt, call.key, node, cfg, loader)
             outcome = await waiter
         except Exception:

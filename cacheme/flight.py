@@ -132,6 +132,13 @@ class Call:
                     waiter.set_exception(error)
 
 
+class Reload(Call):
+    """The call of a ``refresh``: it loads without reading any tier, so no removal under way
+    when it began can have been read by it (``Flights.forget``'s ``readers_only``)."""
+
+    __slots__ = ()
+
+
 class Flights:
     """The table of in-flight calls by full cache key (one loop's: one thread touches it)."""
 
@@ -150,10 +157,10 @@ class Flights:
         """A copy of the table's entries (safe to take from another thread: one C call)."""
         return list(self._calls.items())
 
-    def start(self, key: str, owner: str) -> Call:
-        """Register a new call for ``key`` of the node named ``owner`` (replacing none:
-        check ``get`` first)."""
-        call = self._calls[key] = Call(key, owner)
+    def start(self, key: str, owner: str, kind: type[Call] = Call) -> Call:
+        """Register a new call of class ``kind`` for ``key`` of the node named ``owner``
+        (replacing none: check ``get`` first)."""
+        call = self._calls[key] = kind(key, owner)
         return call
 
     def put(self, key: str, call: Call) -> None:
@@ -196,10 +203,14 @@ class Flights:
                 call.detached = True
                 self.drop(key, call)
 
-    def forget(self, key: str) -> None:
-        """Detach ``key``'s call: new callers start afresh; its result is not written back."""
-        call = self._calls.pop(key, None)
-        if call is not None:
+    def forget(self, key: str, readers_only: bool = False) -> None:
+        """Detach ``key``'s call: new callers start afresh; its result is not written back.
+
+        ``readers_only``: leave a ``Reload`` (see ``forgettable``).
+        """
+        call = self._calls.get(key)
+        if call is not None and forgettable(call, readers_only):
+            del self._calls[key]
             call.stale = call.detached = True
 
     def abandon(self) -> None:
@@ -213,6 +224,14 @@ class Flights:
         """Remove ``call`` from the table if it is still ``key``'s entry."""
         if self._calls.get(key) is call:
             del self._calls[key]
+
+
+def forgettable(call: Call, readers_only: bool) -> bool:
+    """Whether an ``invalidate`` detaches ``call``. Its first pass (``readers_only`` false)
+    detaches any call; its second, once the removals landed, only calls that read tiers: a
+    refresh begun by then loads what is newer than the invalidate, and detaching it would
+    make it return whatever an older write left in the tiers."""
+    return not (readers_only and type(call) is Reload)
 
 
 def join_all(

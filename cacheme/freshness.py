@@ -52,7 +52,7 @@ import msgpack
 
 from . import backplane, landing, runtime, tags
 from .errors import ConfigurationError, DecodeError, EncodeError, LoadError, StorageError
-from .flight import Call, join_all
+from .flight import Call, Reload, join_all
 from .storages.base import MISS, Entry, utf8_encodable
 from .tiers import RemoteTier, Tier, deliver_to, undecodable
 
@@ -901,7 +901,7 @@ async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> An
     _forget_everywhere(key)
     forget(key)
     rt = runtime.current()
-    call = rt.flights.start(key, cfg.name)  # a get from now on joins this refresh
+    call = rt.flights.start(key, cfg.name, Reload)  # a get from now on joins this refresh
     waiter = call.join()
     writes = note_changed(key)
 

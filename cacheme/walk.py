@@ -445,10 +445,58 @@ class Walk:
 
     # -- writing and settling -------------------------------------------------------------
 
-    def _writes(self) -> tuple[list[tuple[Tier, Awaitable[Any]]], dict[str, BaseException]]:
-        """Start the write-backs; ``(pending writes, errors by key)``."""
+    def _writes(
+        self, announce: bool = False
+    ) -> tuple[list[tuple[Tier, Awaitable[Any]]], dict[str, BaseException]]:
+        """Start the write-backs; ``(pending writes, errors by key)``.
+
+        ``announce`` (``refresh``): then note the keys as changed, so that a walk of another
+        loop begun before, which may have read an older remote value, writes nothing back
+        over this one; this walk's later checks use the mark taken after that note.
+        """
         with backplane.write_guard:  # see its comment
-            return self._writes_guarded()
+            result = self._writes_guarded()
+            if announce:
+                self._note_own([k for k in self.values if self._current(k)])
+            return result
+
+    def _current(self, key: str) -> bool:
+        """Whether nothing detached ``key``'s call or changed the key since ``mark``."""
+        return not self.calls[key].stale and not backplane.changed_since(key, self.mark)
+
+    def _note_own(self, keys: list[str]) -> None:
+        """Note ``keys`` (current: see ``_current``) as changed by this walk, and take the mark
+        after that note; what it kept of them for stale-if-error carries the new mark (its
+        own note does not make them stale)."""
+        if not keys:
+            return
+        backplane.note_invalidated(keys)
+        mark = self.mark = backplane.sequence()
+        kept = self.cfg.last_good
+        for key in keys:
+            entry = kept.get(key)
+            if entry is not None and entry[0] is self.values[key]:
+                kept[key] = (entry[0], entry[1], mark)
+
+    def _rewrite_local(self, errors: dict[str, BaseException]) -> None:
+        """``refresh``, once its remote writes landed: write its values to the local tiers
+        again. A walk of another loop may have read the older remote value before they
+        landed (on its own connection) and copied it into a shared local tier; one still
+        under way after this writes nothing back (the note). Keys changed since this walk's
+        own note are left alone: what changed them is newer."""
+        local = [t for j, t in enumerate(self.cfg.tiers) if t.immediate and j in self.backfill]
+        if not local:
+            return
+        with backplane.write_guard:  # see its comment
+            live = {k: v for k, v in self.values.items() if k not in errors and self._current(k)}
+            if not live:
+                return
+            self._note_own(list(live))
+            for tier in local:
+                if self.fresh is None:
+                    tier.write(live, False, self.rt)
+                else:
+                    self.fresh.write(tier, live)
 
     def _writes_guarded(
         self,
@@ -552,7 +600,7 @@ class Walk:
                 for j in range(len(cfg.tiers)):
                     if j not in self.failed:
                         self.backfill.setdefault(j, []).extend(admitted)
-            pending, write_errors = self._writes()
+            pending, write_errors = self._writes(announce=not admit)
             errors.update(write_errors)
             if pending:
                 futures = [asyncio.ensure_future(w) for _, w in pending]
@@ -560,6 +608,8 @@ class Walk:
                 errors.update(self._write_errors(pending, futures))
                 if admit and any(not t.immediate for t, _ in pending):
                     backplane.publish([k for k in admitted if not self.calls[k].stale])
+                if not admit:
+                    self._rewrite_local(errors)
             self._settle(errors)
         except BaseException as exc:
             self._fail_all(exc)

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -563,3 +563,174 @@ async def test_an_invalidate_from_a_loop_started_later_is_not_lost() -> None:
     runs ``asyncio.run(invalidate(...))`` while that loop is blocked. The write was noted
     anyway, so the invalidation holds. In a fresh interpreter: no other loop is live."""
     assert (await _run_on_redis(_FIRST_LOOP)).split() == ["2"]
+
+
+class _Gated(Node):
+    """A node whose load reads the source only once its gate (if any) opens, and, when told
+    to, calls ``then`` once its write-back is decided (the turn after its load returned)."""
+
+    _cacheme_abstract = True
+
+    def __init__(
+        self,
+        k: str,
+        gate: Callable[[], Awaitable[Any]] | None = None,
+        then: Callable[[], None] | None = None,
+    ) -> None:
+        self.k = k
+        self.gate = gate
+        self.then = then
+
+    def key(self) -> str:
+        return f"gated:{self.k}"
+
+    async def load(self) -> int:
+        if self.gate is not None:
+            await self.gate()
+        if self.then is not None:
+            asyncio.get_running_loop().call_soon(self.then)
+        return SOURCE[self.k]
+
+
+def gated_class(stamped: bool, chain: str) -> type[_Gated]:
+    meta: dict[str, Any] = {
+        "version": "v1",
+        "caches": [Cache(storage=s, ttl=timedelta(seconds=30)) for s in chain.split(",")],
+        "serializer": MsgPackSerializer(),
+    }
+    if stamped:
+        meta["negative_ttl"] = timedelta(seconds=30)
+    return type(
+        "GatedItem", (_Gated,), {"Meta": type("Meta", (Node.Meta,), meta), "__module__": __name__}
+    )
+
+
+async def _refresh_during_invalidate(node_cls: type[_Gated], k: str) -> bool:
+    """One round of the race below, on a fresh key ``k``; whether the second refresh began
+    while the removal was still out (else the round proves nothing)."""
+    SOURCE[k] = 0
+    assert await cacheme.get(node_cls(k)) == 0
+    gate = asyncio.Event()
+    second: list[asyncio.Future[Any]] = []
+    raced: list[bool] = []
+    removal = asyncio.ensure_future(cacheme.invalidate(node_cls(k)))
+
+    def begin_second() -> None:
+        if raced:  # the first refresh, detached, may load again: once is enough
+            return
+        raced.append(not removal.done())
+        SOURCE[k] = 1
+        second.append(asyncio.ensure_future(cacheme.refresh(node_cls(k, gate.wait))))
+
+    first = asyncio.ensure_future(cacheme.refresh(node_cls(k, then=begin_second)))
+    await removal
+    assert second, "the first refresh never loaded"
+    gate.set()
+    assert await second[0] == 1, f"key {k}: the second refresh returned 0"
+    assert await first in (0, 1)
+    assert await cacheme.get(node_cls(k)) == 1, f"key {k}: 0 came back"
+    return raced[0]
+
+
+@pytest.mark.parametrize("stamped", [False, True], ids=["plain", "stamped"])
+@pytest.mark.parametrize("chain", ["remote", "local,remote"])
+@every_backend
+async def test_a_refresh_begun_during_an_invalidate_returns_what_it_loaded(
+    tmp_path: Path, backend: str, chain: str, stamped: bool
+) -> None:
+    """An ``invalidate`` whose removal is on the wire; a first refresh, called then, loads 0
+    and queues its write of 0; the source becomes 1 and a second refresh begins while the
+    removal is still out. The invalidate, once its removal lands, must not detach the second
+    refresh (which read no tier): it returns the 1 it loaded, not the 0 the first one left
+    in the tier, and 1 is what a get reads afterwards."""
+    async with FACTORIES[backend](tmp_path, f"refresh-inv-{backend}") as raw:
+        await register_remote(raw)
+        await cacheme.register_storage("local", cacheme.Storage("local://lru", size=100))
+        node_cls = gated_class(stamped, chain)
+        try:
+            raced = [
+                await _refresh_during_invalidate(node_cls, f"{n}-{uuid.uuid4().hex[:6]}")
+                for n in range(6)
+            ]
+        finally:
+            await cacheme.close_storages()
+        assert any(raced), "in no round did the second refresh begin while the removal was out"
+
+
+def _run_refresh(node: Node, result: list[Any]) -> None:
+    """A thread's body: ``refresh(node)`` in a loop of its own; its value or error."""
+    try:
+        result.append(asyncio.run(cacheme.refresh(node)))
+    except BaseException as exc:
+        result.append(exc)
+
+
+def _refresh_registered_elsewhere(key: str) -> bool:
+    """Whether another thread's loop has a refresh of the full key ``key`` under way."""
+    here = runtime.current()
+    return any(
+        type(rt.flights.get(key)).__name__ == "Reload" for rt in runtime.live() if rt is not here
+    )
+
+
+async def _refresh_in_a_thread_during_invalidate(node_cls: type[_Gated], k: str) -> bool:
+    """``_refresh_during_invalidate`` with the second refresh in another thread's loop."""
+    SOURCE[k] = 0
+    assert await cacheme.get(node_cls(k)) == 0
+    release = threading.Event()
+    result: list[Any] = []
+    held = node_cls(k, lambda: asyncio.to_thread(release.wait, 10))
+    thread = threading.Thread(target=_run_refresh, args=(held, result))
+    removal = asyncio.ensure_future(cacheme.invalidate(node_cls(k)))
+    raced: list[bool] = []
+
+    def begin_second() -> None:
+        if raced:  # the first refresh, detached, may load again: once is enough
+            return
+        raced.append(not removal.done())
+        SOURCE[k] = 1
+        thread.start()
+        # Block this loop (on purpose) until that refresh has registered its flight.
+        deadline = time.monotonic() + 10
+        while not _refresh_registered_elsewhere(f"cacheme:gated:{k}:v1"):
+            assert time.monotonic() < deadline, "the other thread's refresh never began"
+            time.sleep(0.001)
+
+    first = asyncio.ensure_future(cacheme.refresh(node_cls(k, then=begin_second)))
+    await removal
+    assert raced, "the first refresh never loaded"
+    release.set()
+    await asyncio.to_thread(thread.join, 10)
+    assert not thread.is_alive()
+    assert result == [1], f"key {k}: the other thread's refresh gave {result}"
+    assert await first in (0, 1)
+    assert await cacheme.get(node_cls(k)) == 1, f"key {k}: 0 came back"
+    return raced[0]
+
+
+@pytest.mark.parametrize("chain", ["remote", "local,remote"])
+@pytest.mark.parametrize(
+    "backend", [pytest.param(b, marks=getattr(pytest.mark, b)) for b in ("redis", "sqlite")]
+)
+async def test_a_refresh_another_thread_begins_during_an_invalidate_returns_what_it_loaded(
+    tmp_path: Path, backend: str, chain: str
+) -> None:
+    """The same race, with the second refresh in another thread's loop: the invalidate's
+    second pass, reaching that loop's flights, leaves the refresh alone; the first refresh,
+    overtaken by it, reads again only once its remote write landed, and that write is
+    written to the shared local tier again once landed (a read of this loop that overtook
+    it may have copied 0 there meanwhile)."""
+    async with FACTORIES[backend](tmp_path, f"refresh-inv-x-{backend}") as raw:
+        await register_remote(raw)
+        await cacheme.register_storage("local", cacheme.Storage("local://lru", size=100))
+        node_cls = gated_class(False, chain)
+        try:
+            raced = [
+                await _refresh_in_a_thread_during_invalidate(
+                    node_cls, f"x{n}-{uuid.uuid4().hex[:6]}"
+                )
+                for n in range(4)
+            ]
+        finally:
+            await cacheme.close_storages()
+        assert any(raced), "in no round did the other refresh begin while the removal was out"
