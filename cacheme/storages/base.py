@@ -11,7 +11,9 @@ A tier is either *local* (in-process, holds Python objects, answers synchronousl
 ``RemoteStorage`` does everything else once, for every backend: coalescing the operations
 issued in one event-loop turn into batches of at most ``batch_size``, the timeout (pool
 waits included), the circuit breaker, wrapping driver errors into ``StorageError``, and the
-per-storage counters. Keys arrive fully built (``{prefix}:{key}:{version}``); TTLs arrive as
+per-storage counters. The writes, adds and removals of a key land in the order they were
+issued, within one turn too, and a read issued after them reads after them. Keys arrive
+fully built (``{prefix}:{key}:{version}``); TTLs arrive as
 whole milliseconds; values are the node serializer's bytes.
 """
 
@@ -775,6 +777,13 @@ class RemoteStorage(BaseStorage[OptionsT]):
                 raise error
             sink.delivered(error)
             return None
+        if (
+            self._removes.calls
+            and (pending is self._writes or pending is self._adds)
+            and _removed(self._removes, items)  # a write or add of a key removed before it
+        ):
+            self._seal_turn()
+            pending = self._adds if pending is self._adds else self._writes  # type: ignore[assignment]
         fut: asyncio.Future[R] | None = None
         if sink is None:
             fut = self._loop().create_future()
@@ -787,6 +796,21 @@ class RemoteStorage(BaseStorage[OptionsT]):
             # iteration, so all the operations issued in this turn land in one batch.
             self._spawn(self._run_turn())
         return fut
+
+    def _seal_turn(self) -> None:
+        """Register the writes, adds and removals queued so far in this turn now, as a batch
+        of their own: what is queued after them (a write or an add of a key removed earlier
+        in the turn) lands after them, as if issued one after another."""
+        writes, self._writes = self._writes, _Pending()
+        adds, self._adds = self._adds, _Pending()
+        removes, self._removes = self._removes, _Pending()
+        _reject_bad_keys(writes, _entry_key, None)
+        _reject_bad_keys(adds, _entry_key, None)
+        _reject_bad_keys(removes, _same, None)
+        self._flushing |= {writes, adds, removes}
+        self._writing += 1
+        jobs = self._register_writes(writes, adds, removes)
+        self._spawn(self._run_writes(writes, adds, removes, jobs))
 
     async def _run_turn(self) -> None:
         """Take what this turn queued and run it: reads here, writes and removes in a task
@@ -869,9 +893,17 @@ class RemoteStorage(BaseStorage[OptionsT]):
         writes: _Pending[Entry, None],
         adds: _Pending[Entry, None],
         removes: _Pending[str, None],
+        jobs: list[Awaitable[None]] | None = None,
     ) -> None:
+        """Run a turn's writes, adds and removals (``jobs``: already registered, see
+        ``_seal_turn``)."""
         try:
-            await self._write_then_remove(writes, adds, removes)
+            if jobs is None:
+                jobs = self._register_writes(writes, adds, removes)
+            if len(jobs) == 1:
+                await jobs[0]
+            else:
+                await asyncio.gather(*jobs)
         finally:
             self._writing -= 1  # counted by _run_turn
             # On cancellation (close), the calls are still unsettled: fail them.
@@ -882,15 +914,19 @@ class RemoteStorage(BaseStorage[OptionsT]):
             self._flushing.discard(adds)
             self._flushing.discard(removes)
 
-    async def _write_then_remove(
+    def _register_writes(
         self,
         writes: _Pending[Entry, None],
         adds: _Pending[Entry, None],
         removes: _Pending[str, None],
-    ) -> None:
+    ) -> list[Awaitable[None]]:
+        """Register a turn's writes, adds and removals for ordering; what to await to run
+        them and settle their calls."""
         # Every write, add and removal of the turn is registered (per key, in that order)
         # before anything is awaited: a later read or write of one of its keys waits for it,
         # and a removal waits only for the writes of its own keys, never for unrelated ones.
+        # (A write or add of a key the turn removed before it seals what came first: see
+        # _seal_turn.)
         jobs: list[Awaitable[None]] = []
         if writes.calls:
             jobs.append(self._flush_writes(writes, self._set_many, _last_per_key))
@@ -900,10 +936,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
             keys = _unique([k for items, _ in removes.calls for k in items])
             removal = self._ordered(keys, lambda: self._chunked(self._remove_many, keys, "remove"))
             jobs.append(_settle_removes(removes, removal))
-        if len(jobs) == 1:
-            await jobs[0]
-        else:
-            await asyncio.gather(*jobs)
+        return jobs
 
     def _flush_writes(
         self,
@@ -1142,6 +1175,12 @@ def _overlap(
     changed = {e.key for p in (writes, adds) for items, _ in p.calls for e in items}
     changed.update(k for items, _ in removes.calls for k in items)
     return any(k in changed for items, _ in reads.calls for k in items)
+
+
+def _removed(removes: _Pending[str, None], items: Sequence[Any]) -> bool:
+    """Whether a write or add of ``items`` (entries) touches a key of ``removes``."""
+    gone = {k for keys, _ in removes.calls for k in keys}
+    return any(item.key in gone for item in items)
 
 
 def _same(key: str) -> str:

@@ -6,6 +6,8 @@ import asyncio
 import math
 from typing import Any
 
+import pytest
+
 from cacheme.storages.base import Entry, RemoteStorage
 
 Remote = RemoteStorage[Any]
@@ -172,6 +174,54 @@ async def test_remove_waits_for_an_earlier_write(remote: Remote) -> None:
         await remote.remove_many([key])
         await write
         assert await remote.get(key) is None
+
+
+@pytest.mark.parametrize("coalesce", [True, False], ids=["coalesce", "no-coalesce"])
+async def test_operations_of_one_turn_land_in_issue_order(remote: Remote, coalesce: bool) -> None:
+    """Writes, adds and removals issued in one event-loop turn (one coalesced batch, or
+    each its own round trip) leave each key as issuing them one after another would: a
+    write or an add issued after a removal of its key is not undone by that removal, and a
+    removal after them removes."""
+    if coalesce:
+        await _one_turn_in_issue_order(remote, "c")
+        return
+    options = remote.options.model_copy(update={"coalesce": False})
+    alone = type(remote)(remote.name, remote.url, options)
+    try:
+        await _one_turn_in_issue_order(alone, "n")
+    finally:
+        await alone.close()
+
+
+async def _one_turn_in_issue_order(remote: Remote, tag: str) -> None:
+    cases: dict[str, tuple[list[tuple[str, bytes | None]], bytes | None]] = {
+        "remove-set": ([("remove", None), ("set", b"new")], b"new"),
+        "remove-add": ([("remove", None), ("add", b"added")], b"added"),
+        "set-remove": ([("set", b"new"), ("remove", None)], None),
+        "add-remove": ([("add", b"added"), ("remove", None)], None),
+        "set-remove-set": ([("set", b"one"), ("remove", None), ("set", b"two")], b"two"),
+        "remove-set-remove": ([("remove", None), ("set", b"new"), ("remove", None)], None),
+        "set-remove-add": ([("set", b"one"), ("remove", None), ("add", b"added")], b"added"),
+        "remove-add-set": ([("remove", None), ("add", b"added"), ("set", b"set")], b"set"),
+    }
+    for present in (False, True):
+        keys = {name: f"cacheme:turn:{tag}:{name}:{present}:v1" for name in cases}
+        if present:
+            await remote.set_many([Entry(key, b"before", None) for key in keys.values()])
+        ops: list[Any] = []
+        for name, (steps, _) in cases.items():  # every case's steps, in one turn
+            key = keys[name]
+            for op, value in steps:
+                if op == "remove":
+                    ops.append(remote.remove_many([key]))
+                elif op == "set":
+                    ops.append(remote.set_many([Entry(key, value or b"", None)]))
+                else:
+                    ops.append(remote.add_many([Entry(key, value or b"", None)]))
+        await asyncio.gather(*ops)
+        found = await remote.get_many(list(keys.values()))
+        got = {name: found.get(key) for name, key in keys.items()}
+        assert got == {name: want for name, (_, want) in cases.items()}, f"present={present}"
 
 
 async def test_add_many_only_when_absent(remote: Remote) -> None:
