@@ -763,7 +763,7 @@ async def _refresh(
             names = {k: names[k] for k in nodes if k in names}
         state = walk.fresh = Pass(cfg, walk, names, refreshing=True)
         await state.read_versions()
-        walk.reload()
+        walk.reload(announce=False)
         outcomes = await asyncio.gather(*waiters, return_exceptions=True)
         failed = [o for o in outcomes if isinstance(o, BaseException)]
         written = [k for k, c in calls.items() if not c.stale]

@@ -405,9 +405,15 @@ class Walk:
             return
         self._arrived(result)
 
-    def reload(self) -> None:
-        """Skip the tiers: load every key and write it everywhere (``refresh``)."""
-        self.rt.spawn(self._load_and_finish(admit=False))
+    def reload(self, announce: bool = True) -> None:
+        """Skip the tiers: load every key and write it everywhere (``refresh``).
+
+        ``announce``: keep walks of other loops from copying an older value over the new
+        one into a shared local tier (see ``_writes``, ``_rewrite_local``); what a caller
+        awaits needs it, a background refresh-ahead does not (the older value it replaces
+        was still being served anyway).
+        """
+        self.rt.spawn(self._load_and_finish(admit=False, announce=announce))
 
     def _next(self) -> None:
         tiers = self.cfg.tiers
@@ -581,7 +587,7 @@ class Walk:
 
     # -- loading ----------------------------------------------------------------------------
 
-    async def _load_and_finish(self, *, admit: bool) -> None:
+    async def _load_and_finish(self, *, admit: bool, announce: bool = False) -> None:
         try:
             cfg = self.cfg
             missing = {k: self.nodes[k] for k in self.missing}
@@ -600,7 +606,7 @@ class Walk:
                 for j in range(len(cfg.tiers)):
                     if j not in self.failed:
                         self.backfill.setdefault(j, []).extend(admitted)
-            pending, write_errors = self._writes(announce=not admit)
+            pending, write_errors = self._writes(announce)
             errors.update(write_errors)
             if pending:
                 futures = [asyncio.ensure_future(w) for _, w in pending]
@@ -608,7 +614,7 @@ class Walk:
                 errors.update(self._write_errors(pending, futures))
                 if admit and any(not t.immediate for t, _ in pending):
                     backplane.publish([k for k in admitted if not self.calls[k].stale])
-                if not admit:
+                if announce:
                     self._rewrite_local(errors)
             self._settle(errors)
         except BaseException as exc:
