@@ -419,21 +419,21 @@ async def latest(
     call: it writes nothing, so its own value may be older than what a ``get`` sees next.
     Such a refresh returns what the key's newer flight gets, or, with none under way, what a
     new read of every tier gets once the remote writes of the key under way in any loop
-    have landed (the later refresh's value, or a new load after an invalidation). Should
-    that fail, the refresh's own outcome stands.
+    have landed (the later refresh's value, or a new load after an invalidation); it
+    raises what that flight raises (its own value, written nowhere, would be newer than
+    what a ``get`` then serves). After three rounds, the third flight's outcome stands.
     """
     for _ in range(3):  # each round waits for a flight begun after the previous one
         if not (call.stale or call.detached):
             break
-        try:
+        newer = rt.flights.get(call.key)
+        if newer is None or newer.detached:
             # What overtook it may be a refresh in another thread's loop: read after its
             # remote write lands, not before (a read on this loop's connection could
             # overtake that write and copy the older value into a shared local tier).
             await landing.wait(call.key, landing.of(call.key), wait_bound(cfg))
-            call, waiter = _read_flight(rt, call.key, node, cfg, loader)
-            outcome = await waiter
-        except Exception:
-            break
+        call, waiter = _read_flight(rt, call.key, node, cfg, loader)
+        outcome = await waiter
     return outcome
 
 

@@ -280,6 +280,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
         self._writes: _Pending[Entry, None] = _Pending()
         self._adds: _Pending[Entry, None] = _Pending()
         self._removes: _Pending[str, None] = _Pending()
+        self._removed: set[str] = set()  # the keys of _removes
         self._flush_scheduled = False
         self._reading = 0  # reads under way (queued batches and direct reads)
         self._writing = 0  # write, add and removal batches under way, direct writes too
@@ -777,13 +778,16 @@ class RemoteStorage(BaseStorage[OptionsT]):
                 raise error
             sink.delivered(error)
             return None
-        if (
-            self._removes.calls
+        if pending is self._removes:
+            self._removed.update(items)  # type: ignore[arg-type]
+        elif (
+            self._removed  # a write or add of a key removed earlier in this turn seals it
             and (pending is self._writes or pending is self._adds)
-            and _removed(self._removes, items)  # a write or add of a key removed before it
+            and any(entry.key in self._removed for entry in items)  # type: ignore[attr-defined]
         ):
+            adding = pending is self._adds
             self._seal_turn()
-            pending = self._adds if pending is self._adds else self._writes  # type: ignore[assignment]
+            pending = self._adds if adding else self._writes  # type: ignore[assignment]
         fut: asyncio.Future[R] | None = None
         if sink is None:
             fut = self._loop().create_future()
@@ -804,6 +808,8 @@ class RemoteStorage(BaseStorage[OptionsT]):
         writes, self._writes = self._writes, _Pending()
         adds, self._adds = self._adds, _Pending()
         removes, self._removes = self._removes, _Pending()
+        if self._removed:
+            self._removed = set()
         _reject_bad_keys(writes, _entry_key, None)
         _reject_bad_keys(adds, _entry_key, None)
         _reject_bad_keys(removes, _same, None)
@@ -820,6 +826,8 @@ class RemoteStorage(BaseStorage[OptionsT]):
         writes, self._writes = self._writes, _Pending()
         adds, self._adds = self._adds, _Pending()
         removes, self._removes = self._removes, _Pending()
+        if self._removed:
+            self._removed = set()
         _reject_bad_keys(reads, _same, {})
         _reject_bad_keys(writes, _entry_key, None)
         _reject_bad_keys(adds, _entry_key, None)
@@ -1175,12 +1183,6 @@ def _overlap(
     changed = {e.key for p in (writes, adds) for items, _ in p.calls for e in items}
     changed.update(k for items, _ in removes.calls for k in items)
     return any(k in changed for items, _ in reads.calls for k in items)
-
-
-def _removed(removes: _Pending[str, None], items: Sequence[Any]) -> bool:
-    """Whether a write or add of ``items`` (entries) touches a key of ``removes``."""
-    gone = {k for keys, _ in removes.calls for k in keys}
-    return any(item.key in gone for item in items)
 
 
 def _same(key: str) -> str:

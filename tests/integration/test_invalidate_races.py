@@ -734,3 +734,63 @@ async def test_a_refresh_another_thread_begins_during_an_invalidate_returns_what
         finally:
             await cacheme.close_storages()
         assert any(raced), "in no round did the other refresh begin while the removal was out"
+
+
+class _Planned(Node):
+    """A node whose loads follow ``plan``: per load, (seconds to take, whether to fail)."""
+
+    _cacheme_abstract = True
+    plan: list[tuple[float, bool]] = []
+
+    def key(self) -> str:
+        return "planned"
+
+    async def load(self) -> int:
+        delay, fail = type(self).plan.pop(0) if type(self).plan else (0.0, False)
+        await asyncio.sleep(delay)
+        if fail:
+            raise RuntimeError("the source is down")
+        return SOURCE["planned"]
+
+
+@pytest.mark.parametrize("stamped", [False, True], ids=["plain", "stamped"])
+@pytest.mark.parametrize("chain", ["local", "remote", "local,remote"])
+@pytest.mark.parametrize(
+    "backend", [pytest.param(b, marks=getattr(pytest.mark, b)) for b in ("redis", "postgres")]
+)
+async def test_a_refresh_overtaken_by_one_that_fails_raises_its_error(
+    tmp_path: Path, backend: str, chain: str, stamped: bool
+) -> None:
+    """Refresh A (10 ms load) is overtaken by refresh B (30 ms load, which fails): A wrote
+    nothing (B detached it) and B writes nothing, so A raises B's error rather than
+    returning a value no tier holds; a get then serves the value the tiers still hold."""
+    async with FACTORIES[backend](tmp_path, f"overtaken-{backend}") as raw:
+        await register_remote(raw)
+        await cacheme.register_storage("local", cacheme.Storage("local://lru", size=100))
+        meta: dict[str, Any] = {
+            "version": uuid.uuid4().hex[:8],
+            "caches": [Cache(storage=s, ttl=timedelta(seconds=30)) for s in chain.split(",")],
+            "serializer": MsgPackSerializer(),
+        }
+        if stamped:
+            meta["negative_ttl"] = timedelta(seconds=30)
+        node_cls = type(
+            "Planned",
+            (_Planned,),
+            {"Meta": type("Meta", (Node.Meta,), meta), "__module__": __name__, "plan": []},
+        )
+        try:
+            SOURCE["planned"] = 1
+            assert await cacheme.get(node_cls()) == 1
+            SOURCE["planned"] = 2
+            node_cls.plan = [(0.010, False), (0.030, True)]
+            first = asyncio.ensure_future(cacheme.refresh(node_cls()))
+            await asyncio.sleep(0.003)
+            second = asyncio.ensure_future(cacheme.refresh(node_cls()))
+            outcomes = await asyncio.gather(first, second, return_exceptions=True)
+            assert [str(o) for o in outcomes] == ["the source is down"] * 2, outcomes
+            assert await cacheme.get(node_cls()) == 1  # what every tier still holds
+            assert await cacheme.refresh(node_cls()) == 2
+            assert await cacheme.get(node_cls()) == 2
+        finally:
+            await cacheme.close_storages()

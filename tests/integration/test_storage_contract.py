@@ -222,6 +222,16 @@ async def _one_turn_in_issue_order(remote: Remote, tag: str) -> None:
         found = await remote.get_many(list(keys.values()))
         got = {name: found.get(key) for name, key in keys.items()}
         assert got == {name: want for name, (_, want) in cases.items()}, f"present={present}"
+    # An add of several keys after a removal of one of them stays an add for all of them
+    # (a present key keeps its value), and a second add of the removed key does not win.
+    a, b = f"cacheme:turn:{tag}:multi-a:v1", f"cacheme:turn:{tag}:multi-b:v1"
+    await remote.set_many([Entry(b, b"present", None)])
+    await asyncio.gather(
+        remote.remove_many([a]),
+        remote.add_many([Entry(a, b"first", None), Entry(b, b"added", None)]),
+        remote.add_many([Entry(a, b"second", None)]),
+    )
+    assert await remote.get_many([a, b]) == {a: b"first", b: b"present"}
 
 
 async def test_add_many_only_when_absent(remote: Remote) -> None:

@@ -294,7 +294,9 @@ async def test_a_refresh_overtaken_by_a_refresh_that_ended_first_returns_its_val
     assert await cacheme.get(Queued()) == "second"
 
 
-async def test_a_refresh_whose_newer_flight_fails_returns_its_own_value() -> None:
+async def test_a_refresh_whose_newer_flight_fails_raises_its_error() -> None:
+    """Detached by an invalidate, the refresh writes nothing: it hands on the outcome of
+    the flight begun after, here an error, as a get that joined that flight does."""
     mine, theirs = gates("mine", RuntimeError("the get's load failed"))
     refreshing = asyncio.ensure_future(cacheme.refresh(Queued()))
     await asyncio.sleep(0)
@@ -302,8 +304,10 @@ async def test_a_refresh_whose_newer_flight_fails_returns_its_own_value() -> Non
     getting = asyncio.ensure_future(cacheme.get(Queued()))
     await asyncio.sleep(0)
     mine.set()
+    await asyncio.sleep(0.01)  # the refresh's load returned; it joined the get's flight
     theirs.set()
-    assert await refreshing == "mine"
+    with pytest.raises(RuntimeError, match="the get's load failed"):
+        await refreshing
     with pytest.raises(RuntimeError, match="the get's load failed"):
         await getting
 
