@@ -632,6 +632,25 @@ async def _refresh_during_invalidate(node_cls: type[_Gated], k: str) -> bool:
     return raced[0]
 
 
+async def _rounds(
+    tmp_path: Path,
+    backend: str,
+    name: str,
+    one_round: Callable[[type[_Gated], str], Awaitable[bool]],
+    node_cls: type[_Gated],
+    count: int = 5,
+) -> list[bool]:
+    """``count`` rounds of ``one_round`` on fresh keys, with ``backend`` as the remote tier
+    and a local LRU tier; what each round returned."""
+    async with FACTORIES[backend](tmp_path, f"{name}-{backend}") as raw:
+        await register_remote(raw)
+        await cacheme.register_storage("local", cacheme.Storage("local://lru", size=100))
+        try:
+            return [await one_round(node_cls, f"{n}-{uuid.uuid4().hex[:6]}") for n in range(count)]
+        finally:
+            await cacheme.close_storages()
+
+
 @pytest.mark.parametrize("stamped", [False, True], ids=["plain", "stamped"])
 @pytest.mark.parametrize("chain", ["remote", "local,remote"])
 @every_backend
@@ -643,18 +662,9 @@ async def test_a_refresh_begun_during_an_invalidate_returns_what_it_loaded(
     removal is still out. The invalidate, once its removal lands, must not detach the second
     refresh (which read no tier): it returns the 1 it loaded, not the 0 the first one left
     in the tier, and 1 is what a get reads afterwards."""
-    async with FACTORIES[backend](tmp_path, f"refresh-inv-{backend}") as raw:
-        await register_remote(raw)
-        await cacheme.register_storage("local", cacheme.Storage("local://lru", size=100))
-        node_cls = gated_class(stamped, chain)
-        try:
-            raced = [
-                await _refresh_during_invalidate(node_cls, f"{n}-{uuid.uuid4().hex[:6]}")
-                for n in range(6)
-            ]
-        finally:
-            await cacheme.close_storages()
-        assert any(raced), "in no round did the second refresh begin while the removal was out"
+    node_cls = gated_class(stamped, chain)
+    raced = await _rounds(tmp_path, backend, "refresh-inv", _refresh_during_invalidate, node_cls)
+    assert any(raced), "in no round did the second refresh begin while the removal was out"
 
 
 def _run_refresh(node: Node, result: list[Any]) -> None:
@@ -720,20 +730,11 @@ async def test_a_refresh_another_thread_begins_during_an_invalidate_returns_what
     overtaken by it, reads again only once its remote write landed, and that write is
     written to the shared local tier again once landed (a read of this loop that overtook
     it may have copied 0 there meanwhile)."""
-    async with FACTORIES[backend](tmp_path, f"refresh-inv-x-{backend}") as raw:
-        await register_remote(raw)
-        await cacheme.register_storage("local", cacheme.Storage("local://lru", size=100))
-        node_cls = gated_class(False, chain)
-        try:
-            raced = [
-                await _refresh_in_a_thread_during_invalidate(
-                    node_cls, f"x{n}-{uuid.uuid4().hex[:6]}"
-                )
-                for n in range(4)
-            ]
-        finally:
-            await cacheme.close_storages()
-        assert any(raced), "in no round did the other refresh begin while the removal was out"
+    node_cls = gated_class(False, chain)
+    raced = await _rounds(
+        tmp_path, backend, "refresh-inv-x", _refresh_in_a_thread_during_invalidate, node_cls
+    )
+    assert any(raced), "in no round did the other refresh begin while the removal was out"
 
 
 class _Planned(Node):
