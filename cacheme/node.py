@@ -222,6 +222,15 @@ class Config:
                 f"Meta.caches to hand the loaded value to the other processes; its tiers "
                 f"are all local: {', '.join(repr(t.name) for t in tiers) or 'none'}"
             )
+        fraction = self.fresh.refresh_fraction if self.fresh is not None else 0.0
+        endless = [repr(t.name) for t in tiers if t.ttl is None]
+        if fraction and endless:
+            # A share of no TTL: such a tier's entries would silently never be refreshed.
+            raise ConfigurationError(
+                f"{self.name}.Meta.refresh_after = {fraction} is a fraction of each tier's "
+                f"TTL, but tier {', '.join(endless)} has none: give that tier a TTL, or "
+                "refresh_after a timedelta"
+            )
         front: list[Tier] = []
         for tier in tiers:
             if not tier.immediate:

@@ -398,6 +398,44 @@ def test_meta_validation(option: str, value: Any, message: str) -> None:
     assert "Bad.Meta" in str(info.value)
 
 
+async def test_a_refresh_after_fraction_needs_every_tier_to_have_a_ttl(local: Any) -> None:
+    """A fraction of no TTL is refused at the node's first use, naming the node and the
+    tier, rather than never refreshing that tier's entries; a timedelta is fine."""
+    await cacheme.register_storage("endless", cacheme.Storage("local://lru", size=10))
+
+    def node(refresh_after: Any, *ttls: timedelta | None) -> type[cacheme.Node]:
+        names = ["local", "endless"][: len(ttls)]
+        meta = type(
+            "Meta",
+            (cacheme.Node.Meta,),
+            {
+                "caches": [
+                    cacheme.Cache(storage=n, ttl=t) for n, t in zip(names, ttls, strict=True)
+                ],
+                "refresh_after": refresh_after,
+            },
+        )
+
+        async def load(self: cacheme.Node) -> int:
+            return 1
+
+        return type(
+            "Fractional",
+            (cacheme.Node,),
+            {"Meta": meta, "key": lambda self: "k", "load": load, "__module__": __name__},
+        )
+
+    minute = timedelta(minutes=1)
+    for ttls in [(None,), (minute, None)]:
+        with pytest.raises(
+            cacheme.ConfigurationError, match=r"Fractional\.Meta\.refresh_after"
+        ) as info:
+            await cacheme.get(node(0.5, *ttls)())
+        assert f"tier {'local' if ttls == (None,) else 'endless'!r} has none" in str(info.value)
+    assert await cacheme.get(node(0.5, minute, minute)()) == 1
+    assert await cacheme.get(node(timedelta(seconds=30), None, None)()) == 1
+
+
 def test_cache_negative_ttl_is_checked() -> None:
     meta = type(
         "Meta",
