@@ -322,7 +322,7 @@ def note_changed(key: str) -> list[landing.Write]:
 
 def wait_bound(cfg: Config) -> float:
     """Seconds to wait for other loops' writes: twice the slowest tier's timeout."""
-    return 2 * max(t.op_timeout() for t in cfg.tiers)
+    return 2 * max((t.op_timeout() for t in cfg.tiers), default=0.0)
 
 
 def _forget_everywhere(key: str, readers_only: bool = False) -> None:

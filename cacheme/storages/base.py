@@ -495,6 +495,13 @@ class RemoteStorage(BaseStorage[OptionsT]):
         for pending in self._flushing:
             self._abandon(pending)
         self._flushing.clear()
+        # Nor did the writes it had registered: their markers would hold their keys for good.
+        for write in list(self._key_writes.values()):
+            if isinstance(write, asyncio.Task):
+                write.cancel()
+            else:
+                _mark_done(write)
+        self._key_writes.clear()
         attempt = self._connecting
         if attempt is not None:
             attempt.cancel()
@@ -815,7 +822,14 @@ class RemoteStorage(BaseStorage[OptionsT]):
         _reject_bad_keys(removes, _same, None)
         self._flushing |= {writes, adds, removes}
         self._writing += 1
-        jobs = self._register_writes(writes, adds, removes)
+        # Tasks, not coroutines: a runner cancelled (close) before its first step would
+        # leave coroutines that never ran.
+        jobs: list[Awaitable[None]] = []
+        for job in self._register_writes(writes, adds, removes):
+            task = asyncio.ensure_future(job)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            jobs.append(task)
         self._spawn(self._run_writes(writes, adds, removes, jobs))
 
     async def _run_turn(self) -> None:
@@ -1019,6 +1033,8 @@ class RemoteStorage(BaseStorage[OptionsT]):
         task = asyncio.ensure_future(run())
         self._hold(keys, task)
         task.add_done_callback(lambda done: self._release(keys, done))
+        self._tasks.add(task)  # close() cancels it
+        task.add_done_callback(self._tasks.discard)
         return task
 
     def _hold(self, keys: Sequence[str], write: asyncio.Future[Any]) -> None:
@@ -1072,6 +1088,8 @@ class RemoteStorage(BaseStorage[OptionsT]):
         a read sent from a caller's own task (``read_now``), counted in ``_reading`` while
         it runs.
         """
+        if self._closed or self._dead:  # a write ordered behind others, reached after close()
+            raise StorageError(f"storage {self.name!r} is closed")
         stats = self.stats
         breaker = self._breaker
         trial = 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 from typing import Any
 
@@ -150,6 +151,39 @@ async def test_close_fails_pending_operations_and_is_idempotent(remote: Remote) 
     except StorageError as exc:
         assert "closed" in str(exc)
     await remote.close()  # a second close is harmless
+
+
+async def test_close_in_the_turn_of_a_sealed_batch_leaves_nothing_behind(
+    remote: Remote, recwarn: pytest.WarningsRecorder
+) -> None:
+    """``set; remove; set`` of one key in one turn (the second write seals the first two
+    into a batch of their own, see ``_seal_turn``), then ``close`` in that same turn: every
+    caller gets the closed-storage error, nothing reaches the server, and no task, ordering
+    entry or coroutine is left over (a sealed batch registers its writes at once)."""
+    from cacheme.errors import StorageError
+
+    key = "cacheme:close-sealed:v1"
+    await remote.set_many([Entry(key, b"old", None)])
+    driver = remote.here()
+    ops = [
+        remote.set_many([Entry(key, b"a", None)]),
+        remote.remove_many([key]),
+        remote.set_many([Entry(key, b"b", None)]),
+    ]
+    await remote.close()  # in this turn: nothing of the three has started
+    outcomes = await asyncio.wait_for(asyncio.gather(*ops, return_exceptions=True), 10)
+    assert all(isinstance(o, StorageError) and "closed" in str(o) for o in outcomes), outcomes
+    await asyncio.sleep(0.05)  # anything left over would run (or complain) by now
+    assert driver._key_writes == {}
+    assert not driver._tasks
+    assert not driver._connected  # nothing connected again after close
+    gc.collect()
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
+    fresh = type(remote)(remote.name, remote.url, remote.options)
+    try:
+        assert await fresh.get(key) == b"old"  # nothing was sent after close
+    finally:
+        await fresh.close()
 
 
 async def test_writes_land_in_issue_order(remote: Remote) -> None:

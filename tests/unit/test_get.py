@@ -294,6 +294,35 @@ async def test_a_refresh_overtaken_by_a_refresh_that_ended_first_returns_its_val
     assert await cacheme.get(Queued()) == "second"
 
 
+async def test_overlapping_refreshes_of_a_node_without_tiers() -> None:
+    """A node with ``Meta.caches = []`` caches nothing, but ``refresh`` works, and one
+    refresh overtaken by another does too (no tier to wait for: no error)."""
+    gate = asyncio.Event()
+    loads = 0
+
+    class Tierless(Node):
+        def key(self) -> str:
+            return "tierless"
+
+        async def load(self) -> int:
+            nonlocal loads
+            loads += 1
+            await gate.wait()
+            return loads
+
+        class Meta(Node.Meta):
+            caches = []
+
+    first = asyncio.ensure_future(cacheme.refresh(Tierless()))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(cacheme.refresh(Tierless()))
+    await asyncio.sleep(0.01)  # both loads are waiting
+    gate.set()
+    mine, theirs = await asyncio.wait_for(asyncio.gather(first, second), 5)
+    # The first, overtaken, takes the second's value, or loads again once that one is over.
+    assert theirs == 2 and mine in (2, 3)
+
+
 async def test_a_refresh_whose_newer_flight_fails_raises_its_error() -> None:
     """Detached by an invalidate, the refresh writes nothing: it hands on the outcome of
     the flight begun after, here an error, as a get that joined that flight does."""
