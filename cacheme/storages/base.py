@@ -812,6 +812,19 @@ class RemoteStorage(BaseStorage[OptionsT]):
         """Register the writes, adds and removals queued so far in this turn now, as a batch
         of their own: what is queued after them (a write or an add of a key removed earlier
         in the turn) lands after them, as if issued one after another."""
+        writes, adds, removes = self._take_changes()
+        self._flushing |= {writes, adds, removes}
+        self._writing += 1
+        # Tasks, not coroutines: a runner cancelled (close) before its first step would
+        # leave coroutines that never ran.
+        jobs = [self._spawn(job) for job in self._register_writes(writes, adds, removes)]
+        self._spawn(self._run_writes(writes, adds, removes, jobs))
+
+    def _take_changes(
+        self,
+    ) -> tuple[_Pending[Entry, None], _Pending[Entry, None], _Pending[str, None]]:
+        """The writes, adds and removals queued so far (unsendable keys taken out), and
+        fresh batches in their place."""
         writes, self._writes = self._writes, _Pending()
         adds, self._adds = self._adds, _Pending()
         removes, self._removes = self._removes, _Pending()
@@ -820,32 +833,15 @@ class RemoteStorage(BaseStorage[OptionsT]):
         _reject_bad_keys(writes, _entry_key, None)
         _reject_bad_keys(adds, _entry_key, None)
         _reject_bad_keys(removes, _same, None)
-        self._flushing |= {writes, adds, removes}
-        self._writing += 1
-        # Tasks, not coroutines: a runner cancelled (close) before its first step would
-        # leave coroutines that never ran.
-        jobs: list[Awaitable[None]] = []
-        for job in self._register_writes(writes, adds, removes):
-            task = asyncio.ensure_future(job)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            jobs.append(task)
-        self._spawn(self._run_writes(writes, adds, removes, jobs))
+        return writes, adds, removes
 
     async def _run_turn(self) -> None:
         """Take what this turn queued and run it: reads here, writes and removes in a task
         of their own when both kinds are waiting (a slow write never delays a read)."""
         self._flush_scheduled = False
         reads, self._reads = self._reads, _Pending()
-        writes, self._writes = self._writes, _Pending()
-        adds, self._adds = self._adds, _Pending()
-        removes, self._removes = self._removes, _Pending()
-        if self._removed:
-            self._removed = set()
+        writes, adds, removes = self._take_changes()
         _reject_bad_keys(reads, _same, {})
-        _reject_bad_keys(writes, _entry_key, None)
-        _reject_bad_keys(adds, _entry_key, None)
-        _reject_bad_keys(removes, _same, None)
         if reads.calls:
             self._flushing.add(reads)  # settled by close() if this task never gets to them
         if writes.calls or adds.calls or removes.calls:
@@ -865,10 +861,12 @@ class RemoteStorage(BaseStorage[OptionsT]):
         if reads.calls:
             await self._run_reads(reads)
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Awaitable[T]) -> asyncio.Task[T]:
+        """Run ``coro`` in a task that ``close`` cancels."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _run_reads(self, pending: _Pending[str, dict[str, bytes]]) -> None:
         self._reading += 1
@@ -915,7 +913,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
         writes: _Pending[Entry, None],
         adds: _Pending[Entry, None],
         removes: _Pending[str, None],
-        jobs: list[Awaitable[None]] | None = None,
+        jobs: Sequence[Awaitable[None]] | None = None,
     ) -> None:
         """Run a turn's writes, adds and removals (``jobs``: already registered, see
         ``_seal_turn``)."""
@@ -1030,11 +1028,9 @@ class RemoteStorage(BaseStorage[OptionsT]):
                 await asyncio.gather(*before.values(), return_exceptions=True)
             return await op()
 
-        task = asyncio.ensure_future(run())
+        task = self._spawn(run())
         self._hold(keys, task)
         task.add_done_callback(lambda done: self._release(keys, done))
-        self._tasks.add(task)  # close() cancels it
-        task.add_done_callback(self._tasks.discard)
         return task
 
     def _hold(self, keys: Sequence[str], write: asyncio.Future[Any]) -> None:

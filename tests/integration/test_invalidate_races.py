@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis.asyncio
@@ -219,18 +219,7 @@ async def test_a_write_back_decided_before_an_invalidate_never_lands_after_it(
     async with FACTORIES[backend](tmp_path, f"late-{backend}") as raw:
         await register_remote(raw, coalesce=coalesce)
         try:
-            meta: dict[str, Any] = {
-                "version": "v1",
-                "caches": [Cache(storage="remote", ttl=timedelta(seconds=30))],
-                "serializer": MsgPackSerializer(),
-            }
-            if op == "get-stamped":
-                meta["negative_ttl"] = timedelta(seconds=30)
-            node_cls = type(
-                "LateWriter",
-                (_Writer,),
-                {"Meta": type("Meta", (Node.Meta,), meta), "__module__": __name__, "pending": []},
-            )
+            node_cls = node_on(_Writer, "remote", op == "get-stamped", pending=[])
             for round_ in range(3):
                 k = f"{op}-{round_}-{uuid.uuid4().hex[:6]}"
                 SOURCE[k] = 1
@@ -592,17 +581,22 @@ class _Gated(Node):
         return SOURCE[self.k]
 
 
-def gated_class(stamped: bool, chain: str) -> type[_Gated]:
+N = TypeVar("N", bound=Node)
+
+
+def node_on(base: type[N], chain: str, stamped: bool, version: str = "v1", **attrs: Any) -> type[N]:
+    """A concrete subclass of ``base`` cached on ``chain`` (tier names, comma-separated,
+    30 s TTLs, MessagePack); ``stamped``: with negative caching, so the freshness path
+    runs. ``attrs``: class attributes of its own (a fresh list, say)."""
     meta: dict[str, Any] = {
-        "version": "v1",
+        "version": version,
         "caches": [Cache(storage=s, ttl=timedelta(seconds=30)) for s in chain.split(",")],
         "serializer": MsgPackSerializer(),
     }
     if stamped:
         meta["negative_ttl"] = timedelta(seconds=30)
-    return type(
-        "GatedItem", (_Gated,), {"Meta": type("Meta", (Node.Meta,), meta), "__module__": __name__}
-    )
+    body = {"Meta": type("Meta", (Node.Meta,), meta), "__module__": __name__, **attrs}
+    return type(base.__name__.lstrip("_"), (base,), body)
 
 
 async def _refresh_during_invalidate(node_cls: type[_Gated], k: str) -> bool:
@@ -662,7 +656,7 @@ async def test_a_refresh_begun_during_an_invalidate_returns_what_it_loaded(
     removal is still out. The invalidate, once its removal lands, must not detach the second
     refresh (which read no tier): it returns the 1 it loaded, not the 0 the first one left
     in the tier, and 1 is what a get reads afterwards."""
-    node_cls = gated_class(stamped, chain)
+    node_cls = node_on(_Gated, chain, stamped)
     raced = await _rounds(tmp_path, backend, "refresh-inv", _refresh_during_invalidate, node_cls)
     assert any(raced), "in no round did the second refresh begin while the removal was out"
 
@@ -730,7 +724,7 @@ async def test_a_refresh_another_thread_begins_during_an_invalidate_returns_what
     overtaken by it, reads again only once its remote write landed, and that write is
     written to the shared local tier again once landed (a read of this loop that overtook
     it may have copied 0 there meanwhile)."""
-    node_cls = gated_class(False, chain)
+    node_cls = node_on(_Gated, chain, False)
     raced = await _rounds(
         tmp_path, backend, "refresh-inv-x", _refresh_in_a_thread_during_invalidate, node_cls
     )
@@ -768,18 +762,7 @@ async def test_a_refresh_overtaken_by_one_that_fails_raises_its_error(
     async with FACTORIES[backend](tmp_path, f"overtaken-{backend}") as raw:
         await register_remote(raw)
         await cacheme.register_storage("local", cacheme.Storage("local://lru", size=100))
-        meta: dict[str, Any] = {
-            "version": uuid.uuid4().hex[:8],
-            "caches": [Cache(storage=s, ttl=timedelta(seconds=30)) for s in chain.split(",")],
-            "serializer": MsgPackSerializer(),
-        }
-        if stamped:
-            meta["negative_ttl"] = timedelta(seconds=30)
-        node_cls = type(
-            "Planned",
-            (_Planned,),
-            {"Meta": type("Meta", (Node.Meta,), meta), "__module__": __name__, "plan": []},
-        )
+        node_cls = node_on(_Planned, chain, stamped, uuid.uuid4().hex[:8], plan=[])
         try:
             SOURCE["planned"] = 1
             assert await cacheme.get(node_cls()) == 1
