@@ -52,6 +52,7 @@ class Runtime:
         "flights",
         "instances",
         "loop",
+        "pid",
         "refreshing",
         "sentinel",
         "tasks",
@@ -69,6 +70,7 @@ class Runtime:
         self.closed = False
         self.sentinel: AsyncGenerator[None, None] | None = None
         self.thread = threading.get_ident()  # the loop's thread: runtimes are made in it
+        self.pid = os.getpid()  # a forked child inherits this runtime but not its loop
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run ``coro`` in a task of this loop, kept alive until it is done."""
@@ -164,22 +166,27 @@ def _watch_shutdown(rt: Runtime) -> None:
 
 async def _shutdown(rt: Runtime) -> None:
     rt.closed = True
+    if rt.pid != os.getpid():
+        # Inherited through fork: its connections are the parent's too; closing them here
+        # would end the parent's sessions. They are left to the garbage collector.
+        return
     rt.flights.abandon()
     for name, exc in await rt.close_instances():
         logger.warning("cacheme: closing storage %r at event-loop shutdown failed: %r", name, exc)
 
 
 def _after_fork_in_child() -> None:
-    """A forked child has only the thread that forked: the loops of the parent's other
-    threads never run in it, so their runtimes are closed (``close_storages`` and the
-    cross-loop steps of ``invalidate`` skip them instead of waiting for those loops)."""
+    """A forked child has only the thread that forked, and no loop of its parent runs in it:
+    not those of the parent's other threads, nor one the forking thread was running (asyncio
+    refuses ``get_running_loop`` in a child for a loop of its parent; the child starts its
+    own, ``asyncio.run``). Every inherited runtime is therefore closed: ``close_storages``
+    and the cross-loop steps of ``invalidate`` skip them instead of waiting for those loops,
+    and their connections, which the parent still uses, are never closed from here."""
     global _create_lock
     _create_lock = threading.Lock()  # another thread of the parent may have held it
-    me = threading.get_ident()
     for rt in list(_live):
-        if rt.thread != me:
-            rt.closed = True
-            _live.discard(rt)
+        rt.closed = True
+        _live.discard(rt)
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows

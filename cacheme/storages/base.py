@@ -465,9 +465,15 @@ class RemoteStorage(BaseStorage[OptionsT]):
                     closing = asyncio.wrap_future(handed)
                     try:
                         await asyncio.wait_for(asyncio.shield(closing), self.options.timeout)
-                    except (asyncio.CancelledError, asyncio.TimeoutError):
+                    except (asyncio.CancelledError, asyncio.TimeoutError) as exc:
                         if not (closing.cancelled() or rt.closed or not rt.loop.is_running()):
-                            raise  # this task is being cancelled, or that loop hangs
+                            if isinstance(exc, asyncio.CancelledError):
+                                raise  # this task is being cancelled
+                            raise TimeoutError(
+                                f"the event loop of thread {rt.thread} did not run the close "
+                                f"within timeout = {self.options.timeout} s (it is blocked "
+                                "or busy)"
+                            ) from None
                         # That loop shut down meanwhile, before or while running our close:
                         # its own shutdown closes its drivers (see runtime).
                         driver.drop_loop()

@@ -321,6 +321,35 @@ def fork(cfg: dict[str, Any], out: dict[str, Any]) -> None:
     out["parent_after_delta"] = delta(stats(), before)
 
 
+def fork_in_loop(cfg: dict[str, Any], out: dict[str, Any]) -> None:
+    """A worker forked from inside the parent's running loop (``multiprocessing`` started
+    from a coroutine): the child, in a loop of its own, invalidates, reads and closes its
+    storages within bounds (the parent's loop never runs in it); the parent's loop goes on
+    with the connections it had."""
+
+    async def parent() -> dict[str, Any]:
+        result: dict[str, Any] = {"before": await register_and_use(cfg, ["parent-0"])}
+
+        def work() -> tuple[dict[str, Any], bool]:
+            async def steps() -> dict[str, Any]:
+                t0 = time.monotonic()
+                await asyncio.wait_for(cacheme.invalidate(LoopNode("child-0")), BOUND)
+                invalidated = round(time.monotonic() - t0, 3)
+                reads = [await timed_get(n) for n in ("parent-0", "child-0")]
+                return {"invalidate": invalidated, "reads": reads, "close": await close_all()}
+
+            report = asyncio.run(steps())
+            return report, all(r["ok"] for r in report["reads"])
+
+        in_forked_worker(cfg, result, work)
+        before = stats()
+        result["after"] = [await timed_get(n) for n in ("parent-0", "child-0", "parent-1")]
+        result["after_delta"] = delta(stats(), before)
+        return result
+
+    out.update(asyncio.run(parent()))
+
+
 class _Blocking(MsgPackSerializer):
     """Encodes ``BusyNode``'s value only once the test lets it: meanwhile the thread writing
     it back holds the locks a write-back holds (found by a review: a fork then left them
@@ -548,6 +577,7 @@ SCENARIOS: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {
         closed_mid_load,
         stopped_before_flush,
         fork,
+        fork_in_loop,
         fork_while_busy,
         exit_without_close,
         close_from_new_loop,

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import cacheme
-from cacheme import Cache, Node
+from cacheme import Cache, Node, schemas
 from cacheme.serializer import JSONSerializer
 from cacheme.storages.base import RemoteStorage
 from cacheme.storages.registry import storages
@@ -135,3 +135,42 @@ async def test_a_serializer_raising_outside_its_contract_never_hangs_a_key(remot
         assert await asyncio.wait_for(cacheme.get(Odd()), 5) == 1
         assert await asyncio.wait_for(cacheme.get_all([Odd()]), 5) == [1]
     assert cacheme.stats(Odd).decode_error_count() >= 6
+
+
+async def test_close_names_the_loop_that_did_not_run_it(tmp_path: Path) -> None:
+    """``close_storages()`` while another thread's loop that used the storage is blocked: it
+    gives up after the storage's ``timeout`` and says which loop and which bound (the
+    message used to end in an empty ``TimeoutError:``)."""
+    url = f"sqlite:///{tmp_path / 'blocked.db'}"
+    await schemas.create(url)
+    await cacheme.register_storage("remote", cacheme.Storage(url, timeout=0.2))
+    await cacheme.register_storage("local", cacheme.Storage("local://tlfu", size=100))
+    thing = node_class()
+    VALUES["b"] = 2
+    used = threading.Event()
+    release = threading.Event()
+    idents: list[int] = []
+
+    def worker() -> None:
+        async def work() -> None:
+            idents.append(threading.get_ident())
+            await cacheme.get(thing("b"))
+            used.set()
+            release.wait(10)  # blocks this loop: it cannot run the close
+
+        asyncio.run(work())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        assert await asyncio.to_thread(used.wait, 10)
+        with pytest.raises(cacheme.StorageError) as raised:
+            await asyncio.wait_for(cacheme.close_storages(), 5)
+        message = str(raised.value)
+        assert "'remote'" in message
+        assert f"thread {idents[0]}" in message
+        assert "timeout = 0.2 s" in message
+    finally:
+        release.set()
+        await asyncio.to_thread(thread.join, 10)
+        await cacheme.close_storages()
