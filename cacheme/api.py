@@ -16,7 +16,7 @@ from typing import Any, TypeVar, overload
 from . import backplane, freshness, landing, runtime
 from . import node as _node
 from .errors import ConfigurationError, StorageError
-from .flight import Call, Outcome, Reload, forgettable, join_all
+from .flight import Call, Outcome, Reload, forgettable, join_all, propagates
 from .metrics import StatsSnapshot, snapshot
 from .node import Config, Node
 from .stats import NodeStats, Recorder
@@ -394,7 +394,7 @@ async def reload(node: Node, cfg: Config, loader: Loader | None) -> Any:
                 Walk(cfg, rt, {key: node}, {key: call}, loader).reload()
             except BaseException as exc:
                 rt.flights.fail(key, call, exc)
-                if not isinstance(exc, Exception):
+                if propagates(exc):
                     raise
 
         rt.spawn(reload_after_writes())

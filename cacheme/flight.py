@@ -257,3 +257,12 @@ def join_all(
         else:
             call._add(group)
     return started, group.future
+
+
+def propagates(exc: BaseException) -> bool:
+    """Whether a task of cacheme that delivered ``exc`` to its flight's callers must still
+    raise it: ``KeyboardInterrupt`` and ``SystemExit`` stop the loop, ``CancelledError``
+    cancels the task, ``GeneratorExit`` closes the coroutine. Any other exception has reached
+    every caller; raised on in a task that nobody awaits, it would only make asyncio log
+    "Task exception was never retrieved"."""
+    return isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError))

@@ -52,7 +52,7 @@ import msgpack
 
 from . import backplane, landing, runtime, tags
 from .errors import ConfigurationError, DecodeError, EncodeError, LoadError, StorageError
-from .flight import Call, Reload, join_all
+from .flight import Call, Reload, join_all, propagates
 from .storages.base import MISS, Entry, utf8_encodable
 from .tiers import RemoteTier, Tier, deliver_to, undecodable
 
@@ -83,10 +83,16 @@ class Rule:
     def __init__(self, policy: Policy, tier: Tier, cache: Cache) -> None:
         ttl = tier.ttl
         self.ttl_ms = 0 if ttl is None else max(1, round(ttl * 1000))
+        # What the storage can hold: as for a TTL, a longer time means no expiry (an
+        # expiry date past the year 9999 overflowed the SQL and MongoDB tiers).
+        limit = _ms(tier.max_ttl)
         neg = cache.negative_ttl or policy.negative_ttl
         self.neg_ms = self.ttl_ms if neg is None else _ms(neg)
+        if self.neg_ms > limit:
+            self.neg_ms = 0
         grace = max(policy.swr_ms, policy.sie_ms)
-        self.phys_ms: int | None = self.ttl_ms + grace if self.ttl_ms else None
+        phys = self.ttl_ms + grace if self.ttl_ms else 0
+        self.phys_ms: int | None = phys if 0 < phys <= limit else None
         self.phys_neg_ms: int | None = self.neg_ms or None
         if policy.refresh_after_ms:
             self.refresh_ms = policy.refresh_after_ms
@@ -916,7 +922,7 @@ async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> An
             walk.reload()
         except BaseException as exc:
             rt.flights.fail(key, call, exc)
-            if not isinstance(exc, Exception):
+            if propagates(exc):
                 raise
 
     rt.spawn(versions_then_reload())

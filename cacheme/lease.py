@@ -40,7 +40,7 @@ logger = logging.getLogger("cacheme.lease")
 
 T = TypeVar("T")
 
-__all__ = ["LeaseStats", "load_once", "stats"]
+__all__ = ["LeaseStats", "give_back", "holds", "load_once", "stats"]
 
 _POLL_MIN = 0.02  # seconds: first fallback poll of a waiter
 _POLL_MAX = 0.2  # seconds: the poll interval grows up to this
@@ -279,11 +279,36 @@ async def _hold(
         backplane.publish((key,), kind="r")
         raise
     # The core writes the value through and publishes the key, which releases the lease
-    # (_on_message); if it writes nothing (doorkeeper, failed write), the grace timer does.
+    # (_on_message); if it writes nothing to a shared tier, it gives the lease back
+    # (give_back); the grace timer is the last resort (the process died meanwhile).
     with _lock:
         _held[key] = (token, storage, loop)
     loop.call_later(_RELEASE_GRACE, _release_held, key, token)
     return value
+
+
+def holds(key: str) -> bool:
+    """Whether this process holds ``key``'s lease after loading it (until the key is
+    published, given back, or the grace passes)."""
+    with _lock:
+        return key in _held
+
+
+async def give_back(key: str) -> None:
+    """The holder of ``key``'s lease loaded it but wrote nothing to a shared tier (the value
+    could not be encoded, or the key was invalidated meanwhile): release the lease now and
+    wake the waiters, so that one of them loads at once instead of after the grace."""
+    with _lock:
+        held = _held.pop(key, None)
+    if held is None:
+        return
+    token, storage, loop = held
+    try:
+        client = backplane.sync_client(storage)
+        await asyncio.shield(loop.run_in_executor(None, _release, client, f"{key}:lease", token))
+    except Exception as exc:  # storage gone: the lease expires by itself
+        logger.debug("cacheme: lease release of %r skipped: %r", key, exc)
+    backplane.publish((key,), kind="r")
 
 
 def _after_fork_in_child() -> None:

@@ -223,12 +223,19 @@ class Config:
                 f"are all local: {', '.join(repr(t.name) for t in tiers) or 'none'}"
             )
         fraction = self.fresh.refresh_fraction if self.fresh is not None else 0.0
-        endless = [repr(t.name) for t in tiers if t.ttl is None]
+        endless = [(t, c) for t, c in zip(tiers, self.caches, strict=True) if t.ttl is None]
         if fraction and endless:
             # A share of no TTL: such a tier's entries would silently never be refreshed.
+            tier, cache = endless[0]
+            why = "has none"
+            if cache.ttl is not None:  # longer than the storage can hold: no expiry
+                why = (
+                    f"has none (its ttl {cache.ttl} is longer than the storage can hold, "
+                    f"max_ttl {tier.max_ttl}, and so means no expiry)"
+                )
             raise ConfigurationError(
                 f"{self.name}.Meta.refresh_after = {fraction} is a fraction of each tier's "
-                f"TTL, but tier {', '.join(endless)} has none: give that tier a TTL, or "
+                f"TTL, but tier {tier.name!r} {why}: give that tier a TTL, or "
                 "refresh_after a timedelta"
             )
         front: list[Tier] = []

@@ -67,15 +67,18 @@ def deliver_to(fut: asyncio.Future[Any]) -> Callable[[Any], None]:
 class Tier(ABC):
     """One storage in one node's chain; see the module docstring for the contract."""
 
-    __slots__ = ("cfg", "fail_open", "index", "name", "ttl")
+    __slots__ = ("cfg", "fail_open", "index", "max_ttl", "name", "ttl")
 
     immediate: bool  # peek() can answer (the tier is in-process)
 
-    def __init__(self, cfg: Config, index: int, name: str, ttl: float | None) -> None:
+    def __init__(
+        self, cfg: Config, index: int, name: str, ttl: float | None, max_ttl: timedelta
+    ) -> None:
         self.cfg = cfg
         self.index = index
         self.name = name  # the registered storage's name
         self.ttl = ttl  # seconds; None: no expiry
+        self.max_ttl = max_ttl  # the longest TTL the storage can hold; longer: no expiry
         self.fail_open = True
 
     @abstractmethod
@@ -146,7 +149,7 @@ class LocalTier(Tier):
     def __init__(
         self, cfg: Config, index: int, storage: LocalStorage[Any], ttl: float | None
     ) -> None:
-        super().__init__(cfg, index, storage.name, ttl)
+        super().__init__(cfg, index, storage.name, ttl, storage.max_ttl)
         self.storage = storage
 
     def peek(self, key: str) -> Any:
@@ -198,7 +201,7 @@ class RemoteTier(Tier):
         serializer: Serializer,
         fail_open: bool,
     ) -> None:
-        super().__init__(cfg, index, storage.name, ttl)
+        super().__init__(cfg, index, storage.name, ttl, storage.max_ttl)
         self.storage = storage
         self.serializer = serializer
         self.fail_open = fail_open

@@ -27,7 +27,7 @@ from typing import Any
 
 from . import backplane, lease
 from .errors import LoadError, LoadTimeoutError, StorageError
-from .flight import LOADED, STALE, Call, Outcome
+from .flight import LOADED, STALE, Call, Outcome, propagates
 from .node import Config, Node
 from .runtime import Runtime
 from .tiers import Tier, deliver_to
@@ -309,7 +309,7 @@ class KeyWalk(Call):
             self.rt.flights.settle(key, call, (value, source))
         except BaseException as exc:
             self._fail(exc)
-            if not isinstance(exc, Exception):
+            if propagates(exc):
                 raise
 
     def _fail(self, exc: BaseException) -> None:
@@ -592,6 +592,9 @@ class Walk:
             cfg = self.cfg
             missing = {k: self.nodes[k] for k in self.missing}
             loaded, stale, errors = await self._load(missing, leased=admit)
+            # Keys this walk loaded under a lease: other processes wait for their values in
+            # the shared tier, so the doorkeeper does not hold them back.
+            held = [k for k in loaded if lease.holds(k)] if admit and cfg.lease else []
             if self.fresh is not None:  # stamps, negative entries, the stored stale copy
                 self.fresh.after_load(loaded, stale, errors)
             self.values.update(stale)
@@ -600,7 +603,7 @@ class Walk:
                 self.sources[key] = STALE
             for key in loaded:
                 self.sources[key] = LOADED
-            keeper = cfg.doorkeeper if admit else None
+            keeper = cfg.doorkeeper if admit and not held else None
             admitted = [k for k in loaded if keeper is None or keeper.admit(k)]
             if admitted:
                 for j in range(len(cfg.tiers)):
@@ -608,18 +611,23 @@ class Walk:
                         self.backfill.setdefault(j, []).extend(admitted)
             pending, write_errors = self._writes(announce)
             errors.update(write_errors)
+            published: list[str] = []
             if pending:
                 futures = [asyncio.ensure_future(w) for _, w in pending]
                 await asyncio.gather(*futures, return_exceptions=True)
                 errors.update(self._write_errors(pending, futures))
                 if admit and any(not t.immediate for t, _ in pending):
-                    backplane.publish([k for k in admitted if not self.calls[k].stale])
+                    published = [k for k in admitted if not self.calls[k].stale]
+                    backplane.publish(published)
                 if announce:
                     self._rewrite_local(errors)
+            for key in held:
+                if key not in published or key in write_errors:
+                    self.rt.spawn(lease.give_back(key))  # nothing for the waiters to read
             self._settle(errors)
         except BaseException as exc:
             self._fail_all(exc)
-            if not isinstance(exc, Exception):
+            if propagates(exc):
                 raise
 
     async def _load(
@@ -687,6 +695,9 @@ class Walk:
         cfg = self.cfg
 
         async def load() -> Any:
+            # This process loads now, perhaps after waiting on another's lease: a key
+            # invalidated during that wait is loaded afresh, so its write stands.
+            self.mark = backplane.sequence()
             outcome = await _timed(cfg, fn, 1)
             if isinstance(outcome, BaseException):
                 raise outcome

@@ -43,6 +43,7 @@ async def main() -> None:
     loads: str = setup["loads"]
     load_delay: float = setup.get("load_delay", 0.0)
     failures = [setup.get("fail_loads", 0)]  # this many loads raise, after their delay
+    unencodable = [setup.get("unencodable_loads", 0)]  # this many loads return an object()
 
     await cacheme.register_storage("local", cacheme.Storage(url="local://tlfu", size=1000))
     for name, spec in setup["storages"].items():
@@ -72,6 +73,10 @@ async def main() -> None:
                 failures[0] -= 1
                 _append(loads, f"failed {os.getpid()}")
                 raise RuntimeError("load failed on purpose")
+            if unencodable[0] > 0:
+                unencodable[0] -= 1
+                _append(loads, f"unencodable {os.getpid()}")
+                return object()  # type: ignore[return-value]  # JSON cannot encode it
             value = int(Path(source).read_text().strip() or 0)  # noqa: ASYNC240
             _append(loads, f"done {os.getpid()}")
             return value
@@ -82,6 +87,8 @@ async def main() -> None:
             serializer = JSONSerializer()
             if lease_ms:
                 lease = timedelta(milliseconds=lease_ms)
+            if setup.get("doorkeeper"):
+                doorkeeper = cacheme.BloomFilter(1000, 0.01)
             if setup.get("stale_if_error_ms"):
                 stale_if_error = timedelta(milliseconds=setup["stale_if_error_ms"])
 
@@ -129,7 +136,7 @@ async def main() -> None:
             if op == "get":
                 try:
                     value = await cacheme.get(Item(cmd.get("key", key)))
-                except RuntimeError as exc:  # a failed load (fail_loads), served as such
+                except (RuntimeError, cacheme.EncodeError) as exc:  # fail/unencodable_loads
                     reply(failed=str(exc), at=time.monotonic())
                 else:
                     reply(value=value, at=time.monotonic())

@@ -152,6 +152,35 @@ async def test_negative_entries(backend: Backend, clock: Clock) -> None:
     assert source.calls == [1, 1]
 
 
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"stale_while_revalidate": timedelta.max},
+        {"stale_if_error": timedelta.max},
+        {"negative_ttl": timedelta.max},
+        {"stale_while_revalidate": timedelta(days=1), "ttl": timedelta.max},
+    ],
+    ids=["swr", "sie", "negative", "ttl"],
+)
+async def test_graces_longer_than_the_storage_can_hold_mean_no_expiry(
+    backend: Backend, meta: dict[str, Any]
+) -> None:
+    """A grace or negative TTL past what the tier can hold (``timedelta.max``: "serve stale
+    forever") is no expiry, as a TTL is: the TTL plus the grace overflowed the expiry
+    date of the SQL and MongoDB tiers, and every write-back failed (each get loaded)."""
+    source = Source()
+    source.data[1] = "v"
+    for chain in (("remote",), ("local", "remote")):
+        Item = make(source, chain, **meta)
+        negative = "negative_ttl" in meta
+        expected = None if negative else "v"
+        assert await cacheme.get(Item(2 if negative else 1)) == expected
+        assert await cacheme.get(Item(2 if negative else 1)) == expected
+        stats = cacheme.stats(Item)
+        assert (stats.load_count(), stats.hit_count(), stats.storage_error_count()) == (1, 1, 0)
+        assert await backend.raw.get(key_of(Item(2 if negative else 1))) is not None
+
+
 async def test_refresh_ahead_on_a_remote_hit(backend: Backend, clock: Clock) -> None:
     source = Source()
     source.data[1] = "old"

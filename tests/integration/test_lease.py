@@ -120,3 +120,59 @@ def test_a_failed_load_is_not_cached_and_a_waiter_loads_at_once(
         assert reply["at"] - began < 2 * LOAD + 0.5, reply["at"] - began
     assert len(_loads(setup, "failed")) == 1
     assert len(_loads(setup, "done")) == 1, _loads(setup, "")
+
+
+def test_an_invalidate_during_the_holders_load_costs_one_more_load_not_a_queue(
+    tmp_path: Path, children: Any
+) -> None:
+    """The key is invalidated while the holder loads: its value may be old, so it writes
+    nothing; it gives the lease back at once, one waiter loads afresh and hands its value to
+    the others. (Each waiter used to take the lease in turn after a second's grace, and each
+    loaded: its write was dropped for the invalidation it had waited through.)"""
+    holder_load = 0.5
+    setup = _setup(tmp_path, lease_ms=5000)
+    holder = children(1, {**setup, "load_delay": holder_load})[0]
+    others = children(3, setup)
+    invalidator = children(1, setup)[0]
+    holder.send("burst", callers=1)
+    assert wait_until(lambda: _loads(setup, f"start {holder.pid}"), 5)
+    began = time.monotonic()
+    for child in others:
+        child.send("burst", callers=CALLERS)
+    time.sleep(0.15)  # the others wait on the lease; the holder is still loading
+    assert invalidator.call("invalidate")["ok"]
+    assert holder.recv(15)["values"] == [7]
+    for reply in [child.recv(15) for child in others]:
+        assert reply["values"] == [7] * CALLERS
+        assert reply["at"] - began < holder_load + LOAD + 0.6, reply["at"] - began
+    assert len(_loads(setup, "done")) == 2, _loads(setup, "")
+
+
+def test_a_doorkeeper_does_not_hold_back_the_holders_value(tmp_path: Path, children: Any) -> None:
+    """Every process's doorkeeper sees the key for the first time; the holder writes its
+    value anyway, since the others wait for it (each used to load in turn)."""
+    setup = _setup(tmp_path, lease_ms=5000, doorkeeper=True)
+    group = children(4, setup)
+    for reply in _burst(group):
+        assert reply["values"] == [7] * CALLERS
+        assert reply["at"] - reply["began"] < 2 * LOAD + 0.5, reply["at"] - reply["began"]
+    assert len(_loads(setup, "done")) == 1, _loads(setup, "")
+
+
+def test_a_holder_whose_value_cannot_be_encoded_gives_the_lease_back_at_once(
+    tmp_path: Path, children: Any
+) -> None:
+    setup = _setup(tmp_path, lease_ms=5000)
+    holder = children(1, {**setup, "unencodable_loads": 1})[0]
+    others = children(3, setup)
+    holder.send("get")
+    assert wait_until(lambda: _loads(setup, f"start {holder.pid}"), 5)
+    began = time.monotonic()
+    for child in others:
+        child.send("burst", callers=CALLERS)
+    assert "failed" in holder.recv(15)  # EncodeError, to its own caller only
+    for reply in [child.recv(15) for child in others]:
+        assert reply["values"] == [7] * CALLERS
+        assert reply["at"] - began < 2 * LOAD + 0.5, reply["at"] - began
+    assert len(_loads(setup, "unencodable")) == 1
+    assert len(_loads(setup, "done")) == 1, _loads(setup, "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -93,6 +94,40 @@ async def test_load_error_reaches_every_waiter_and_is_not_cached() -> None:
         await asyncio.wait_for(cacheme.get(Key("b"), load_fn=failing), 2)
     assert calls == 2
     assert await cacheme.get(Key("b"), load_fn=Counter("ok")) == "ok"
+
+
+class Abort(BaseException):
+    """Not an ``Exception``: what a framework's own abort signal may be."""
+
+
+async def test_a_base_exception_from_load_reaches_the_callers_and_nothing_else(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every caller of ``get``, ``get_all`` and ``refresh`` gets it; the load's task does not
+    end with it too (asyncio logged "Task exception was never retrieved" for it)."""
+
+    async def load(node: Key) -> str:
+        await asyncio.sleep(0)
+        raise Abort(node.name)
+
+    results = await asyncio.gather(
+        *(cacheme.get(Key("b"), load_fn=load) for _ in range(3)), return_exceptions=True
+    )
+    assert [type(r) for r in results] == [Abort] * 3
+
+    class Batch(Key):
+        async def load(self) -> str:
+            return await load(self)
+
+    for call in (cacheme.get_all([Batch("c"), Batch("d")]), cacheme.refresh(Batch("e"))):
+        with pytest.raises(Abort):
+            await call
+    await settle()
+    gc.collect()
+    await settle()
+    assert "never retrieved" not in caplog.text
+    assert len(runtime.current().flights) == 0
+    assert await cacheme.get(Key("b"), load_fn=Counter("v")) == "v"  # not cached, key free
 
 
 async def test_cancelling_the_first_caller_does_not_cancel_the_load() -> None:

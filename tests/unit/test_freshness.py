@@ -432,6 +432,11 @@ async def test_a_refresh_after_fraction_needs_every_tier_to_have_a_ttl(local: An
         ) as info:
             await cacheme.get(node(0.5, *ttls)())
         assert f"tier {'local' if ttls == (None,) else 'endless'!r} has none" in str(info.value)
+    # A TTL longer than the storage can hold means no expiry: the message says so.
+    with pytest.raises(cacheme.ConfigurationError) as info:
+        await cacheme.get(node(0.5, timedelta.max)())
+    assert "tier 'local' has none (its ttl" in str(info.value)
+    assert "longer than the storage can hold, max_ttl" in str(info.value)
     assert await cacheme.get(node(0.5, minute, minute)()) == 1
     assert await cacheme.get(node(timedelta(seconds=30), None, None)()) == 1
 
