@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar, overload
 
@@ -272,6 +273,7 @@ async def invalidate(node: Node, cfg: Config | None = None) -> None:
 
 async def _remove(cfg: Config, key: str, writes: list[landing.Write]) -> None:
     """``invalidate`` of ``key``, once noted: wait for ``writes``, then remove it everywhere."""
+    since = time.time()  # before any removal: for the other processes' repairs (see repair)
     if writes:
         await landing.wait(key, writes, wait_bound(cfg))
     if cfg.stamped:
@@ -286,7 +288,7 @@ async def _remove(cfg: Config, key: str, writes: list[landing.Write]) -> None:
         if pending is not None:
             removals.append((tier, pending))
     if not removals:
-        backplane.publish((key,))
+        backplane.publish((key,), kind="i", since=since)
         return
     failed = await failures(cfg, removals)
     # Once the remote removals landed, drop the key from the local tiers again: a loop of
@@ -301,7 +303,7 @@ async def _remove(cfg: Config, key: str, writes: list[landing.Write]) -> None:
     # while it waited for other loops' writes) may have read the old value: no request
     # made after this returns may join it. A refresh begun meanwhile read nothing: it stays.
     _forget_everywhere(key, readers_only=True)
-    backplane.publish((key,))
+    backplane.publish((key,), kind="i", since=since)
     if failed:
         names = ", ".join(repr(name) for name, _ in failed)
         raise StorageError(
@@ -381,6 +383,7 @@ async def reload(node: Node, cfg: Config, loader: Loader | None) -> Any:
     key = full_key(cfg, node)
     if cfg.stamped:
         return await freshness.reload(node, cfg, loader, key)
+    since = time.time()  # for the other processes' repairs (see repair)
     _forget_everywhere(key)
     rt = runtime.current()
     call = rt.flights.start(key, cfg.name, Reload)  # a get from now on joins this refresh
@@ -401,7 +404,7 @@ async def reload(node: Node, cfg: Config, loader: Loader | None) -> Any:
     else:
         Walk(cfg, rt, {key: node}, {key: call}, loader).reload()
     value, _ = await latest(rt, call, await waiter, node, cfg, loader)
-    backplane.publish((key,))
+    backplane.publish((key,), kind="i", since=since)
     return value
 
 

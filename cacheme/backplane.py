@@ -28,9 +28,12 @@ primary fails over, the subscription is lost and re-made (clearing local tiers, 
 
 A message is ``1|{sender}|{kind}|{JSON list of keys}``: ``sender`` is this process's instance
 id (a uuid, new after ``fork``), so a process ignores its own messages before parsing them;
-``kind`` is ``k`` (keys changed: drop them, wake lease waiters) or ``r`` (a lease was released
-without a value: only wake lease waiters, see ``lease``). The publisher lingers 0.5 ms after
-the first key queued, so a stream of invalidations goes out as one message per 0.5 ms.
+``kind`` is ``k`` (keys changed: drop them, wake lease waiters), ``i`` (the same, for keys
+changed at their source, by ``invalidate`` or ``refresh``: a process that wrote one of them to
+a shared tier just before removes it there again, see ``repair``; the body is then ``[time
+the change began, in epoch ms, keys]``) or ``r`` (a lease was released without a value: only
+wake lease waiters, see ``lease``). The publisher lingers 0.5 ms after the first key queued,
+so a stream of invalidations goes out as one message per 0.5 ms.
 
 After ``os.fork()`` the threads are gone: the child gets a new instance id, starts its
 subscriber at once (its first subscription clears its local tiers, inherited from the parent
@@ -45,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -54,6 +58,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from . import landing
 from .errors import ConfigurationError
 from .storages import registry
 
@@ -80,11 +85,12 @@ _BACKOFF_MAX = 1.0  # seconds between reconnect / resend attempts, at most
 _LINGER = 0.0005
 _CHANGED_MAX = 50_000  # keys remembered by changed_since before it turns conservative
 
-# Listeners get (kind, keys, remote) for every message received from another process
+# Listeners get (kind, keys, remote, since) for every message received from another process
 # (remote=True, on the subscriber thread) and for every publish of this process
-# (remote=False, on the caller's thread). ``lease`` registers one. They must be quick and
+# (remote=False, on the caller's thread); ``since`` is the wall-clock time a change of kind
+# ``i`` began (else ``None``). ``lease`` and ``repair`` register one. They must be quick and
 # must not raise.
-Listener = Callable[[str, Sequence[str], bool], None]
+Listener = Callable[[str, Sequence[str], bool, "float | None"], None]
 _listeners: list[Listener] = []
 
 
@@ -107,6 +113,8 @@ class BackplaneStats:
     bad_messages: int  # undecodable payloads on the channel
     subscriptions: int  # successful subscriptions, the first included
     reconnects: int  # subscriptions that cleared the local tiers (after a loss or fork)
+    repairs: int  # keys removed again from a shared tier after another process changed them
+    repair_failures: int  # such removals that failed (see cacheme.repair)
 
 
 class _Counters:
@@ -121,6 +129,8 @@ class _Counters:
         self.bad_messages = 0
         self.subscriptions = 0
         self.reconnects = 0
+        self.repairs = 0  # written by the event loops' threads (see repair)
+        self.repair_failures = 0
 
 
 _counters = _Counters()
@@ -305,6 +315,19 @@ def _drop_local(keys: Sequence[str]) -> None:
             discard(keys)
 
 
+def drop_local(keys: Sequence[str]) -> None:
+    """Drop ``keys`` from this process's local tiers and note them as changed (any thread)."""
+    _drop_local(keys)
+
+
+def count_repair(ok: bool) -> None:
+    """Count a removal made by ``repair`` (``ok``) or one that failed."""
+    if ok:
+        _counters.repairs += 1
+    else:
+        _counters.repair_failures += 1
+
+
 def _clear_local() -> None:
     _record_changes(None)
     for storage in _local_storages():
@@ -313,10 +336,10 @@ def _clear_local() -> None:
             clear()
 
 
-def _notify(kind: str, keys: Sequence[str], remote: bool) -> None:
+def _notify(kind: str, keys: Sequence[str], remote: bool, since: float | None) -> None:
     for listener in _listeners:
         try:
-            listener(kind, keys, remote)
+            listener(kind, keys, remote, since)
         except Exception:  # a listener must not break the backplane
             logger.exception("cacheme: backplane listener %r failed", listener)
 
@@ -337,7 +360,9 @@ class _Backplane:
 
     def _init_threading(self) -> None:
         """Fresh queue, events, lock and no threads (at creation and in a forked child)."""
-        self.queue: queue.SimpleQueue[tuple[str, tuple[str, ...]] | None] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[tuple[str, tuple[str, ...], float] | None] = (
+            queue.SimpleQueue()
+        )
         self.stop = threading.Event()
         self.subscribed = threading.Event()
         self.lock = threading.Lock()
@@ -369,10 +394,10 @@ class _Backplane:
             self.publisher = thread
             thread.start()
 
-    def put(self, kind: str, keys: tuple[str, ...]) -> None:
+    def put(self, kind: str, keys: tuple[str, ...], since: float) -> None:
         if self.publisher is None:
             self.start_publisher()
-        self.queue.put((kind, keys))
+        self.queue.put((kind, keys, since))
 
     def close(self) -> list[threading.Thread]:
         """Stop both threads (the publisher sends what is queued first); the threads."""
@@ -384,7 +409,8 @@ class _Backplane:
 
     def _publish_loop(self) -> None:
         client: Any = None
-        retry: dict[str, None] = {}
+        retry: dict[str, str] = {}  # key -> kind, of messages that failed
+        retry_since = math.inf
         backoff = 0.0
         stopping = False
         while not stopping:
@@ -395,9 +421,11 @@ class _Backplane:
                     break
                 if not retry:
                     continue
-                item = ("k", ())
-            changed: dict[str, None] = dict(retry)
-            released: dict[str, None] = {}
+                item = ("k", (), 0.0)
+            batches: dict[str, dict[str, None]] = {"i": {}, "k": {}, "r": {}}
+            since = retry_since  # kind "i": when the earliest change of the batch began
+            for key, kind in retry.items():
+                batches[kind][key] = None
             retry = {}
             if item is not None and _LINGER:
                 time.sleep(_LINGER)
@@ -405,18 +433,23 @@ class _Backplane:
                 if item is None:  # _STOP
                     stopping = True
                 else:
-                    (changed if item[0] == "k" else released).update(dict.fromkeys(item[1]))
+                    batches[item[0]].update(dict.fromkeys(item[1]))
+                    if item[0] == "i":
+                        since = min(since, item[2])
                 try:
                     item = self.queue.get_nowait()
                 except queue.Empty:
                     break
-            for kind, pending in (("k", list(changed)), ("r", list(released))):
+            changed = batches["k"]
+            for key in batches["i"]:  # changed at the source: says all that "k" says
+                changed.pop(key, None)
+            for kind, pending in ((k, list(batch)) for k, batch in batches.items()):
                 for i in range(0, len(pending), _CHUNK):
                     chunk = pending[i : i + _CHUNK]
                     try:
                         if client is None:
                             client = self.target.client()
-                        self._send(client, kind, chunk)
+                        self._send(client, kind, chunk, since)
                     except Exception as exc:
                         _counters.publish_failures += 1
                         _log(
@@ -430,21 +463,26 @@ class _Backplane:
                         )
                         _close_quietly(client)
                         client = None
-                        if kind == "k":
+                        if kind != "r":
+                            if kind == "i":
+                                retry_since = min(retry_since, since)
                             for key in chunk:
                                 if len(retry) < _RETRY_MAX:
-                                    retry[key] = None
+                                    retry[key] = kind
                                 else:
                                     _counters.keys_dropped += 1
                         backoff = min(max(backoff * 2, 0.05), _BACKOFF_MAX)
                     else:
                         backoff = 0.0
+            if not any(kind == "i" for kind in retry.values()):
+                retry_since = math.inf
             if backoff and not stopping:
                 self.stop.wait(backoff)
         _close_quietly(client)
 
-    def _send(self, client: Any, kind: str, keys: list[str]) -> None:
-        payload = f"{_VERSION}|{_instance}|{kind}|{json.dumps(keys, separators=(',', ':'))}"
+    def _send(self, client: Any, kind: str, keys: list[str], since: float) -> None:
+        body: Any = [round(since * 1000), keys] if kind == "i" else keys
+        payload = f"{_VERSION}|{_instance}|{kind}|{json.dumps(body, separators=(',', ':'))}"
         if self.target.cluster:
             client.spublish(self.channel, payload)
         else:
@@ -546,8 +584,13 @@ class _Backplane:
         try:
             version, _, kind, body = data.split(b"|", 3)
             keys = json.loads(body)
-            if version != b"%d" % _VERSION or kind not in (b"k", b"r"):
+            if version != b"%d" % _VERSION or kind not in (b"k", b"i", b"r"):
                 raise ValueError(f"unexpected header {data[:60]!r}")
+            since = None
+            if kind == b"i":  # [since in epoch ms, keys]
+                if not (isinstance(keys, list) and len(keys) == 2 and type(keys[0]) is int):
+                    raise ValueError(f"a change needs [time, keys]: {data[:100]!r}")
+                since, keys = keys[0] / 1000, keys[1]
             if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
                 raise ValueError(f"keys must be a list of strings: {data[:100]!r}")
         except Exception as exc:
@@ -556,9 +599,9 @@ class _Backplane:
             return
         _counters.messages_received += 1
         _counters.keys_received += len(keys)
-        if kind == b"k":
+        if kind != b"r":
             _drop_local(keys)
-        _notify(kind.decode(), keys, True)
+        _notify(kind.decode(), keys, True, since)
 
 
 def _close_quietly(thing: Any) -> None:
@@ -571,23 +614,28 @@ def _close_quietly(thing: Any) -> None:
 
 
 _active: _Backplane | None = None
+enabled = False  # whether a backplane is enabled (the core checks it on each shared write)
 
 
 # -- the hook the core calls ----------------------------------------------------------------
 
 
-def publish(keys: Iterable[str], kind: str = "k") -> None:
-    """Tell the other processes that ``keys`` changed (or, ``kind="r"``, that their lease was
-    released without a value). Never blocks, never raises; a no-op when disabled."""
+def publish(keys: Iterable[str], kind: str = "k", since: float | None = None) -> None:
+    """Tell the other processes that ``keys`` changed (``kind="i"``: changed at their source,
+    by ``invalidate`` or ``refresh`` begun at wall-clock ``since``, ``time.time()`` seconds;
+    ``"r"``: their lease was released without a value). Never blocks, never raises; a no-op
+    when disabled."""
     try:
         batch = tuple(keys)
         if not batch:
             return
+        if kind == "i" and since is None:
+            since = time.time()
         if _listeners:
-            _notify(kind, batch, False)
+            _notify(kind, batch, False, since)
         bp = _active
         if bp is not None:
-            bp.put(kind, batch)
+            bp.put(kind, batch, since if since is not None else 0.0)
     except Exception:  # never fail a caller
         logger.exception("cacheme: backplane: publish failed")
 
@@ -604,7 +652,7 @@ async def enable_backplane(storage: str, *, channel: str = DEFAULT_CHANNEL) -> N
     again replaces the previous settings, and clears the local tiers once subscribed (the
     messages sent while no backplane listened were missed).
     """
-    global _active, _enabled_before
+    global _active, _enabled_before, enabled
     if not isinstance(channel, str) or not channel:
         raise ConfigurationError(
             f"enable_backplane channel must be a non-empty string, got {channel!r}"
@@ -618,6 +666,10 @@ async def enable_backplane(storage: str, *, channel: str = DEFAULT_CHANNEL) -> N
         bp.fresh = False
     _enabled_before = True
     _active = bp
+    enabled = True
+    from . import repair  # noqa: F401  (its listener closes the race on shared tiers)
+
+    landing.keep_landed_writes(True)
     bp.start_subscriber()
     bp.start_publisher()
     subscribed = await asyncio.get_running_loop().run_in_executor(
@@ -639,8 +691,10 @@ async def enable_backplane(storage: str, *, channel: str = DEFAULT_CHANNEL) -> N
 
 async def disable_backplane() -> None:
     """Stop publishing and listening (queued keys are sent first). Safe to call twice."""
-    global _active
+    global _active, enabled
     bp, _active = _active, None
+    enabled = False
+    landing.keep_landed_writes(False)
     if bp is None:
         return
     threads = bp.close()
@@ -669,6 +723,8 @@ def stats() -> BackplaneStats:
         bad_messages=c.bad_messages,
         subscriptions=c.subscriptions,
         reconnects=c.reconnects,
+        repairs=c.repairs,
+        repair_failures=c.repair_failures,
     )
 
 

@@ -904,6 +904,7 @@ async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> An
     from .walk import Walk
 
     names = tag_names(cfg, {key: node})
+    since = time.time()  # for the other processes' repairs (see repair)
     _forget_everywhere(key)
     forget(key)
     rt = runtime.current()
@@ -927,5 +928,5 @@ async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> An
 
     rt.spawn(versions_then_reload())
     st, _ = await latest(rt, call, await waiter, node, cfg, loader)
-    backplane.publish((key,))
+    backplane.publish((key,), kind="i", since=since)
     return unwrap(cfg, st)

@@ -14,9 +14,11 @@ the writes and removals of each key itself (see ``storages.base``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,12 +26,20 @@ _lock = threading.Lock()
 # key -> the writes of it under way: one Write, or a list when there are several.
 _pending: dict[str, Write | list[Write]] = {}
 
+# While the backplane is enabled (see ``repair``): the writes that landed in the last
+# ``LANDED_KEEP`` seconds, as (wall-clock time it landed, key, write), oldest first, and the
+# function that removes a key again once such a write must be repaired.
+LANDED_KEEP = 3.0
+keep_landed = False
+_landed: collections.deque[tuple[float, str, Write]] = collections.deque()
+repairer: Callable[[Write, list[str]], None] | None = None
+
 
 class Write:
     """One remote write of ``keys`` in ``loop``, until it lands (or fails); also the done
     callback of the write's future (no closure made per write)."""
 
-    __slots__ = ("keys", "landed", "loop", "remove", "revoked", "signal")
+    __slots__ = ("keys", "landed", "loop", "remove", "repair", "revoked", "signal")
 
     def __init__(
         self,
@@ -44,18 +54,62 @@ class Write:
         self.signal: concurrent.futures.Future[None] | None = None
         self.landed = False
         self.revoked: set[str] | None = None
+        self.repair: set[str] | None = None  # keys another process changed meanwhile
 
     def __call__(self, _: object) -> None:
         with _lock:
             self.landed = True
             revoked = self.revoked
+            repair = self.repair
             signal = self.signal
             for key in self.keys:
                 _drop(key, self)
+            if keep_landed:
+                now = time.time()
+                _forget_landed(now)
+                for key in self.keys:
+                    _landed.append((now, key, self))
         if signal is not None:
             signal.set_result(None)
         if revoked:
             self.remove(sorted(revoked))
+        if repair and repairer is not None:
+            repairer(self, sorted(repair))
+
+
+def keep_landed_writes(on: bool) -> None:
+    """Start (the backplane was enabled) or stop keeping the writes that landed."""
+    global keep_landed
+    with _lock:
+        keep_landed = on
+        if not on:
+            _landed.clear()
+
+
+def _forget_landed(now: float) -> None:
+    limit = now - LANDED_KEEP
+    while _landed and _landed[0][0] < limit:
+        _landed.popleft()
+
+
+def to_repair(keys: Sequence[str], since: float) -> list[tuple[Write, str]]:
+    """Another process changed ``keys`` at their source, beginning at wall-clock ``since``:
+    the writes of them that landed at or after ``since`` are returned, to be removed again
+    now; those still under way are marked, and handed to ``repairer`` once they land."""
+    wanted = set(keys)
+    now_due: list[tuple[Write, str]] = []
+    with _lock:
+        for key in wanted:
+            for entry in _writes_of(key):
+                if entry.repair is None:
+                    entry.repair = set()
+                entry.repair.add(key)
+        for when, key, entry in reversed(_landed):
+            if when < since:
+                break
+            if key in wanted:
+                now_due.append((entry, key))
+    return now_due
 
 
 def note(
@@ -137,6 +191,7 @@ def _reset_after_fork() -> None:
     global _lock
     _lock = threading.Lock()
     _pending.clear()
+    _landed.clear()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)

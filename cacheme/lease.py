@@ -111,7 +111,7 @@ def _wake_future(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-def _on_message(kind: str, keys: Sequence[str], remote: bool) -> None:
+def _on_message(kind: str, keys: Sequence[str], remote: bool, since: float | None) -> None:
     """Backplane listener: wake the waiters of ``keys``; release what this process published."""
     if not _waiters and not _held:
         return

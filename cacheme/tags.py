@@ -90,7 +90,7 @@ def bump_local(keys: Iterable[str]) -> None:
         _local[key] = next(_counter)
 
 
-def _on_message(kind: str, keys: Sequence[str], remote: bool) -> None:
+def _on_message(kind: str, keys: Sequence[str], remote: bool, since: float | None) -> None:
     """Backplane listener: another process invalidated these tag keys."""
     if kind != "k" or not remote:
         return

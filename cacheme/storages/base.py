@@ -722,14 +722,17 @@ class RemoteStorage(BaseStorage[OptionsT]):
             _mark_done(marker)
             self._release(keys, marker)
 
-    def _remove_revoked(self, keys: Sequence[str]) -> None:
+    def _remove_revoked(self, keys: Sequence[str]) -> asyncio.Future[None] | None:
         """A write of ``keys`` landed after an ``invalidate`` or ``refresh`` elsewhere gave
-        up waiting for it (see ``landing``): remove them again, after it, from this loop."""
+        up waiting for it, or another process changed them (see ``landing``): remove them
+        again, after it, from this loop. The removal's future; ``None`` if closed."""
         try:
             removal = self.remove_many(keys)
         except StorageError:  # closed meanwhile: nothing more to do here
-            return
-        asyncio.ensure_future(removal).add_done_callback(retrieve_outcome)
+            return None
+        future = asyncio.ensure_future(removal)
+        future.add_done_callback(retrieve_outcome)
+        return future
 
     def add_many(self, entries: Sequence[Entry]) -> Awaitable[None]:
         """Store each entry only if its key is absent (or expired); return nothing.

@@ -44,10 +44,21 @@ async def main() -> None:
     load_delay: float = setup.get("load_delay", 0.0)
     failures = [setup.get("fail_loads", 0)]  # this many loads raise, after their delay
     unencodable = [setup.get("unencodable_loads", 0)]  # this many loads return an object()
+    read_first: bool = setup.get("read_first", False)
 
     await cacheme.register_storage("local", cacheme.Storage(url="local://tlfu", size=1000))
     for name, spec in setup["storages"].items():
         await cacheme.register_storage(name, cacheme.Storage(**spec))
+    if setup.get("apply_delay_ms"):
+        # A busy process: every message from the others is handled this much later.
+        apply = backplane._Backplane._apply
+        delay = setup["apply_delay_ms"] / 1000
+
+        def slow_apply(self: Any, data: bytes) -> None:
+            time.sleep(delay)
+            apply(self, data)
+
+        backplane._Backplane._apply = slow_apply  # type: ignore[method-assign]
     if setup.get("backplane"):
         await backplane.enable_backplane(setup["backplane"], channel=setup["channel"])
 
@@ -66,6 +77,8 @@ async def main() -> None:
             return self.name
 
         async def load(self) -> int:
+            # A query that read the source, then took its time to return (read_first).
+            early = int(Path(source).read_text().strip() or 0) if read_first else None  # noqa: ASYNC240
             _append(loads, f"start {os.getpid()}")
             if load_delay:
                 await asyncio.sleep(load_delay)
@@ -79,7 +92,7 @@ async def main() -> None:
                 return object()  # type: ignore[return-value]  # JSON cannot encode it
             value = int(Path(source).read_text().strip() or 0)  # noqa: ASYNC240
             _append(loads, f"done {os.getpid()}")
-            return value
+            return value if early is None else early
 
         class Meta(cacheme.Node.Meta):
             version = "v1"
@@ -146,6 +159,9 @@ async def main() -> None:
                     reply(ok=True, at=time.monotonic())
                 except cacheme.StorageError as exc:
                     reply(ok=False, detail=str(exc), at=time.monotonic())
+            elif op == "refresh":
+                value = await cacheme.refresh(Item(cmd.get("key", key)))
+                reply(ok=True, value=value, at=time.monotonic())
             elif op == "wait_for":
                 # Poll get() every ms until it returns ``value``; report when it first did.
                 end = time.monotonic() + cmd["within"]

@@ -134,6 +134,35 @@ def test_a_kept_stale_value_is_not_served_after_another_process_invalidated(
     assert "failed" in reply, f"served the invalidated value {reply.get('value')!r}"
 
 
+@pytest.mark.redis
+@pytest.mark.parametrize("change", ["invalidate", "refresh"])
+def test_an_older_value_written_after_another_processs_change_is_removed_again(
+    tmp_path: Path, children_factory: Any, change: str
+) -> None:
+    """The cache-aside race across processes: the reader's load began before the source
+    changed, and its write-back reached Redis after the writer's removal (or refreshed
+    value) and before the reader heard of the change (its messages are handled 0.5 s
+    late). The reader removes the key again once the message arrives, so nobody is served
+    the older value after that (it stayed in Redis until its TTL)."""
+    url = redis_or_skip()
+    setup = _setup(tmp_path, {"redis": {"url": url}}, "redis", "redis")
+    writer, observer = children_factory(2, setup)
+    reader = children_factory(
+        1, {**setup, "load_delay": 0.3, "read_first": True, "apply_delay_ms": 500}
+    )[0]
+    reader.send("get")  # loads 0 for 0.3 s
+    loads = Path(setup["loads"])
+    assert wait_until(lambda: loads.exists() and "start" in loads.read_text(), 5)
+    Path(setup["source"]).write_text("1")
+    assert writer.call(change)["ok"]  # before the reader's write lands
+    assert reader.recv(5)["value"] == 0  # its own caller gets what it loaded
+    observer.send("wait_for", value=1, within=3.0)
+    reply = observer.recv(6)
+    assert reply["ok"], f"the older value stayed in Redis: {reply.get('seen')!r}"
+    stats = reader.call("stats")["backplane"]
+    assert stats["repairs"] >= 1, stats
+
+
 @pytest.mark.redis_cluster
 def test_invalidate_reaches_every_process_on_a_cluster(
     tmp_path: Path, children_factory: Any

@@ -336,7 +336,7 @@ async def test_tags_from_another_process_through_the_listener(local: Any) -> Non
     Item = make(source, tagged=True)
     await cacheme.get(Item(1))
     key = tags.tag_key(Item._cacheme_config.name, "a")
-    tags._on_message("k", [key], True)  # what the backplane's subscriber calls
+    tags._on_message("k", [key], True, None)  # what the backplane's subscriber calls
     await cacheme.get(Item(1))
     assert source.calls == [1, 1]
 
