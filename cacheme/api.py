@@ -273,12 +273,12 @@ async def invalidate(node: Node, cfg: Config | None = None) -> None:
 
 async def _remove(cfg: Config, key: str, writes: list[landing.Write]) -> None:
     """``invalidate`` of ``key``, once noted: wait for ``writes``, then remove it everywhere."""
-    since = time.time()  # before any removal: for the other processes' repairs (see repair)
     if writes:
         await landing.wait(key, writes, wait_bound(cfg))
     if cfg.stamped:
         freshness.forget(key)  # a background reload under way must not write it back
     cfg.last_good.pop(key, None)
+    since = time.time()  # just before the removals: for the other processes' repairs
     removals = []
     for tier in cfg.tiers:
         try:
@@ -383,7 +383,7 @@ async def reload(node: Node, cfg: Config, loader: Loader | None) -> Any:
     key = full_key(cfg, node)
     if cfg.stamped:
         return await freshness.reload(node, cfg, loader, key)
-    since = time.time()  # for the other processes' repairs (see repair)
+    began = time.time()
     _forget_everywhere(key)
     rt = runtime.current()
     call = rt.flights.start(key, cfg.name, Reload)  # a get from now on joins this refresh
@@ -404,8 +404,15 @@ async def reload(node: Node, cfg: Config, loader: Loader | None) -> Any:
     else:
         Walk(cfg, rt, {key: node}, {key: call}, loader).reload()
     value, _ = await latest(rt, call, await waiter, node, cfg, loader)
-    backplane.publish((key,), kind="i", since=since)
+    # For the other processes' repairs: a write of theirs that landed before this refresh
+    # wrote is overwritten by it (see repair).
+    backplane.publish((key,), kind="i", since=_written_at(call, began))
     return value
+
+
+def _written_at(call: Call, began: float) -> float:
+    """When ``refresh``'s call issued its writes (wall clock), else when it began."""
+    return call.written_at if isinstance(call, Reload) and call.written_at else began
 
 
 async def latest(

@@ -29,11 +29,11 @@ primary fails over, the subscription is lost and re-made (clearing local tiers, 
 A message is ``1|{sender}|{kind}|{JSON list of keys}``: ``sender`` is this process's instance
 id (a uuid, new after ``fork``), so a process ignores its own messages before parsing them;
 ``kind`` is ``k`` (keys changed: drop them, wake lease waiters), ``i`` (the same, for keys
-changed at their source, by ``invalidate`` or ``refresh``: a process that wrote one of them to
-a shared tier just before removes it there again, see ``repair``; the body is then ``[time
-the change began, in epoch ms, keys]``) or ``r`` (a lease was released without a value: only
-wake lease waiters, see ``lease``). The publisher lingers 0.5 ms after the first key queued,
-so a stream of invalidations goes out as one message per 0.5 ms.
+changed at their source, by ``invalidate`` or ``refresh``: a process that wrote one of them
+to a shared tier since removes it there again, see ``repair``; the body is then ``[time the
+change began, in epoch ms, sender's host name, keys]``) or ``r`` (a lease was released
+without a value: only wake lease waiters, see ``lease``). The publisher lingers 0.5 ms after
+the first key queued, so a stream of invalidations goes out as one message per 0.5 ms.
 
 After ``os.fork()`` the threads are gone: the child gets a new instance id, starts its
 subscriber at once (its first subscription clears its local tiers, inherited from the parent
@@ -51,6 +51,7 @@ import logging
 import math
 import os
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -84,11 +85,16 @@ _BACKOFF_MAX = 1.0  # seconds between reconnect / resend attempts, at most
 # message per _LINGER instead of one per key; see docs/backplane.md for the measurements.
 _LINGER = 0.0005
 _CHANGED_MAX = 50_000  # keys remembered by changed_since before it turns conservative
+# Seconds by which the clocks of two hosts may differ (see ``repair``); NTP keeps hosts of one
+# network within a few milliseconds. Processes of one host share one clock.
+CLOCK_SKEW = 0.05
+_host = socket.gethostname()
 
 # Listeners get (kind, keys, remote, since) for every message received from another process
 # (remote=True, on the subscriber thread) and for every publish of this process
 # (remote=False, on the caller's thread); ``since`` is the wall-clock time a change of kind
-# ``i`` began (else ``None``). ``lease`` and ``repair`` register one. They must be quick and
+# ``i`` began, on this host's clock less CLOCK_SKEW when it comes from another host (else
+# ``None``). ``lease`` and ``repair`` register one. They must be quick and
 # must not raise.
 Listener = Callable[[str, Sequence[str], bool, "float | None"], None]
 _listeners: list[Listener] = []
@@ -481,7 +487,7 @@ class _Backplane:
         _close_quietly(client)
 
     def _send(self, client: Any, kind: str, keys: list[str], since: float) -> None:
-        body: Any = [round(since * 1000), keys] if kind == "i" else keys
+        body: Any = [round(since * 1000), _host, keys] if kind == "i" else keys
         payload = f"{_VERSION}|{_instance}|{kind}|{json.dumps(body, separators=(',', ':'))}"
         if self.target.cluster:
             client.spublish(self.channel, payload)
@@ -587,10 +593,12 @@ class _Backplane:
             if version != b"%d" % _VERSION or kind not in (b"k", b"i", b"r"):
                 raise ValueError(f"unexpected header {data[:60]!r}")
             since = None
-            if kind == b"i":  # [since in epoch ms, keys]
-                if not (isinstance(keys, list) and len(keys) == 2 and type(keys[0]) is int):
-                    raise ValueError(f"a change needs [time, keys]: {data[:100]!r}")
-                since, keys = keys[0] / 1000, keys[1]
+            if kind == b"i":  # [since in epoch ms, sender's host, keys]
+                if not (isinstance(keys, list) and len(keys) == 3 and type(keys[0]) is int):
+                    raise ValueError(f"a change needs [time, host, keys]: {data[:100]!r}")
+                # On this host's clock, allowing for another host's.
+                since = keys[0] / 1000 - (0.0 if keys[1] == _host else CLOCK_SKEW)
+                keys = keys[2]
             if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
                 raise ValueError(f"keys must be a list of strings: {data[:100]!r}")
         except Exception as exc:

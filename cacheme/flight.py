@@ -134,9 +134,14 @@ class Call:
 
 class Reload(Call):
     """The call of a ``refresh``: it loads without reading any tier, so no removal under way
-    when it began can have been read by it (``Flights.forget``'s ``readers_only``)."""
+    when it began can have been read by it (``Flights.forget``'s ``readers_only``).
+    ``written_at``: the wall-clock time its writes were issued (0.0 before)."""
 
-    __slots__ = ()
+    __slots__ = ("written_at",)
+
+    def __init__(self, key: str, owner: str = "", first: Waiter | None = None) -> None:
+        super().__init__(key, owner, first)
+        self.written_at = 0.0
 
 
 class Flights:

@@ -900,11 +900,11 @@ async def get_all(nodes: list[Node], cfg: Config, keys: list[str]) -> list[Any]:
 
 async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> Any:
     """``api.reload`` (``refresh``) for a stamped node: load, write every tier, return."""
-    from .api import _forget_everywhere, latest, note_changed, wait_bound
+    from .api import _forget_everywhere, _written_at, latest, note_changed, wait_bound
     from .walk import Walk
 
     names = tag_names(cfg, {key: node})
-    since = time.time()  # for the other processes' repairs (see repair)
+    began = time.time()
     _forget_everywhere(key)
     forget(key)
     rt = runtime.current()
@@ -928,5 +928,5 @@ async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> An
 
     rt.spawn(versions_then_reload())
     st, _ = await latest(rt, call, await waiter, node, cfg, loader)
-    backplane.publish((key,), kind="i", since=since)
+    backplane.publish((key,), kind="i", since=_written_at(call, began))
     return unwrap(cfg, st)

@@ -27,7 +27,7 @@ from typing import Any
 
 from . import backplane, lease
 from .errors import LoadError, LoadTimeoutError, StorageError
-from .flight import LOADED, STALE, Call, Outcome, propagates
+from .flight import LOADED, STALE, Call, Outcome, Reload, propagates
 from .node import Config, Node
 from .runtime import Runtime
 from .tiers import Tier, deliver_to
@@ -525,6 +525,14 @@ class Walk:
             tier = tiers[j]
             if not live:
                 continue
+            if not tier.immediate:
+                # When a refresh wrote a shared tier: other processes' repairs compare with
+                # it (see repair). A refresh that writes nothing leaves 0: its start counts.
+                issued = time.time()
+                for k in live:
+                    call = calls[k]
+                    if type(call) is Reload:
+                        call.written_at = issued
             if self.fresh is None:
                 write, failed = tier.write(live, False, self.rt)
             else:

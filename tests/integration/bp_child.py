@@ -14,6 +14,7 @@ commands.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -159,6 +160,11 @@ async def main() -> None:
                     reply(ok=True, at=time.monotonic())
                 except cacheme.StorageError as exc:
                     reply(ok=False, detail=str(exc), at=time.monotonic())
+            elif op == "get_in_new_loop":
+                # A job of a worker that runs asyncio.run per job: its loop ends with it.
+                job = functools.partial(asyncio.run, cacheme.get(Item(cmd.get("key", key))))
+                value = await loop.run_in_executor(None, job)
+                reply(value=value, at=time.monotonic())
             elif op == "refresh":
                 value = await cacheme.refresh(Item(cmd.get("key", key)))
                 reply(ok=True, value=value, at=time.monotonic())

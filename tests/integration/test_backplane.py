@@ -136,21 +136,23 @@ def test_a_kept_stale_value_is_not_served_after_another_process_invalidated(
 
 @pytest.mark.redis
 @pytest.mark.parametrize("change", ["invalidate", "refresh"])
+@pytest.mark.parametrize("job", ["get", "get_in_new_loop"])
 def test_an_older_value_written_after_another_processs_change_is_removed_again(
-    tmp_path: Path, children_factory: Any, change: str
+    tmp_path: Path, children_factory: Any, change: str, job: str
 ) -> None:
     """The cache-aside race across processes: the reader's load began before the source
     changed, and its write-back reached Redis after the writer's removal (or refreshed
     value) and before the reader heard of the change (its messages are handled 0.5 s
     late). The reader removes the key again once the message arrives, so nobody is served
-    the older value after that (it stayed in Redis until its TTL)."""
+    the older value after that (it stayed in Redis until its TTL). Also when the reader's
+    loop has ended by then (``asyncio.run`` per job: found by a review)."""
     url = redis_or_skip()
     setup = _setup(tmp_path, {"redis": {"url": url}}, "redis", "redis")
     writer, observer = children_factory(2, setup)
     reader = children_factory(
         1, {**setup, "load_delay": 0.3, "read_first": True, "apply_delay_ms": 500}
     )[0]
-    reader.send("get")  # loads 0 for 0.3 s
+    reader.send(job)  # loads 0 for 0.3 s
     loads = Path(setup["loads"])
     assert wait_until(lambda: loads.exists() and "start" in loads.read_text(), 5)
     Path(setup["source"]).write_text("1")
@@ -161,6 +163,26 @@ def test_an_older_value_written_after_another_processs_change_is_removed_again(
     assert reply["ok"], f"the older value stayed in Redis: {reply.get('seen')!r}"
     stats = reader.call("stats")["backplane"]
     assert stats["repairs"] >= 1, stats
+
+
+@pytest.mark.redis
+def test_a_refresh_is_not_undone_for_a_write_that_landed_before_it(
+    tmp_path: Path, children_factory: Any
+) -> None:
+    """A write of the key that reached Redis before the refresh wrote is overwritten by the
+    refresh: nothing to repair (a review found refreshes undone, and loaded again by every
+    process, when another process had written the key up to 250 ms before)."""
+    url = redis_or_skip()
+    setup = _setup(tmp_path, {"redis": {"url": url}}, "redis", "redis")
+    writer, reader = children_factory(2, setup)
+    for _ in range(5):
+        assert reader.call("invalidate")["ok"]
+        assert reader.call("get")["value"] is not None  # loaded, written to Redis
+        time.sleep(0.02)  # nothing in flight now
+        assert writer.call("refresh")["ok"]
+    time.sleep(0.3)  # the messages have arrived
+    stats = reader.call("stats")["backplane"]
+    assert stats["repairs"] == 0, stats
 
 
 @pytest.mark.redis_cluster
