@@ -30,10 +30,11 @@ A message is ``1|{sender}|{kind}|{JSON list of keys}``: ``sender`` is this proce
 id (a uuid, new after ``fork``), so a process ignores its own messages before parsing them;
 ``kind`` is ``k`` (keys changed: drop them, wake lease waiters), ``i`` (the same, for keys
 changed at their source, by ``invalidate`` or ``refresh``: a process that wrote one of them
-to a shared tier since removes it there again, see ``repair``; the body is then ``[time the
-change began, in epoch ms, sender's host name, keys]``) or ``r`` (a lease was released
-without a value: only wake lease waiters, see ``lease``). The publisher lingers 0.5 ms after
-the first key queued, so a stream of invalidations goes out as one message per 0.5 ms.
+to a shared tier since removes it there again, see ``repair``; the body is then ``[time of
+the change (its removal or write issued), epoch ms, sender's host name, keys]``) or ``r``
+(a lease was released without a value: only wake lease waiters, see ``lease``). The
+publisher lingers 0.5 ms after the first key queued, so a stream of invalidations goes out
+as one message per 0.5 ms.
 
 After ``os.fork()`` the threads are gone: the child gets a new instance id, starts its
 subscriber at once (its first subscription clears its local tiers, inherited from the parent
@@ -92,9 +93,9 @@ _host = socket.gethostname()
 
 # Listeners get (kind, keys, remote, since) for every message received from another process
 # (remote=True, on the subscriber thread) and for every publish of this process
-# (remote=False, on the caller's thread); ``since`` is the wall-clock time a change of kind
-# ``i`` began, on this host's clock less CLOCK_SKEW when it comes from another host (else
-# ``None``). ``lease`` and ``repair`` register one. They must be quick and
+# (remote=False, on the caller's thread); ``since`` is the wall-clock time of a change of
+# kind ``i`` (its removal or write issued), less CLOCK_SKEW when it comes from another host
+# (else ``None``). ``lease`` and ``repair`` register one. They must be quick and
 # must not raise.
 Listener = Callable[[str, Sequence[str], bool, "float | None"], None]
 _listeners: list[Listener] = []
@@ -429,7 +430,7 @@ class _Backplane:
                     continue
                 item = ("k", (), 0.0)
             batches: dict[str, dict[str, None]] = {"i": {}, "k": {}, "r": {}}
-            since = retry_since  # kind "i": when the earliest change of the batch began
+            since = retry_since  # kind "i": the time of the batch's earliest change
             for key, kind in retry.items():
                 batches[kind][key] = None
             retry = {}
@@ -630,7 +631,8 @@ enabled = False  # whether a backplane is enabled (the core checks it on each sh
 
 def publish(keys: Iterable[str], kind: str = "k", since: float | None = None) -> None:
     """Tell the other processes that ``keys`` changed (``kind="i"``: changed at their source,
-    by ``invalidate`` or ``refresh`` begun at wall-clock ``since``, ``time.time()`` seconds;
+    by ``invalidate`` or ``refresh``, whose removal or write was issued at wall-clock
+    ``since``, ``time.time()`` seconds, now if not given;
     ``"r"``: their lease was released without a value). Never blocks, never raises; a no-op
     when disabled."""
     try:

@@ -321,6 +321,15 @@ def fork(cfg: dict[str, Any], out: dict[str, Any]) -> None:
     out["parent_after_delta"] = delta(stats(), before)
 
 
+async def invalidate_read_close() -> dict[str, Any]:
+    """A forked worker's steps: invalidate a key, read two, close the storages (timed)."""
+    t0 = time.monotonic()
+    await asyncio.wait_for(cacheme.invalidate(LoopNode("child-0")), BOUND)
+    invalidated = round(time.monotonic() - t0, 3)
+    reads = [await timed_get(n) for n in ("parent-0", "child-0")]
+    return {"invalidate": invalidated, "reads": reads, "close": await close_all()}
+
+
 def fork_in_loop(cfg: dict[str, Any], out: dict[str, Any]) -> None:
     """A worker forked from inside the parent's running loop (``multiprocessing`` started
     from a coroutine): the child, in a loop of its own, invalidates, reads and closes its
@@ -331,14 +340,7 @@ def fork_in_loop(cfg: dict[str, Any], out: dict[str, Any]) -> None:
         result: dict[str, Any] = {"before": await register_and_use(cfg, ["parent-0"])}
 
         def work() -> tuple[dict[str, Any], bool]:
-            async def steps() -> dict[str, Any]:
-                t0 = time.monotonic()
-                await asyncio.wait_for(cacheme.invalidate(LoopNode("child-0")), BOUND)
-                invalidated = round(time.monotonic() - t0, 3)
-                reads = [await timed_get(n) for n in ("parent-0", "child-0")]
-                return {"invalidate": invalidated, "reads": reads, "close": await close_all()}
-
-            report = asyncio.run(steps())
+            report = asyncio.run(invalidate_read_close())
             return report, all(r["ok"] for r in report["reads"])
 
         in_forked_worker(cfg, result, work)
@@ -400,14 +402,7 @@ def fork_while_busy(cfg: dict[str, Any], out: dict[str, Any]) -> None:
     out["writer_entered"] = _Blocking.entered.wait(BOUND)
 
     def work() -> tuple[dict[str, Any], bool]:
-        async def steps() -> dict[str, Any]:
-            t0 = time.monotonic()
-            await asyncio.wait_for(cacheme.invalidate(LoopNode("child-0")), BOUND)
-            invalidated = round(time.monotonic() - t0, 3)
-            reads = [await timed_get(n) for n in ("parent-0", "child-0")]
-            return {"invalidate": invalidated, "reads": reads, "close": await close_all()}
-
-        return asyncio.run(steps()), True
+        return asyncio.run(invalidate_read_close()), True
 
     in_forked_worker(cfg, out, work)
     _Blocking.release.set()
