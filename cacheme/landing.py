@@ -27,12 +27,13 @@ _lock = threading.Lock()
 _pending: dict[str, Write | list[Write]] = {}
 
 # While the backplane is enabled (see ``repair``): the writes that landed in the last
-# ``LANDED_KEEP`` seconds, as (wall-clock time it landed, key, write), oldest first, and the
-# function that removes a key again once such a write must be repaired.
+# ``LANDED_KEEP`` seconds, as (wall-clock time it landed, key, the write's ``remove``),
+# oldest first, and the function that removes keys again once such a write must be repaired.
 LANDED_KEEP = 3.0
 keep_landed = False
-_landed: collections.deque[tuple[float, str, Write]] = collections.deque()
-repairer: Callable[[Write, list[str]], None] | None = None
+Remover = Callable[[list[str]], Any]
+_landed: collections.deque[tuple[float, str, Remover]] = collections.deque()
+repairer: Callable[[Remover, list[str]], None] | None = None
 
 
 class Write:
@@ -68,13 +69,13 @@ class Write:
                 now = time.time()
                 _forget_landed(now)
                 for key in self.keys:
-                    _landed.append((now, key, self))
+                    _landed.append((now, key, self.remove))
         if signal is not None:
             signal.set_result(None)
         if revoked:
             self.remove(sorted(revoked))
         if repair and repairer is not None:
-            repairer(self, sorted(repair))
+            repairer(self.remove, sorted(repair))
 
 
 def keep_landed_writes(on: bool) -> None:
@@ -92,23 +93,23 @@ def _forget_landed(now: float) -> None:
         _landed.popleft()
 
 
-def to_repair(keys: Sequence[str], since: float) -> list[tuple[Write, str]]:
+def to_repair(keys: Sequence[str], since: float) -> list[tuple[Remover, str]]:
     """Another process changed ``keys`` at their source, beginning at wall-clock ``since``:
     the writes of them that landed at or after ``since`` are returned, to be removed again
     now; those still under way are marked, and handed to ``repairer`` once they land."""
     wanted = set(keys)
-    now_due: list[tuple[Write, str]] = []
+    now_due: list[tuple[Remover, str]] = []
     with _lock:
         for key in wanted:
             for entry in _writes_of(key):
                 if entry.repair is None:
                     entry.repair = set()
                 entry.repair.add(key)
-        for when, key, entry in reversed(_landed):
+        for when, key, remove in reversed(_landed):
             if when < since:
                 break
             if key in wanted:
-                now_due.append((entry, key))
+                now_due.append((remove, key))
     return now_due
 
 

@@ -30,11 +30,13 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from . import backplane, landing
-from .errors import StorageError
+from .storages import registry
+from .storages.base import RemoteStorage
 
 logger = logging.getLogger("cacheme.backplane")
 
@@ -48,14 +50,15 @@ def _on_message(kind: str, keys: Sequence[str], remote: bool, since: float | Non
     if kind != "i" or not remote or since is None:
         return
     seen: set[tuple[int, str]] = set()
-    for write, key in landing.to_repair(keys, since):
-        if (id(write.remove), key) not in seen:
-            seen.add((id(write.remove), key))
-            _schedule(write, [key])
+    for remove, key in landing.to_repair(keys, since):
+        if (id(remove), key) not in seen:
+            seen.add((id(remove), key))
+            _schedule(remove, [key])
 
 
-def _schedule(write: landing.Write, keys: list[str]) -> None:
-    """Remove ``keys`` again from ``write``'s storage, in the repairs' loop (any thread)."""
+def _schedule(remove: landing.Remover, keys: list[str]) -> None:
+    """Remove ``keys`` again with ``remove`` (a write's storage's), in the repairs' loop
+    (from any thread)."""
     global _loop
     with _lock:
         if _loop is None:
@@ -64,33 +67,65 @@ def _schedule(write: landing.Write, keys: list[str]) -> None:
                 target=_loop.run_forever, name="cacheme-backplane-repair", daemon=True
             ).start()
         loop = _loop
-    loop.call_soon_threadsafe(_remove_again, write, keys)
+    loop.call_soon_threadsafe(_remove_again, remove, keys)
 
 
-def _remove_again(write: landing.Write, keys: list[str]) -> None:
+def _remove_again(remove: landing.Remover, keys: list[str]) -> None:
     """In the repairs' loop: start the removal; once it landed, tell everyone."""
-    try:
-        removal = write.remove(keys)
-    except StorageError:  # closed or replaced meanwhile: its entries went with it
-        removal = None
+    removal = remove(keys)
+    if removal is None:
+        # That storage was closed since, perhaps registered again under its name (the
+        # entry is still on the server): remove it through what is registered now.
+        removal = _through_registered(remove, keys)
     if not isinstance(removal, asyncio.Future):
-        backplane.count_repair(False)
+        _failed(keys, "its storage was closed")
         return
 
     def done(fut: asyncio.Future[Any]) -> None:
         if fut.cancelled() or fut.exception() is not None:
-            backplane.count_repair(False)
-            logger.warning(
-                "cacheme: removing %r again, after another process changed it, failed; a "
-                "shared tier may keep an older value until its TTL",
-                keys,
-            )
+            error = "cancelled" if fut.cancelled() else repr(fut.exception())
+            _failed(keys, error)
             return
         backplane.count_repair(True)
         backplane.drop_local(keys)
         backplane.publish(keys)
 
     removal.add_done_callback(done)
+
+
+def _through_registered(remove: landing.Remover, keys: list[str]) -> Any:
+    """The removal of ``keys`` through the storage now registered under the name and URL
+    of ``remove``'s (closed) storage, or ``None``."""
+    old = getattr(remove, "__self__", None)
+    if not isinstance(old, RemoteStorage):
+        return None
+    now = registry.storages().get(old.name)
+    if not isinstance(now, RemoteStorage) or now is old or now.url != old.url:
+        return None
+    return now._remove_revoked(keys)
+
+
+_last_warning = 0.0
+_unreported = 0
+
+
+def _failed(keys: list[str], why: str) -> None:
+    """Count a failed repair; warn at most once per 10 s (a close fails many at once)."""
+    global _last_warning, _unreported
+    backplane.count_repair(False)
+    now = time.monotonic()
+    if now - _last_warning < 10.0:
+        _unreported += 1
+        return
+    more = f" (and {_unreported} more since the last warning)" if _unreported else ""
+    _last_warning, _unreported = now, 0
+    logger.warning(
+        "cacheme: removing %r again, after another process changed it, failed (%s)%s; a "
+        "shared tier may keep an older value until its TTL",
+        keys,
+        why,
+        more,
+    )
 
 
 def _after_fork_in_child() -> None:

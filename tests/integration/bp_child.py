@@ -226,6 +226,10 @@ async def main() -> None:
                 reply(ok=True, at=time.monotonic())
             elif op == "stats":
                 reply(backplane=backplane.stats().__dict__, lease=lease.stats().__dict__)
+            elif op == "reregister":  # every storage registered again, as at a reload
+                for name, spec in setup["storages"].items():
+                    await cacheme.register_storage(name, cacheme.Storage(**spec))
+                reply(ok=True)
             elif op == "disable":
                 await backplane.disable_backplane()
                 reply(ok=True)

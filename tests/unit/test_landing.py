@@ -15,10 +15,10 @@ from cacheme import landing
 
 
 @pytest.fixture
-def repaired() -> Iterator[list[tuple[landing.Write, list[str]]]]:
-    calls: list[tuple[landing.Write, list[str]]] = []
+def repaired() -> Iterator[list[tuple[landing.Remover, list[str]]]]:
+    calls: list[tuple[landing.Remover, list[str]]] = []
     before = landing.repairer
-    landing.repairer = lambda write, keys: calls.append((write, keys))
+    landing.repairer = lambda remove, keys: calls.append((remove, keys))
     landing.keep_landed_writes(True)
     try:
         yield calls
