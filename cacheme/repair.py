@@ -72,11 +72,15 @@ def _schedule(remove: landing.Remover, keys: list[str]) -> None:
 
 def _remove_again(remove: landing.Remover, keys: list[str]) -> None:
     """In the repairs' loop: start the removal; once it landed, tell everyone."""
-    removal = remove(keys)
-    if removal is None:
-        # That storage was closed since, perhaps registered again under its name (the
-        # entry is still on the server): remove it through what is registered now.
-        removal = _through_registered(remove, keys)
+    try:
+        removal = remove(keys)
+        if removal is None:
+            # That storage was closed since, perhaps registered again under its name (the
+            # entry is still on the server): remove it through what is registered now.
+            removal = _through_registered(remove, keys)
+    except Exception as exc:  # a callback of the loop: never let it raise
+        _failed(keys, repr(exc))
+        return
     if not isinstance(removal, asyncio.Future):
         _failed(keys, "its storage was closed")
         return
