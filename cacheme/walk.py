@@ -515,13 +515,7 @@ class Walk:
         for j, keys in sorted(self.backfill.items(), key=lambda item: tiers[item[0]].immediate):
             # A call forgotten by invalidate()/refresh() must not write back, nor one whose
             # key another process invalidated since this walk began (see KeyWalk._write).
-            live = {
-                k: self.values[k]
-                for k in keys
-                if k not in errors
-                and not calls[k].stale
-                and not backplane.changed_since(k, self.mark)
-            }
+            live = {k: self.values[k] for k in keys if k not in errors and self._current(k)}
             tier = tiers[j]
             if not live:
                 continue
