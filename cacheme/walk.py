@@ -18,6 +18,7 @@ written to a tier or remembered for stale-if-error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -766,9 +767,12 @@ def _remember(cfg: Config, key: str, value: Any, now: float, mark: int) -> None:
     assert cfg.stale_if_error is not None
     kept = cfg.last_good
     kept[key] = (value, now + cfg.stale_if_error.total_seconds(), mark)
-    kept.move_to_end(key)
-    if len(kept) > _STALE_KEEP:
-        kept.popitem(last=False)
+    # The table is the node's, shared by the loops of every thread: another thread's
+    # invalidate may drop the key, or its _remember the oldest entry, between two steps.
+    with contextlib.suppress(KeyError):
+        kept.move_to_end(key)
+        if len(kept) > _STALE_KEEP:
+            kept.popitem(last=False)
 
 
 def _match(

@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
+import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
@@ -139,7 +141,10 @@ class LocalStorage(BaseStorage[OptionsT]):
     """An in-process tier: Python objects, synchronous, no serializer.
 
     One local storage serves every event loop and thread of the process (values are plain
-    objects). ``get``, ``set`` and ``remove`` run on the caller's thread; another thread (the
+    objects). ``get``, ``set`` and ``remove`` run on the caller's thread, and may run in
+    several threads at once: the changes of the storage and its eviction policy are made
+    under the storage's lock (``_lock``), while ``get`` takes no lock (a dict lookup) and
+    tolerates an entry removed by another thread halfway through it. Another thread (the
     backplane's) hands removals over with ``discard_threadsafe`` and ``clear_threadsafe``,
     which take effect before the storage's next operation.
     """
@@ -151,6 +156,8 @@ class LocalStorage(BaseStorage[OptionsT]):
     def __init__(self, name: str, url: str, options: OptionsT) -> None:
         super().__init__(name, url, options)
         self._handoff: deque[str | None] = deque()  # keys to drop; None: drop everything
+        self._lock = threading.Lock()
+        _local_storages.add(self)
 
     @abstractmethod
     def get(self, key: str) -> Any:
@@ -191,17 +198,37 @@ class LocalStorage(BaseStorage[OptionsT]):
         atomic under the GIL, since another thread calls it."""
 
     def _apply_handoff(self) -> None:
+        """Finish the removals handed over (with ``_lock`` held: nothing else takes from the
+        queue meanwhile, while the backplane's thread may still add to it)."""
         handoff = self._handoff
         keys = [handoff.popleft() for _ in range(len(handoff))]
         for key in keys:
             if key is None:
-                self.clear()
+                self._clear()
             else:
                 self._forgotten(key)
 
+    @abstractmethod
+    def _clear(self) -> None:
+        """``clear``, with ``_lock`` held."""
+
+    @abstractmethod
     def _forgotten(self, key: str) -> None:
-        """Finish dropping ``key`` after ``_forget_now`` hid it (on the storage's thread)."""
-        self.remove(key)
+        """Finish dropping ``key`` after ``_forget_now`` hid it (``_lock`` held)."""
+
+
+# Every local storage of the process, for a forked child: a lock held by another thread of
+# the parent at the fork would stay held in the child forever (that thread is not there).
+_local_storages: weakref.WeakSet[LocalStorage[Any]] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for storage in list(_local_storages):
+        storage._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Reader(Protocol):

@@ -8,6 +8,7 @@ count of nanoseconds holds) means no expiry.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -61,6 +62,7 @@ class TinyLFUStorage(LocalStorage[LocalOptions]):
 
     def __init__(self, name: str, url: str, options: LocalOptions) -> None:
         super().__init__(name, url, options)
+        self._size = options.size
         self._core = TlfuCore(options.size)
         self._map: dict[str, tuple[Any, int]] = {}  # key -> (value, deadline ns or 0)
         self._keys: dict[int, str] = {}  # policy hash -> key
@@ -73,34 +75,51 @@ class TinyLFUStorage(LocalStorage[LocalOptions]):
             return MISS
         deadline = entry[1]
         if deadline and deadline <= monotonic_ns():
-            self.remove(key)
+            with self._lock:
+                if self._map.get(key) is entry:  # not replaced by another thread meanwhile
+                    self._remove(key)
             return MISS
         reads = self._reads
         reads.append(key)
         if len(reads) >= _DRAIN:
-            self._core.access([spread(hash(k)) for k in reads])
-            reads.clear()
+            self._drain(reads)
         return entry[0]
 
+    def _drain(self, reads: list[str]) -> None:
+        """Hand the buffered reads to the policy. Other threads may append meanwhile: only
+        the reads taken here leave the buffer."""
+        with self._lock:
+            taken = len(reads)
+            if taken < _DRAIN:  # another thread drained it first
+                return
+            batch = reads[:taken]
+            del reads[:taken]
+            self._core.access([spread(hash(k)) for k in batch])
+
     def set(self, key: str, value: Any, ttl: float | None) -> None:
-        if self._handoff:
-            self._apply_handoff()
         ttl_ns = _ttl_ns(ttl)
         h = spread(hash(key))
-        previous = self._keys.get(h)
-        if previous is not None and previous != key:
-            self._map.pop(previous, None)  # 64-bit hash collision: the newer key wins
-        self._keys[h] = key
-        self._map[key] = (value, monotonic_ns() + ttl_ns if ttl_ns else 0)
-        self._drop(self._core.set([(h, ttl_ns)]))
-        self._writes += 1
-        if self._writes >= _DRAIN:
-            self._writes = 0
-            self._drop(self._core.advance())
+        with self._lock:
+            if self._handoff:
+                self._apply_handoff()
+            previous = self._keys.get(h)
+            if previous is not None and previous != key:
+                self._map.pop(previous, None)  # 64-bit hash collision: the newer key wins
+            self._keys[h] = key
+            self._map[key] = (value, monotonic_ns() + ttl_ns if ttl_ns else 0)
+            self._drop(self._core.set([(h, ttl_ns)]))
+            self._writes += 1
+            if self._writes >= _DRAIN:
+                self._writes = 0
+                self._drop(self._core.advance())
 
     def remove(self, key: str) -> None:
-        if self._handoff:
-            self._apply_handoff()
+        with self._lock:
+            if self._handoff:
+                self._apply_handoff()
+            self._remove(key)
+
+    def _remove(self, key: str) -> None:
         if self._map.pop(key, None) is not None:
             h = spread(hash(key))
             if self._keys.get(h) == key:
@@ -108,7 +127,13 @@ class TinyLFUStorage(LocalStorage[LocalOptions]):
             self._core.remove(h)
 
     def clear(self) -> None:
-        self._core.clear()
+        with self._lock:
+            self._clear()
+
+    def _clear(self) -> None:
+        # A new policy, not TlfuCore.clear(): in theine-core 2.1 a core cleared once full
+        # evicts every key set afterwards at once (the tier would never hold a value again).
+        self._core = TlfuCore(self._size)
         self._map.clear()
         self._keys.clear()
         self._reads.clear()
@@ -164,34 +189,49 @@ class LRUStorage(LocalStorage[LocalOptions]):
         self._size = options.size
 
     def get(self, key: str) -> Any:
-        try:
-            value, deadline = self._data[key]
-        except KeyError:
+        entry = self._data.get(key)
+        if entry is None:
             return MISS
-        if deadline and deadline <= monotonic_ns():
-            del self._data[key]
+        if entry[1] and entry[1] <= monotonic_ns():
+            with self._lock:
+                if self._data.get(key) is entry:  # not replaced by another thread meanwhile
+                    del self._data[key]
             return MISS
-        self._data.move_to_end(key)
-        return value
+        try:  # noqa: SIM105  (the hit path: suppress() would cost a context manager)
+            self._data.move_to_end(key)
+        except KeyError:  # another thread removed it since the lookup, when it was live
+            pass
+        return entry[0]
 
     def set(self, key: str, value: Any, ttl: float | None) -> None:
-        if self._handoff:
-            self._apply_handoff()
         ttl_ns = _ttl_ns(ttl)
         deadline = monotonic_ns() + ttl_ns if ttl_ns else 0
         data = self._data
-        data[key] = (value, deadline)
-        data.move_to_end(key)
-        if len(data) > self._size:
-            data.popitem(last=False)
+        with self._lock:
+            if self._handoff:
+                self._apply_handoff()
+            data[key] = (value, deadline)
+            # The backplane's thread drops keys without the lock (see discard_threadsafe).
+            with contextlib.suppress(KeyError):
+                data.move_to_end(key)
+                while len(data) > self._size:
+                    data.popitem(last=False)
 
     def remove(self, key: str) -> None:
-        if self._handoff:
-            self._apply_handoff()
-        self._data.pop(key, None)
+        with self._lock:
+            if self._handoff:
+                self._apply_handoff()
+            self._data.pop(key, None)
 
     def clear(self) -> None:
+        with self._lock:
+            self._clear()
+
+    def _clear(self) -> None:
         self._data.clear()
+
+    def _forgotten(self, key: str) -> None:
+        self._data.pop(key, None)
 
     def _forget_now(self, keys: list[str] | None) -> None:
         if keys is None:

@@ -86,3 +86,76 @@ def test_remaining_lifetime_and_threadsafe_handoff(cls: type[TinyLFUStorage]) ->
     assert store.get("forever") == 2
     store.clear_threadsafe()
     assert store.get("forever") is MISS
+
+
+@pytest.mark.parametrize("cls", [TinyLFUStorage, LRUStorage])
+def test_several_threads_at_once(cls: type[TinyLFUStorage]) -> None:
+    """Threads that each run a loop share the process's local storages: gets, sets (some
+    expiring at once), removals and the backplane's handovers from four threads at a time,
+    with a thread switch forced every microsecond, raise nothing, keep the size bound and
+    leave the entry map and the eviction policy agreeing. (An expired entry deleted twice,
+    an LRU entry removed between its lookup and its move to the end, two threads applying
+    one handover: each raised before.)"""
+    import random
+    import sys
+
+    store = cls("t", "local://x", LocalOptions(size=10))
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def hammer(seed: int) -> None:
+        rnd = random.Random(seed)
+        try:
+            while not stop.is_set():
+                key = f"k{rnd.randrange(40)}"
+                op = rnd.random()
+                if op < 0.5:
+                    value = store.get(key)
+                    assert value is MISS or value[0] == key, (key, value)
+                elif op < 0.8:
+                    store.set(key, (key, seed), rnd.choice([None, 1e-6, 30.0]))
+                elif op < 0.95:
+                    store.remove(key)
+                else:
+                    store.discard_threadsafe([key])
+        except BaseException as exc:
+            errors.append(exc)
+            stop.set()
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    finally:
+        sys.setswitchinterval(switch)
+    assert not errors, errors
+    store.remove("absent")  # applies what was handed over
+    assert len(store) <= 10
+    if isinstance(store, TinyLFUStorage):
+        assert set(store._map) <= set(store._keys.values())
+    store.clear_threadsafe()
+    store.set("k", ("k", 0), None)
+    assert store.get("k") == ("k", 0)
+    assert len(store) == 1
+
+
+@pytest.mark.parametrize("how", ["clear", "clear_threadsafe"])
+@pytest.mark.parametrize("cls", [TinyLFUStorage, LRUStorage])
+def test_a_storage_cleared_once_full_keeps_new_entries(cls: type[TinyLFUStorage], how: str) -> None:
+    """The backplane clears every local tier after a lost link. A W-TinyLFU tier cleared
+    once it had been full then evicted every key set afterwards at once (theine-core's
+    ``TlfuCore.clear``), so it never held a value again."""
+    store = cls("t", "local://x", LocalOptions(size=10))
+    for i in range(30):
+        store.set(f"old{i}", i, None)
+    getattr(store, how)()
+    for i in range(10):
+        store.set(f"new{i}", i, None)
+    assert [store.get(f"new{i}") for i in range(10)] == list(range(10))
+    assert store.get("old29") is MISS
