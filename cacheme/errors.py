@@ -31,6 +31,11 @@ class ConfigurationError(CachemeError, ValueError):
     """A node, Meta, Cache, Storage or Memoize is declared or used wrongly."""
 
 
+class NotDefinedError(ConfigurationError, NotImplementedError):
+    """A node lacks a method cacheme needs: ``key()``, or ``load()`` for a miss that has no
+    other loader. (Also a ``NotImplementedError``, what these raised before.)"""
+
+
 class StorageNotRegisteredError(ConfigurationError):
     """A node refers to a storage name that is not registered."""
 

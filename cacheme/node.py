@@ -21,7 +21,7 @@ from datetime import timedelta
 from typing import Any, ClassVar
 
 from .doorkeeper import DoorKeeper
-from .errors import ConfigurationError
+from .errors import ConfigurationError, NotDefinedError
 from .freshness import Policy, policy
 from .serializer import Serializer
 from .stats import Recorder
@@ -262,7 +262,7 @@ class Config:
 
 def _option(name: str, meta: type, attr: str, default: Any, kinds: type | tuple[type, ...]) -> Any:
     value = getattr(meta, attr, default)
-    if value is None or value is default:
+    if value is default or (value is None and default is None):
         return value
     if not isinstance(value, kinds) or (isinstance(value, bool) and kinds is not bool):
         wanted = (
@@ -329,11 +329,11 @@ class Node:
 
     def key(self) -> str:
         """The node's part of the cache key; must be a ``str``."""
-        raise NotImplementedError(f"{type(self).__qualname__} must define key()")
+        raise NotDefinedError(f"{type(self).__qualname__} must define key()")
 
     async def load(self) -> Any:
         """Load the value from its source on a cache miss."""
-        raise NotImplementedError(
+        raise NotDefinedError(
             f"{type(self).__qualname__} has no load(); define it or use cacheme.Memoize"
         )
 

@@ -477,42 +477,50 @@ class RemoteStorage(BaseStorage[OptionsT]):
         """
         self._dead = True
         current = runtime.current()
-        failures: list[BaseException] = []
+        closes = []
         for rt in runtime.live():
             driver = rt.instances.get(self)
-            if driver is None:
-                continue
-            try:
-                if rt is current:
-                    await driver.close_loop()
-                elif rt.closed:
-                    pass  # that loop is shutting down: its shutdown closes its drivers
-                elif rt.loop.is_running() and not rt.loop.is_closed():
-                    handed = asyncio.run_coroutine_threadsafe(driver.close_loop(), rt.loop)
-                    closing = asyncio.wrap_future(handed)
-                    try:
-                        await asyncio.wait_for(asyncio.shield(closing), self.options.timeout)
-                    except (asyncio.CancelledError, asyncio.TimeoutError) as exc:
-                        if not (closing.cancelled() or rt.closed or not rt.loop.is_running()):
-                            if isinstance(exc, asyncio.CancelledError):
-                                raise  # this task is being cancelled
-                            raise TimeoutError(
-                                f"the event loop of thread {rt.thread} did not run the close "
-                                f"within timeout = {self.options.timeout} s (it is blocked "
-                                "or busy)"
-                            ) from None
-                        # That loop shut down meanwhile, before or while running our close:
-                        # its own shutdown closes its drivers (see runtime).
-                        driver.drop_loop()
-                else:
-                    driver.drop_loop()
-            except Exception as exc:
-                failures.append(exc)
+            if driver is not None:
+                closes.append(self._close_driver(driver, rt, rt is current))
+        # At once: each loop within ``timeout``, not one after the other.
+        outcomes = await asyncio.gather(*closes, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                raise outcome  # this task is being cancelled
+        failures = [o for o in outcomes if isinstance(o, Exception)]
         if failures:
             raise StorageError(
                 f"storage {self.name!r}: {len(failures)} event loop(s) could not close their "
                 f"connections: {describe(failures[0], self.url)}"
             ) from failures[0]
+
+    async def _close_driver(
+        self, driver: RemoteStorage[Any], rt: runtime.Runtime, here: bool
+    ) -> None:
+        """Close ``driver``, the one of ``rt``'s loop (``here``: the running loop)."""
+        if here:
+            await driver.close_loop()
+        elif rt.closed:
+            pass  # that loop is shutting down: its shutdown closes its drivers
+        elif rt.loop.is_running() and not rt.loop.is_closed():
+            handed = asyncio.run_coroutine_threadsafe(driver.close_loop(), rt.loop)
+            closing = asyncio.wrap_future(handed)
+            try:
+                await asyncio.wait_for(asyncio.shield(closing), self.options.timeout)
+            except (asyncio.CancelledError, asyncio.TimeoutError) as exc:
+                if not (closing.cancelled() or rt.closed or not rt.loop.is_running()):
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise  # this task is being cancelled
+                    raise TimeoutError(
+                        f"the event loop of thread {rt.thread} did not run the close "
+                        f"within timeout = {self.options.timeout} s (it is blocked "
+                        "or busy)"
+                    ) from None
+                # That loop shut down meanwhile, before or while running our close:
+                # its own shutdown closes its drivers (see runtime).
+                driver.drop_loop()
+        else:
+            driver.drop_loop()
 
     async def close_loop(self) -> None:
         """Close this loop's driver: fail queued and running operations, close the client."""

@@ -30,6 +30,20 @@ class LocalOptions(StorageOptions):
     size: int = Field(gt=0, description="most entries kept before the policy evicts")
 
 
+# theine-core reserves the policy's memory up front, about 1.3 bytes per entry of ``size``
+# (128 MiB at 10**8), and a reservation it cannot get aborts the interpreter.
+TLFU_MAX_SIZE = 10**9
+
+
+class TinyLFUOptions(LocalOptions):
+    size: int = Field(
+        gt=0,
+        le=TLFU_MAX_SIZE,
+        description="most entries kept before the policy evicts; its memory is reserved up "
+        "front, about 1.3 bytes per entry",
+    )
+
+
 def _ttl_ns(ttl: float | None) -> int:
     """``ttl`` seconds as nanoseconds, 0 for no expiry (also for what 64 bits cannot hold)."""
     if not ttl:
@@ -58,7 +72,7 @@ class TinyLFUStorage(LocalStorage[LocalOptions]):
     policy's timer wheel on writes.
     """
 
-    options_model = LocalOptions
+    options_model = TinyLFUOptions
 
     def __init__(self, name: str, url: str, options: LocalOptions) -> None:
         super().__init__(name, url, options)

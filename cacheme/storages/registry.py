@@ -7,6 +7,7 @@ backend's option model, connects, and publishes it under a name.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 from typing import Any
@@ -189,12 +190,14 @@ async def close_storages() -> None:
     items = list(_storages.values())
     _storages.clear()
     generation += 1
+    # At once: each within its own timeout, not one after the other.
+    outcomes = await asyncio.gather(*(b.close() for b in items), return_exceptions=True)
     failed: list[tuple[str, BaseException]] = []
-    for backend in items:
-        try:
-            await backend.close()
-        except Exception as exc:
-            failed.append((backend.name, exc))
+    for backend, outcome in zip(items, outcomes, strict=True):
+        if isinstance(outcome, Exception):
+            failed.append((backend.name, outcome))
+        elif isinstance(outcome, BaseException):
+            raise outcome  # this task is being cancelled
     if failed:
         names = ", ".join(repr(n) for n, _ in failed)
         raise StorageError(

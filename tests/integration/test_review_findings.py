@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -173,4 +174,58 @@ async def test_close_names_the_loop_that_did_not_run_it(tmp_path: Path) -> None:
     finally:
         release.set()
         await asyncio.to_thread(thread.join, 10)
+        await cacheme.close_storages()
+
+
+async def test_close_waits_for_blocked_loops_at_once(tmp_path: Path) -> None:
+    """Four threads' loops, each blocked after using two storages: ``close_storages()`` gives
+    up on them all within about one ``timeout`` (the documented bound for each), not one
+    after the other (4 loops x 2 storages x 0.3 s = 2.4 s before), and names both storages."""
+    urls = [f"sqlite:///{tmp_path / f'blocked{i}.db'}" for i in range(2)]
+    for i, url in enumerate(urls):
+        await schemas.create(url)
+        await cacheme.register_storage(f"remote{i}", cacheme.Storage(url, timeout=0.3))
+    await cacheme.register_storage("local", cacheme.Storage("local://tlfu", size=100))
+
+    class Two(Node):
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def key(self) -> str:
+            return f"review:two:{self.n}"
+
+        async def load(self) -> int:
+            return self.n
+
+        class Meta(Node.Meta):
+            caches = [Cache(storage=f"remote{i}", ttl=timedelta(seconds=30)) for i in range(2)]
+            serializer = JSONSerializer()
+
+    used = threading.Semaphore(0)
+    release = threading.Event()
+
+    def worker(n: int) -> None:
+        async def work() -> None:
+            assert await cacheme.get(Two(n)) == n
+            used.release()
+            release.wait(20)  # blocks this loop: it cannot run the close
+
+        asyncio.run(work())
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in threads:
+            assert await asyncio.to_thread(used.acquire, True, 10)
+        started = time.monotonic()
+        with pytest.raises(cacheme.StorageError) as raised:
+            await asyncio.wait_for(cacheme.close_storages(), 10)
+        took = time.monotonic() - started
+        assert "'remote0'" in str(raised.value) and "'remote1'" in str(raised.value)
+        assert took < 1.5, f"close_storages took {took:.2f} s for 8 closes of 0.3 s at most each"
+    finally:
+        release.set()
+        for thread in threads:
+            await asyncio.to_thread(thread.join, 10)
         await cacheme.close_storages()

@@ -126,8 +126,18 @@ async def test_node_without_load_raises_not_implemented() -> None:
         class Meta(Node.Meta):
             caches = [Cache(storage="l1")]
 
-    with pytest.raises(NotImplementedError, match=r"NoLoad has no load\(\)"):
+    with pytest.raises(cacheme.NotDefinedError, match=r"NoLoad has no load\(\)") as raised:
         await cacheme.get(NoLoad())
+    # Part of the error tree, and still the NotImplementedError it was before.
+    assert isinstance(raised.value, cacheme.ConfigurationError)
+    assert isinstance(raised.value, NotImplementedError)
+
+    class NoKey(Node):
+        class Meta(Node.Meta):
+            caches = [Cache(storage="l1")]
+
+    with pytest.raises(cacheme.NotDefinedError, match=r"NoKey must define key\(\)"):
+        await cacheme.get(NoKey())
 
 
 async def test_node_without_caches_always_loads() -> None:

@@ -159,3 +159,15 @@ def test_a_storage_cleared_once_full_keeps_new_entries(cls: type[TinyLFUStorage]
         store.set(f"new{i}", i, None)
     assert [store.get(f"new{i}") for i in range(10)] == list(range(10))
     assert store.get("old29") is MISS
+
+
+@pytest.mark.parametrize("size", [10**9 + 1, 2**63 - 1])
+async def test_a_tlfu_size_too_large_is_refused(size: int) -> None:
+    """theine-core reserves the policy's memory up front: ``size=sys.maxsize`` aborted the
+    interpreter (a failed allocation in Rust). Now the option is refused by name."""
+    import cacheme
+
+    with pytest.raises(cacheme.ConfigurationError, match=r"storage 'huge' .*size"):
+        await cacheme.register_storage("huge", cacheme.Storage("local://tlfu", size=size))
+    await cacheme.register_storage("huge", cacheme.Storage("local://lru", size=size))
+    await cacheme.close_storages()

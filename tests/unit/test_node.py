@@ -155,6 +155,17 @@ def test_wrong_option_type_names_node_and_option() -> None:
                 version = 1  # type: ignore[assignment]
 
 
+@pytest.mark.parametrize(("attr", "wanted"), [("version", "str"), ("caches", "list or tuple")])
+def test_none_for_an_option_with_a_default_is_refused(attr: str, wanted: str) -> None:
+    """``version = None`` became the text "None" in every key, and ``caches = None`` a bare
+    ``TypeError``: None stands for "not set" only where the default is None."""
+    meta = type("Meta", (Node.Meta,), {attr: None})
+    with pytest.raises(ConfigurationError, match=rf"Unset\.Meta\.{attr} must be {wanted}"):
+        type("Unset", (Node,), {"Meta": meta})
+    with pytest.raises(ConfigurationError, match=r"B\.Meta\.version must be str"):
+        cacheme.build_node("B", None, [])  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("ttl", [timedelta(0), timedelta(seconds=-1)])
 def test_non_positive_ttl_names_node_and_field(ttl: timedelta) -> None:
     with pytest.raises(
