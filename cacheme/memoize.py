@@ -51,7 +51,11 @@ class Memoized(Generic[P, R]):
         self._to_node: Callable[P, Node] | None = None
         # Our own view of the node class's configuration: its value type is this function's.
         self._config: Config = node_cls._cacheme_config.for_function(fn)
+        self._keyed: type[DynamicNode] | None = None  # see _keyed_node
         functools.update_wrapper(self, fn)
+        mark = getattr(inspect, "markcoroutinefunction", None)  # Python 3.12+
+        if mark is not None:
+            mark(self)  # inspect.iscoroutinefunction(self) is true, as for the function
 
     def to_node(self, fn: Callable[P, Node]) -> Callable[P, Node]:
         """Register the function that maps this function's arguments to its node."""
@@ -59,12 +63,16 @@ class Memoized(Generic[P, R]):
         return fn
 
     def node(self, *args: P.args, **kwargs: P.kwargs) -> Node:
-        """The node these arguments map to, as an instance of the memoizing node class.
+        """The node these arguments map to, for ``cacheme.get``, ``cacheme.invalidate`` and
+        the other functions that take nodes.
 
-        A plain ``DynamicNode(key=...)`` from ``to_node`` becomes an instance of the class
-        given to ``Memoize`` (when that class takes ``key=``, as ``build_node``'s do), so it
-        can be passed to ``cacheme.invalidate`` or ``cacheme.get``. Raises
-        ``ConfigurationError`` when ``to_node`` is missing or returns another class.
+        What ``to_node`` returns, when it is an instance of the class given to ``Memoize``.
+        A plain ``DynamicNode(key=...)`` from ``to_node`` becomes a node of this function:
+        an instance of that class when it takes ``key=`` (``build_node``'s do), else of a
+        ``DynamicNode`` subclass named after the function. Such a node decodes to this
+        function's return annotation, and its ``load()`` calls the function with these
+        arguments. Raises ``ConfigurationError`` when ``to_node`` is missing or returns
+        another class.
         """
         to_node = self._to_node
         if to_node is None:
@@ -77,13 +85,29 @@ class Memoized(Generic[P, R]):
         if isinstance(node, self._node_cls):
             return node
         if type(node) is DynamicNode:
-            if issubclass(self._node_cls, DynamicNode):
-                return self._node_cls(key=node.key())
-            return node
+            return self._keyed_node(node.key(), args, kwargs)
         raise ConfigurationError(
             f"{to_node.__qualname__} must return a {self._node_cls.__qualname__} or a "
             f"DynamicNode, got {type(node).__qualname__}"
         )
+
+    def _keyed_node(self, key: str, args: Any, kwargs: Any) -> DynamicNode:
+        """A node of ``key`` that carries this function's configuration and arguments."""
+        keyed = self._keyed
+        if keyed is None:
+            base = self._node_cls if issubclass(self._node_cls, DynamicNode) else DynamicNode
+            name = base.__name__ if base is self._node_cls else f"{self._fn.__name__}.node"
+            qualname = base.__qualname__ if base is self._node_cls else name
+            # Abstract: not listed among the nodes; its configuration is ours (same tiers
+            # and stats as the class, values of this function's type).
+            keyed = type(name, (base,), {"_cacheme_abstract": True, "load": _load_through})
+            keyed.__qualname__ = qualname
+            keyed.__module__ = base.__module__
+            keyed._cacheme_config = self._config
+            self._keyed = keyed
+        node = keyed(key=key)
+        node._cacheme_call = (self._fn, args, kwargs)  # type: ignore[attr-defined]
+        return node
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         node = self.node(*args, **kwargs)
@@ -113,7 +137,30 @@ class Memoized(Generic[P, R]):
         """On a class: a method whose ``self`` is passed to the function and to ``to_node``."""
         if obj is None:
             return self
-        return functools.partial(self.__call__, obj)
+        return _Bound(self.__call__, obj)
+
+
+class _Bound(functools.partial):  # type: ignore[type-arg]
+    """A memoized method of one instance: call it, or use its ``node``, ``invalidate`` and
+    ``refresh`` with the method's other arguments (the instance is passed first)."""
+
+    def _memoized(self) -> Memoized[..., Any]:
+        return self.func.__self__  # type: ignore[attr-defined,no-any-return]
+
+    def node(self, *args: Any, **kwargs: Any) -> Node:
+        return self._memoized().node(*self.args, *args, **kwargs)
+
+    async def invalidate(self, *args: Any, **kwargs: Any) -> None:
+        await self._memoized().invalidate(*self.args, *args, **kwargs)
+
+    async def refresh(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._memoized().refresh(*self.args, *args, **kwargs)
+
+
+async def _load_through(node: Any) -> Any:
+    """``load()`` of a node from ``Memoized.node``: the function, with its arguments."""
+    fn, args, kwargs = node._cacheme_call
+    return await fn(*args, **kwargs)
 
 
 def _is_async(fn: Any) -> bool:

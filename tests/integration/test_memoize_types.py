@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,51 @@ async def test_two_functions_one_node_class_keep_their_types(sqlite_tier: None) 
     assert after.hit_count() - before.hit_count() == 4, "the second and third calls are hits"
     assert after.decode_error_count() - before.decode_error_count() == 0
     assert after.storage_error_count() - before.storage_error_count() == 0
+
+
+async def test_the_node_of_a_memoized_function_decodes_to_its_type(sqlite_tier: None) -> None:
+    """``fn.node(...)`` from a ``DynamicNode(key=...)`` works with ``cacheme.get`` and
+    ``cacheme.invalidate`` whatever class was given to ``Memoize`` (for a plain class it was
+    a bare ``DynamicNode`` that both refused), decodes to the function's return type (a
+    ``Decimal`` came back as ``str``), and loads through the function on a miss."""
+    built = cacheme.build_node(
+        "MemoTypesBuilt", "v1", [cacheme.Cache(storage=TIER, ttl=None)], JSONSerializer()
+    )
+    calls: list[str] = []
+
+    @cacheme.Memoize(SharedNode)
+    async def balance(user: int) -> Decimal:
+        calls.append("balance")
+        return Decimal("10.50")
+
+    @balance.to_node
+    def _(user: int) -> cacheme.DynamicNode:
+        return cacheme.DynamicNode(key=f"balance:{user}")
+
+    @cacheme.Memoize(built)
+    async def square(n: int) -> Decimal:
+        calls.append("square")
+        return Decimal(n * n)
+
+    @square.to_node
+    def _(n: int) -> cacheme.DynamicNode:
+        return cacheme.DynamicNode(key=f"square:{n}")
+
+    node = balance.node(8)
+    assert node.key() == "balance:8" and "balance" in repr(node)
+    assert await cacheme.get(node) == Decimal("10.50")  # a miss: loaded by the function
+    assert calls == ["balance"]
+    got = await cacheme.get(balance.node(8))  # a hit of the remote tier, decoded
+    assert type(got) is Decimal and got == Decimal("10.50")
+    assert await balance(8) == Decimal("10.50") and calls == ["balance"]
+    await cacheme.invalidate(balance.node(8))
+    assert await balance(8) == Decimal("10.50") and calls == ["balance"] * 2
+
+    assert await square(3) == Decimal(9)
+    node = square.node(3)
+    assert isinstance(node, built) and repr(node) == "MemoTypesBuilt(key='square:3')"
+    got = await cacheme.get(node)
+    assert type(got) is Decimal and got == Decimal(9)
+    assert calls == ["balance"] * 2 + ["square"]
+    # Neither is listed among the node classes: they are views of the function.
+    assert not [c for c in cacheme.nodes() if c.__name__.endswith(".node")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -113,6 +114,14 @@ async def test_memoized_method() -> None:
     assert other.calls == 0
     # Looked up on the class, it is the memoized function itself.
     assert await UserService.get_name(other, 3) == "other-3"
+    # Through an instance, its operations take the method's other arguments (they raised
+    # AttributeError on a functools.partial before).
+    assert service.get_name.node(1) == UserInfoNode(user_id=1001)
+    assert await service.get_name.refresh(1) == "svc-1" and service.calls == 3
+    await service.get_name.invalidate(1)
+    assert stored("local", "cacheme:user:1001:info:v7") == (None, False)
+    assert await other.get_name(1) == "other-1" and other.calls == 2
+    assert inspect.iscoroutinefunction(service.get_name)
 
 
 async def test_build_node_with_dynamic_node_spec_sample() -> None:
