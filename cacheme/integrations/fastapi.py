@@ -21,14 +21,18 @@ the async context manager it returns. Nothing here imports FastAPI or Starlette.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, StorageError
+from ..storages.base import RemoteOptions
 from ..storages.registry import Storage, close_storages, register_storage
 
 __all__ = ["Lifespan", "cacheme_lifespan"]
+
+logger = logging.getLogger("cacheme")
 
 AppT = TypeVar("AppT")
 Lifespan = Callable[[AppT], AbstractAsyncContextManager[Any]]
@@ -43,9 +47,11 @@ def cacheme_lifespan(
     """A lifespan that registers ``storages`` (name -> ``cacheme.Storage``) at start-up.
 
     At start-up, in the mapping's order: (with ``create_schemas=True``) create the table or
-    collection of each SQL / MongoDB storage if missing (``cacheme.schemas.create``: handy
-    in development and tests; in production create them once with ``cacheme schema
-    create``), then ``await cacheme.register_storage(name, storage)`` for each, then enter
+    collection of each SQL / MongoDB storage if missing (``cacheme.schemas.create``, within
+    the storage's ``timeout``: handy in development and tests; in production create them
+    once with ``cacheme schema create``; a server that cannot be reached stops the start-up
+    only for a storage with ``fail_open=False``, else it is logged and the start-up goes
+    on), then ``await cacheme.register_storage(name, storage)`` for each, then enter
     ``app_lifespan(app)`` if given and hand its state to the framework. At shutdown (and if
     start-up fails part-way) ``app_lifespan`` is exited first, then
     ``await cacheme.close_storages()`` closes every registered storage, including any the
@@ -72,16 +78,8 @@ def cacheme_lifespan(
     async def lifespan(app: AppT) -> AsyncIterator[Any]:
         try:
             if create_schemas:
-                from .. import schemas
-
-                for storage in wanted.values():
-                    if schemas.schema_kind(storage.url) is not None:
-                        where = {
-                            k: v
-                            for k, v in storage.options.items()
-                            if k in ("table", "database", "collection")
-                        }
-                        await schemas.create(storage.url, **where)
+                for name, storage in wanted.items():
+                    await _create_schema(name, storage)
             for name, storage in wanted.items():
                 await register_storage(name, storage)
             if app_lifespan is None:
@@ -93,3 +91,28 @@ def cacheme_lifespan(
             await close_storages()
 
     return lifespan
+
+
+async def _create_schema(name: str, storage: Storage) -> None:
+    """``cacheme.schemas.create`` for ``storage`` (SQL or MongoDB), within its ``timeout``.
+    A server that cannot be reached stops the start-up only when the storage has
+    ``fail_open=False``; else a warning, and ``register_storage`` goes on as it does for an
+    unreachable server."""
+    from .. import schemas
+
+    if schemas.schema_kind(storage.url) is None:
+        return
+    options = storage.options
+    where = {k: v for k, v in options.items() if k in ("table", "database", "collection")}
+    timeout = options.get("timeout", RemoteOptions.model_fields["timeout"].default)
+    try:
+        await schemas.create(storage.url, timeout=timeout, **where)
+    except StorageError as exc:
+        if options.get("fail_open", True) is False:
+            raise
+        logger.warning(
+            "cacheme: storage %r: could not create its schema (%s); starting without it "
+            "(fail_open): create it with `cacheme schema create` once the server answers",
+            name,
+            exc,
+        )

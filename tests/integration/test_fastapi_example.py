@@ -167,3 +167,27 @@ async def test_lifespan_closes_what_it_registered_when_start_up_fails() -> None:
 def test_lifespan_rejects_bad_storages(storages: Any) -> None:
     with pytest.raises(cacheme.ConfigurationError, match="cacheme_lifespan"):
         cacheme_lifespan(storages)
+
+
+@pytest.mark.parametrize("url", ["postgresql://127.0.0.1:1/test", "mongodb://127.0.0.1:1/rev"])
+async def test_lifespan_creating_schemas_of_an_unreachable_server(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``create_schemas=True`` with a server that cannot be reached: the app starts, as the
+    docs say for fail-open storages (the schema step stopped it at once), within the
+    storage's timeout; a storage with ``fail_open=False`` still stops it."""
+    pytest.importorskip("asyncpg" if url.startswith("postgresql") else "pymongo")
+    lifespan = cacheme_lifespan({"down": cacheme.Storage(url, timeout=0.3)}, create_schemas=True)
+
+    async def start(span: Any) -> list[str]:
+        async with span(object()):
+            return list(cacheme.storages())
+
+    assert await asyncio.wait_for(start(lifespan), 10) == ["down"]
+    assert "could not create its schema" in caplog.text
+    strict = cacheme_lifespan(
+        {"down": cacheme.Storage(url, timeout=0.3, fail_open=False)}, create_schemas=True
+    )
+    with pytest.raises(cacheme.StorageError):
+        await asyncio.wait_for(start(strict), 10)
+    assert cacheme.storages() == {}
