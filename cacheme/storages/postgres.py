@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -47,6 +48,8 @@ from pydantic import Field
 
 from .base import Entry
 from .sql import SQLOptions, SQLStorage, stored_key, stored_keys
+
+logger = logging.getLogger("cacheme")
 
 
 class PostgresOptions(SQLOptions):
@@ -177,7 +180,10 @@ class PostgresStorage(SQLStorage[PostgresOptions]):
         A call that does not end with an answer from the server (cancelled by the storage
         timeout, or a network error) terminates its connection instead of handing it back:
         asyncpg would otherwise send a CancelRequest and reset the connection before the
-        caller gets control back, which over a black-holed network never ends.
+        caller gets control back, which over a black-holed network never ends. A write
+        (``execute``) cut that way also has its server process stopped before this returns
+        (see ``_stop_backend``): closing the socket alone leaves a statement that waits on
+        a row lock running, to land after an ``invalidate`` that was ordered behind it.
         """
         if self._pool is None:
             raise ConnectionError("PostgreSQL storage is not connected")
@@ -188,10 +194,41 @@ class PostgresStorage(SQLStorage[PostgresOptions]):
         except asyncpg.PostgresError:
             raise  # the server answered: the connection is fine
         except BaseException:
+            pid = con.get_server_pid()
             con.terminate()
+            if method == "execute":
+                await self._stop_backend(pool, pid)
             raise
         finally:
             await pool.release(con)
+
+    async def _stop_backend(self, pool: Any, pid: int) -> None:
+        """Stop the server process ``pid`` (a write's, cut short) and, PostgreSQL 14+, wait
+        until it has exited: its statement can no longer land after what is ordered behind
+        it. Within ``timeout`` seconds, even if the caller is cancelled again; a failure is
+        logged (the write may then still land)."""
+        timeout = self.options.timeout
+
+        async def stop() -> None:
+            async with pool.acquire() as other:
+                if other.get_server_version().major >= 14:
+                    await other.execute(
+                        "SELECT pg_terminate_backend($1, $2)", pid, max(1, round(timeout * 1000))
+                    )
+                else:
+                    await other.execute("SELECT pg_terminate_backend($1)", pid)
+
+        try:
+            await asyncio.wait_for(asyncio.shield(stop()), timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.warning(
+                "cacheme: storage %r: could not stop the server process of a write cut "
+                "short (%r); it may still land",
+                self.name,
+                exc,
+            )
 
     @property
     def pool(self) -> Any:
