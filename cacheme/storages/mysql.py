@@ -171,7 +171,9 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
             )
             self._on_duplicate_add = " AS new" + self._add_clause("new.`value`", "new.`expire`")
         try:
-            await self._run([(f"SELECT `key`, `value`, `expire` FROM `{self.table}` LIMIT 0", ())])
+            await self._run(
+                [(f"SELECT `key`, `value`, `expire` FROM `{self.table}` LIMIT 0", ())], fetch=True
+            )
         except mysql_errors.MySQLError as exc:
             if exc.args and exc.args[0] in (1054, 1146):  # no such column, no such table
                 raise self._missing_table(exc) from exc

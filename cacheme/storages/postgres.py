@@ -158,7 +158,7 @@ class PostgresStorage(SQLStorage[PostgresOptions]):
         )
         try:
             await self._using(
-                "execute", f'SELECT "key", "value", "expire" FROM "{self.table}" LIMIT 0'
+                "fetch", f'SELECT "key", "value", "expire" FROM "{self.table}" LIMIT 0'
             )
         except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as exc:
             raise self._missing_table(exc) from exc
