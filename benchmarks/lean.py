@@ -109,7 +109,7 @@ class Lean:
 
     async def close(self) -> None:
         # The last loads' writes may still be on the wire when the workers finish.
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while pending := [t for t in self._tasks if not t.done()]:
+            await asyncio.gather(*pending, return_exceptions=True)
         await self._client.aclose()
         await self._pool.disconnect()

@@ -87,9 +87,12 @@ class Runtime:
 
     async def _drain(self) -> None:
         while True:
-            running = [*self.tasks]
+            # Done tasks leave these sets by a callback the loop runs later; waiting for
+            # them again would never yield to it (gather of done futures is done at once on
+            # Python 3.12+): the loop would spin.
+            running = [t for t in self.tasks if not t.done()]
             for driver in self.instances.values():
-                running += driver._tasks
+                running += [t for t in driver._tasks if not t.done()]
             if not running:
                 return
             await asyncio.gather(*running, return_exceptions=True)

@@ -149,7 +149,7 @@ async def test_spec_memoize_sample_invalidates_by_every_route(route: str, storag
     fn, calls, built = spec_sample(unique("Issue9Spec"), storage)
     assert await fn(1) == 101 and await fn(1) == 101
     assert calls == [1]
-    assert type(fn.node(1)) is built and fn.node(1).key() == "bar:1"
+    assert isinstance(fn.node(1), built) and fn.node(1).key() == "bar:1"
     key = "cacheme:bar:1:v1"
     assert stored(storage, key) == (101, True)
     fn.value["v"] = 2  # the source changed
