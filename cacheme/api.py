@@ -17,7 +17,7 @@ from typing import Any, TypeVar, overload
 from . import backplane, freshness, landing, runtime
 from . import node as _node
 from .errors import ConfigurationError, StorageError
-from .flight import Call, Outcome, Reload, forgettable, join_all, propagates
+from .flight import STALE, Call, Outcome, Reload, forgettable, join_all, propagates
 from .metrics import StatsSnapshot, snapshot
 from .node import Config, Node
 from .stats import NodeStats, Recorder
@@ -128,6 +128,8 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None) -> Any:
     if source >= 0:
         rec.hits += 1
         rec.tier_hits[source] += 1
+    elif source == STALE:
+        rec.stale += 1
     return value
 
 
@@ -151,6 +153,17 @@ def _join(
     return waiter
 
 
+def _one_family(nodes: Sequence[Node], cfg: Config) -> bool:
+    """Whether ``nodes`` of several classes all use one node class's configuration: that
+    class's instances and the nodes of functions memoized with it (``Memoized.node``)."""
+    owner = cfg.owner
+    return owner is not None and all(
+        getattr(type(n), "_cacheme_config", None) is not None
+        and type(n)._cacheme_config.owner is owner
+        for n in nodes
+    )
+
+
 def _copy_forward(cfg: Config, index: int, key: str, value: Any) -> None:
     """A front tier after the first had ``key``: copy it into the ones before."""
     for tier in cfg.front[:index]:
@@ -170,7 +183,7 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
         return []
     cls = type(nodes[0])
     cfg = node_config(nodes[0], "get_all")
-    if len(set(map(type, nodes))) > 1:
+    if len(set(map(type, nodes))) > 1 and not _one_family(nodes, cfg):
         other = next(n for n in nodes if type(n) is not cls)
         raise ConfigurationError(
             f"get_all takes nodes of one class, got {cls.__qualname__} and "
@@ -235,6 +248,8 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
         if source >= 0:
             hits += 1
             tier_hits[source] += 1
+        elif source == STALE:
+            rec.stale += 1
     rec.hits += hits
     return results
 
@@ -403,7 +418,9 @@ async def reload(node: Node, cfg: Config, loader: Loader | None) -> Any:
         rt.spawn(reload_after_writes())
     else:
         Walk(cfg, rt, {key: node}, {key: call}, loader).reload()
-    value, _ = await latest(rt, call, await waiter, node, cfg, loader)
+    value, source = await latest(rt, call, await waiter, node, cfg, loader)
+    if source == STALE:
+        cfg.stats.stale += 1
     # For the other processes' repairs: a write of theirs that landed before this refresh
     # wrote is overwritten by it (see repair).
     backplane.publish((key,), kind="i", since=_written_at(call, began))

@@ -52,9 +52,9 @@ import msgpack
 
 from . import backplane, landing, runtime, tags
 from .errors import ConfigurationError, DecodeError, EncodeError, LoadError, StorageError
-from .flight import Call, Reload, join_all, propagates
+from .flight import STALE, Call, Reload, join_all, propagates
 from .storages.base import MISS, Entry, utf8_encodable
-from .tiers import RemoteTier, Tier, deliver_to, undecodable
+from .tiers import RemoteTier, Tier, deliver_to, undecodable, warn
 
 if TYPE_CHECKING:
     from .node import Cache, Config, Node
@@ -651,7 +651,6 @@ class Pass:
             kept = self.fallback.get(key)
             if kept is not None and not self.refreshing and not calls[key].stale:
                 del errors[key]
-                cfg.stats.stale += 1
                 stale[key] = Stamp(
                     kept.value, kept.written, False, kept.tags, (), kept.expires, True
                 )
@@ -777,6 +776,19 @@ async def _refresh(
             backplane.publish(written)
     except Exception as exc:
         failed = [exc] * len(nodes)
+    except asyncio.CancelledError:
+        # Its loop is closing (asyncio.run cancels what a job leaves running): counted and
+        # said, not silent; the entries stay due, so a later get in a loop starts another.
+        cfg.stats.refresh_failures += len(nodes)
+        warn(
+            "-",
+            cfg.name,
+            "reload-cancelled",
+            f"cacheme: node {cfg.name}: background reload of {len(nodes)} key(s) cancelled "
+            "(its event loop was closing: with asyncio.run per job, a job's reloads end "
+            "with it); the current values stay",
+        )
+        raise
     finally:
         for key, call in calls.items():
             if rt.refreshing.get(key) is call:
@@ -793,7 +805,9 @@ async def _refresh(
 
 
 def forget(key: str) -> None:
-    """``invalidate``: a background reload of ``key`` under way must not write it back."""
+    """A background reload of ``key`` under way (in any loop of the process) must not write
+    it back: ``invalidate`` and ``refresh`` changed the key, or a flight that may load it
+    began (the reload began earlier, so its value may be older than the flight's)."""
     for rt in runtime.live():
         call = rt.refreshing.get(key)
         if call is not None:
@@ -832,12 +846,20 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None, key: str) -> Any
     flights = rt.flights
     call = flights.get(key)
     if call is None or call.detached:  # e.g. by another thread's invalidate
-        names = tag_names(cfg, {key: node})
-        call = flights.start(key, cfg.name)
-        waiter = call.join()
-        walk = Walk(cfg, rt, {key: node}, {key: call}, loader)
-        walk.fresh = Pass(cfg, walk, names)
-        walk.start()
+        reload = rt.refreshing.get(key)
+        if reload is not None and not reload.stale:
+            # A background reload of the key is under way in this loop: its load is the
+            # key's flight (singleflight), not a second load racing it.
+            rec.coalesced += 1
+            waiter = reload.join()
+        else:
+            forget(key)
+            names = tag_names(cfg, {key: node})
+            call = flights.start(key, cfg.name)
+            waiter = call.join()
+            walk = Walk(cfg, rt, {key: node}, {key: call}, loader)
+            walk.fresh = Pass(cfg, walk, names)
+            walk.start()
     else:
         rec.coalesced += 1
         waiter = call.join()
@@ -847,6 +869,8 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None, key: str) -> Any
         rec.tier_hits[source] += 1
         if st.negative:
             rec.negative_hits += 1
+    elif source == STALE:
+        rec.stale += 1
     return unwrap(cfg, st)
 
 
@@ -880,6 +904,8 @@ async def get_all(nodes: list[Node], cfg: Config, keys: list[str]) -> list[Any]:
         names = tag_names(cfg, {k: nodes[where[0]] for k, where in pending.items()})
         calls, outcome = join_all(rt.flights, pending, cfg.name, rt.loop)
         rec.coalesced += sum(len(where) for where in pending.values()) - len(calls)
+        for key in calls:
+            forget(key)
         if calls:
             started = {k: nodes[pending[k][0]] for k in calls}
             walk = Walk(cfg, rt, started, calls, None)
@@ -895,6 +921,8 @@ async def get_all(nodes: list[Node], cfg: Config, keys: list[str]) -> list[Any]:
                 rec.tier_hits[source] += len(where)
                 if st.negative:
                     rec.negative_hits += len(where)
+            elif source == STALE:
+                rec.stale += len(where)
     return [unwrap(cfg, st) for st in stamps]
 
 
@@ -927,6 +955,8 @@ async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> An
                 raise
 
     rt.spawn(versions_then_reload())
-    st, _ = await latest(rt, call, await waiter, node, cfg, loader)
+    st, source = await latest(rt, call, await waiter, node, cfg, loader)
+    if source == STALE:
+        cfg.stats.stale += 1
     backplane.publish((key,), kind="i", since=_written_at(call, began))
     return unwrap(cfg, st)

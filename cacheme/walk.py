@@ -266,7 +266,6 @@ class KeyWalk(Call):
                 if kept is None or not _servable(key, kept, time.monotonic()) or call.stale:
                     self.rt.flights.fail(key, call, outcome)
                     return
-                cfg.stats.stale += 1
                 logger.warning(
                     "cacheme: node %s: load of %r failed (%r); serving the stale value",
                     cfg.name,
@@ -680,7 +679,6 @@ class Walk:
                 continue
             kept = cfg.last_good.get(key)
             if kept is not None and _servable(key, kept, now) and not self.calls[key].stale:
-                cfg.stats.stale += 1
                 stale[key] = kept[0]
                 logger.warning(
                     "cacheme: node %s: load of %r failed (%r); serving the stale value",

@@ -587,3 +587,106 @@ def test_a_stamp_with_bad_not_found_info_is_a_decode_error(info: Any) -> None:
     data = freshness.MAGIC + freshness._HEADER.pack(len(header)) + header
     with pytest.raises(cacheme.DecodeError, match="bad not-found info"):
         freshness.decode(data, bytes)
+
+
+class ReadsFirst:
+    """A source whose load reads its value when it starts, then waits for ``gate``."""
+
+    def __init__(self) -> None:
+        self.value = "v1"
+        self.gate: asyncio.Event | None = None
+        self.loads: list[str] = []
+
+    async def load(self, ident: int) -> Any:
+        value = self.value
+        self.loads.append(value)
+        if self.gate is not None:
+            await self.gate.wait()
+        return value
+
+
+@pytest.mark.parametrize("option", ["refresh_after", "stale_while_revalidate"])
+async def test_a_get_joins_the_background_reload_under_way(
+    local: Any, clock: Clock, option: str
+) -> None:
+    """A slow background reload read the source (v1); the source became v2 and the entry
+    passed its TTL. The next get started a second load of the key (v2, served), and the
+    slow reload then wrote v1 over it: v1 was served after v2. Now the get joins the reload
+    under way, as any flight (one load per key), and nothing older lands after."""
+    source = ReadsFirst()
+    meta = (
+        {"refresh_after": 0.5}
+        if option == "refresh_after"
+        else {"stale_while_revalidate": timedelta(seconds=100)}
+    )
+    Item = make(source, **meta)  # type: ignore[arg-type]
+    assert await cacheme.get(Item(1)) == "v1"
+    clock.advance(60 if option == "refresh_after" else 101)  # due for a reload
+    source.gate = asyncio.Event()
+    assert await cacheme.get(Item(1)) == "v1"  # served; the reload waits on the gate
+    await settle()
+    assert source.loads == ["v1", "v1"]
+    source.value = "v2"
+    clock.advance(200)  # past the TTL (and grace): a miss
+    joined = asyncio.ensure_future(cacheme.get(Item(1)))
+    await settle()
+    assert source.loads == ["v1", "v1"]  # no second load while the reload runs
+    source.gate.set()
+    assert await joined == "v1"  # the reload's outcome
+    assert cacheme.stats(Item).coalesced == 1
+    source.gate = None
+    clock.advance(300)
+    assert await cacheme.get(Item(1)) == "v2"
+    await settle(20)
+    assert await cacheme.get(Item(1)) == "v2"
+
+
+async def test_a_flight_in_another_loop_keeps_an_older_reload_from_writing(
+    local: Any, clock: Clock
+) -> None:
+    """The same race across loops (another thread's get cannot join this loop's reload):
+    its flight loads v2, and the older reload, still under way here, no longer writes v1
+    over it."""
+    source = ReadsFirst()
+    Item = make(source, refresh_after=0.5)
+    assert await cacheme.get(Item(1)) == "v1"
+    clock.advance(60)
+    source.gate = asyncio.Event()
+    assert await cacheme.get(Item(1)) == "v1"  # the reload (v1) waits on the gate
+    await settle()
+    source.value = "v2"
+    gate, source.gate = source.gate, None
+    clock.advance(200)
+    got = await asyncio.to_thread(asyncio.run, cacheme.get(Item(1)))
+    assert got == "v2"
+    gate.set()
+    await settle(20)
+    assert source.loads == ["v1", "v1", "v2"]
+    assert await cacheme.get(Item(1)) == "v2"
+
+
+def test_a_reload_cancelled_with_its_loop_is_counted_and_logged(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``asyncio.run`` per job: a job that serves a due value starts a background reload
+    and returns, and the loop's shutdown cancels the reload before it loads. It was counted
+    as a reload and nothing else, silently; now also as a failure, with a warning."""
+    source = Source()
+    source.data[1] = "old"
+    Item = make(source, refresh_after=0.5)
+
+    async def job() -> Any:
+        return await cacheme.get(Item(1))
+
+    asyncio.run(cacheme.register_storage("local", cacheme.Storage("local://tlfu", size=100)))
+    try:
+        assert asyncio.run(job()) == "old"
+        clock.advance(60)
+        source.data[1] = "new"
+        assert asyncio.run(job()) == "old"  # serves, starts the reload, ends the loop
+        stats = cacheme.stats(Item)
+        assert stats.refreshes == 1 and stats.refresh_failures == 1
+        assert "background reload of 1 key(s) cancelled" in caplog.text
+        assert source.calls == [1]
+    finally:
+        asyncio.run(cacheme.close_storages())

@@ -439,3 +439,44 @@ async def test_a_lease_without_a_shared_tier_is_refused(chain: list[str]) -> Non
     for call in (cacheme.get(Leased(1)), cacheme.get_all([Leased(2)])):
         with pytest.raises(cacheme.ConfigurationError, match=r"Leased\.Meta\.lease needs a shared"):
             await call
+
+
+@pytest.mark.parametrize("stamped", [False, True])
+async def test_stale_values_are_counted_per_caller(stamped: bool) -> None:
+    """stats.md: ``stale_count()`` counts the values served by ``stale_if_error``. Five
+    callers served the stale value of one failed load counted 1 (negative hits count per
+    caller). Now 5 for ``get``, and one per position for ``get_all``."""
+    await cacheme.register_storage("l1", cacheme.Storage(url="local://lru", size=100))
+    fail = False
+    gate = asyncio.Event()
+
+    class Kept(Node):
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def key(self) -> str:
+            return f"kept-per-caller:{self.n}"
+
+        async def load(self) -> str:
+            if fail:
+                await gate.wait()
+                raise RuntimeError("source down")
+            return "good"
+
+        class Meta(Node.Meta):
+            caches = [Cache(storage="l1", ttl=timedelta(milliseconds=20))]
+            stale_if_error = timedelta(seconds=10)
+            if stamped:
+                negative_ttl = timedelta(seconds=1)  # any freshness option: stamped entries
+
+    assert Kept._cacheme_config.stamped is stamped
+    assert await cacheme.get_all([Kept(1), Kept(2)]) == ["good", "good"]
+    await asyncio.sleep(0.04)
+    fail = True
+    callers = [asyncio.ensure_future(cacheme.get(Kept(1))) for _ in range(5)]
+    batch = asyncio.ensure_future(cacheme.get_all([Kept(2), Kept(2), Kept(2)]))
+    await asyncio.sleep(0.01)
+    gate.set()
+    assert await asyncio.gather(*callers) == ["good"] * 5
+    assert await batch == ["good"] * 3
+    assert cacheme.stats(Kept).stale_count() == 8

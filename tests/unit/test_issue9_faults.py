@@ -199,8 +199,12 @@ async def test_memoize_with_a_plain_node_class_and_bare_dynamic_node() -> None:
     assert await fn(1) == "v2"
     assert await fn.refresh(1) == "v3"
     assert await fn(1) == "v3"
+    # fn.node() is a node of the function (a bare DynamicNode before, which both refused).
+    await cacheme.invalidate(fn.node(1))
+    assert await cacheme.get(fn.node(1)) == "v4"
+    assert await fn(1) == "v4"
     with pytest.raises(ConfigurationError, match="no tiers"):
-        await cacheme.invalidate(fn.node(1))  # the bare node itself has no tiers
+        await cacheme.invalidate(DynamicNode(key="issue9:plain:1"))  # a bare one has none
 
 
 # -- 5. TTLs too large for a tier ------------------------------------------------------------
