@@ -761,6 +761,7 @@ async def _refresh(
     from .walk import Walk
 
     failed: list[BaseException] = []
+    ended: BaseException = asyncio.CancelledError()  # what callers who joined get, if unsettled
     try:
         waiters = [c.join() for c in calls.values()]
         walk = Walk(cfg, rt, nodes, calls, loader)
@@ -776,6 +777,7 @@ async def _refresh(
             backplane.publish(written)
     except Exception as exc:
         failed = [exc] * len(nodes)
+        ended = exc
     except asyncio.CancelledError:
         # Its loop is closing (asyncio.run cancels what a job leaves running): counted and
         # said, not silent; the entries stay due, so a later get in a loop starts another.
@@ -793,6 +795,8 @@ async def _refresh(
         for key, call in calls.items():
             if rt.refreshing.get(key) is call:
                 del rt.refreshing[key]
+            if not call.settled:  # a get may have joined it: it must not wait forever
+                call.reject(ended)
     if failed:
         cfg.stats.refresh_failures += len(failed)
         logger.warning(
@@ -847,7 +851,7 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None, key: str) -> Any
     call = flights.get(key)
     if call is None or call.detached:  # e.g. by another thread's invalidate
         reload = rt.refreshing.get(key)
-        if reload is not None and not reload.stale:
+        if reload is not None and not (reload.stale or reload.settled):
             # A background reload of the key is under way in this loop: its load is the
             # key's flight (singleflight), not a second load racing it.
             rec.coalesced += 1

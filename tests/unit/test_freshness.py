@@ -690,3 +690,30 @@ def test_a_reload_cancelled_with_its_loop_is_counted_and_logged(
         assert source.calls == [1]
     finally:
         asyncio.run(cacheme.close_storages())
+
+
+async def test_a_get_never_joins_a_reload_already_settled(local: Any, clock: Clock) -> None:
+    """A reload leaves the table of reloads a few loop turns after its outcome is settled;
+    a get that missed in between joined the settled reload and waited forever (a review's
+    four-process mix hung). It starts its own flight then."""
+    from cacheme import runtime
+
+    source = ReadsFirst()
+    Item = make(source, refresh_after=0.5)
+    assert await cacheme.get(Item(1)) == "v1"
+    clock.advance(60)
+    source.gate = asyncio.Event()
+    assert await cacheme.get(Item(1)) == "v1"
+    await settle()
+    key = f"cacheme:{Item(1).key()}:"
+    reload = runtime.current().refreshing[key]
+    source.value = "v2"
+    source.gate.set()
+    source.gate = None
+    for _ in range(100):
+        if reload.settled:
+            break
+        await asyncio.sleep(0)
+    assert reload.settled and runtime.current().refreshing.get(key) is reload
+    clock.advance(200)  # a miss
+    assert await asyncio.wait_for(cacheme.get(Item(1)), 2) == "v2"
