@@ -76,6 +76,9 @@ def _option_value(text: str) -> Any:
 
 
 def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
+    timeout = getattr(args, "timeout", None)
+    if timeout is not None and not 0 < timeout < float("inf"):
+        raise _Exit(EXIT_USAGE, f"--timeout takes a positive number of seconds, got {timeout}")
     options: dict[str, Any] = {}
     for item in args.option or []:
         name, eq, value = item.partition("=")

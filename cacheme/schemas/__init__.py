@@ -218,6 +218,10 @@ class _SQLConnection:
                 self.conn = await asyncmy.connect(
                     charset="utf8mb4", autocommit=True, **connect_args(self.url)
                 )
+                # CREATE ... IF NOT EXISTS of what exists is expected here: without this the
+                # server notes it, and the driver logs the note as a warning.
+                async with self.conn.cursor() as cur:
+                    await cur.execute("SET SESSION sql_notes = 0")
         except ConfigurationError:
             raise
         except Exception as exc:

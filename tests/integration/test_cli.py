@@ -95,6 +95,8 @@ def test_version_and_console_script() -> None:
         (["nodes", "no_such_module_here"], "no module named 'no_such_module_here'"),
         (["stats", "json", "--watch", "1"], "--watch needs MODULE:FUNCTION"),
         (["stats", "json:no_such_function"], "no function 'no_such_function'"),
+        (["check", "sqlite:///x.db", "--timeout", "0"], "--timeout takes a positive"),
+        (["schema", "create", "sqlite:///x.db", "--timeout", "-1"], "--timeout takes a positive"),
     ],
 )
 def test_usage_errors_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
