@@ -164,6 +164,21 @@ def _one_family(nodes: Sequence[Node], cfg: Config) -> bool:
     )
 
 
+async def _by_class(nodes: Sequence[Node]) -> list[Any]:
+    """``get_all`` of one class's nodes and its memoized functions' nodes: each class's
+    share with its own configuration (the function's value type), at once; input order."""
+    positions: dict[type[Node], list[int]] = {}
+    for i, node in enumerate(nodes):
+        positions.setdefault(type(node), []).append(i)
+    shares = list(positions.values())
+    values = await asyncio.gather(*(get_all([nodes[i] for i in share]) for share in shares))
+    results: list[Any] = [None] * len(nodes)
+    for share, got in zip(shares, values, strict=True):
+        for i, value in zip(share, got, strict=True):
+            results[i] = value
+    return results
+
+
 def _copy_forward(cfg: Config, index: int, key: str, value: Any) -> None:
     """A front tier after the first had ``key``: copy it into the ones before."""
     for tier in cfg.front[:index]:
@@ -183,7 +198,9 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
         return []
     cls = type(nodes[0])
     cfg = node_config(nodes[0], "get_all")
-    if len(set(map(type, nodes))) > 1 and not _one_family(nodes, cfg):
+    if len(set(map(type, nodes))) > 1:
+        if _one_family(nodes, cfg):
+            return await _by_class(nodes)
         other = next(n for n in nodes if type(n) is not cls)
         raise ConfigurationError(
             f"get_all takes nodes of one class, got {cls.__qualname__} and "

@@ -156,7 +156,9 @@ class LocalStorage(BaseStorage[OptionsT]):
     def __init__(self, name: str, url: str, options: OptionsT) -> None:
         super().__init__(name, url, options)
         self._handoff: deque[str | None] = deque()  # keys to drop; None: drop everything
-        self._lock = threading.Lock()
+        # Reentrant: a value freed under it (evicted, replaced) may run a finalizer, or the
+        # garbage collector may run one, that uses this storage again on the same thread.
+        self._lock = threading.RLock()
         _local_storages.add(self)
 
     @abstractmethod
@@ -224,7 +226,7 @@ _local_storages: weakref.WeakSet[LocalStorage[Any]] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     for storage in list(_local_storages):
-        storage._lock = threading.Lock()
+        storage._lock = threading.RLock()
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows

@@ -199,6 +199,7 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
             raise ConnectionError("MySQL storage is not connected")
         pool = self._pool
         conn = await pool.acquire()
+        cut = None
         try:
             cursor = conn.cursor()
             out: list[Any] = []
@@ -210,13 +211,13 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
                     out.append(cursor.rowcount)
             return out
         except BaseException:
-            thread = conn.thread_id()
+            cut = conn.thread_id()
             conn.close()  # interrupted mid-answer: never hand it to another caller
-            if not fetch:
-                await self._stop_thread(pool, thread)
             raise
         finally:
-            pool.release(conn)
+            pool.release(conn)  # first: the stop below may need its place in the pool
+            if cut is not None and not fetch:
+                await self._stop_thread(pool, cut)
 
     async def _stop_thread(self, pool: Any, thread: int) -> None:
         """``KILL`` the server thread of a write cut short (timeout or error), before the
@@ -240,15 +241,15 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
 
         try:
             await asyncio.wait_for(asyncio.shield(stop()), self.options.timeout)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
+        except BaseException as exc:
             logger.warning(
                 "cacheme: storage %r: could not stop the server thread of a write cut short "
                 "(%r); it may still land",
                 self.name,
                 exc,
             )
+            if not isinstance(exc, Exception):
+                raise
 
     async def _get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         wanted = stored_keys(keys)

@@ -189,18 +189,19 @@ class PostgresStorage(SQLStorage[PostgresOptions]):
             raise ConnectionError("PostgreSQL storage is not connected")
         pool = self._pool
         con = await pool.acquire()
+        cut = None
         try:
             return await getattr(con, method)(query, *args)
         except asyncpg.PostgresError:
             raise  # the server answered: the connection is fine
         except BaseException:
-            pid = con.get_server_pid()
+            cut = con.get_server_pid()
             con.terminate()
-            if method == "execute":
-                await self._stop_backend(pool, pid)
             raise
         finally:
-            await pool.release(con)
+            await pool.release(con)  # first: the stop below may need its place in the pool
+            if cut is not None and method == "execute":
+                await self._stop_backend(pool, cut)
 
     async def _stop_backend(self, pool: Any, pid: int) -> None:
         """Stop the server process ``pid`` (a write's, cut short) and, PostgreSQL 14+, wait
@@ -220,15 +221,15 @@ class PostgresStorage(SQLStorage[PostgresOptions]):
 
         try:
             await asyncio.wait_for(asyncio.shield(stop()), timeout)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
+        except BaseException as exc:
             logger.warning(
                 "cacheme: storage %r: could not stop the server process of a write cut "
                 "short (%r); it may still land",
                 self.name,
                 exc,
             )
+            if not isinstance(exc, Exception):
+                raise
 
     @property
     def pool(self) -> Any:

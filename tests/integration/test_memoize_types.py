@@ -136,3 +136,39 @@ async def test_the_node_of_a_memoized_function_decodes_to_its_type(sqlite_tier: 
     assert calls == ["balance"] * 2 + ["square"]
     # Neither is listed among the node classes: they are views of the function.
     assert not [c for c in cacheme.nodes() if c.__name__.endswith(".node")]
+
+
+async def test_get_all_of_two_functions_nodes_keeps_each_type(sqlite_tier: None) -> None:
+    """``get_all`` mixing the nodes of two functions memoized with one class: each value
+    decodes to its own function's type. The batch was decoded
+    with the first node's type (a ``Decimal`` came back as ``str``, or a ``str`` failed to
+    decode as ``Decimal`` and was loaded again)."""
+    calls: list[str] = []
+
+    @cacheme.Memoize(SharedNode)
+    async def label(n: int) -> str:
+        calls.append("label")
+        return f"user {n}"
+
+    @label.to_node
+    def _(n: int) -> cacheme.DynamicNode:
+        return cacheme.DynamicNode(key=f"mixed-label:{n}")
+
+    @cacheme.Memoize(SharedNode)
+    async def amount(n: int) -> Decimal:
+        calls.append("amount")
+        return Decimal(n) + Decimal("0.75")
+
+    @amount.to_node
+    def _(n: int) -> cacheme.DynamicNode:
+        return cacheme.DynamicNode(key=f"mixed-amount:{n}")
+
+    for order in (0, 1):
+        nodes = [label.node(7), amount.node(7)]
+        if order:
+            nodes.reverse()
+        got = await cacheme.get_all(nodes)
+        if order:
+            got.reverse()
+        assert got[0] == "user 7" and type(got[1]) is Decimal and got[1] == Decimal("7.75")
+    assert calls == ["label", "amount"]  # the second batch was all hits, none reloaded

@@ -391,14 +391,16 @@ async def test_password_never_in_errors(backend: str, url: str) -> None:
 @pytest.mark.parametrize(
     "backend", [pytest.param(b, marks=getattr(pytest.mark, b)) for b in ("postgres", "mysql")]
 )
+@pytest.mark.parametrize("pool_size", [1, 10])
 async def test_a_write_cut_short_by_its_timeout_never_lands_later(
-    backend: str, tmp_path: Path
+    backend: str, pool_size: int, tmp_path: Path
 ) -> None:
     """Another session holds the key's row lock (an uncommitted insert): the write-back of a
     get waits on it and times out. The storage closed its socket only, so the statement
     kept waiting on the server and landed once the lock went, after the ``invalidate``
     that followed (5 of 5 runs on PostgreSQL, 3 of 3 on MariaDB, in a review). Now the
-    server process of a write cut short is stopped before the write counts as failed."""
+    server process of a write cut short is stopped before the write counts as failed, also
+    from a pool of one connection (the stop waited for the cut one, in vain: MySQL)."""
     import cacheme
     from cacheme import Cache, Node
     from cacheme.serializer import JSONSerializer
@@ -443,7 +445,7 @@ async def test_a_write_cut_short_by_its_timeout_never_lands_later(
                 serializer = JSONSerializer()
 
         await cacheme.register_storage(
-            "sql", cacheme.Storage(table.url, table=table.table, timeout=0.3)
+            "sql", cacheme.Storage(table.url, table=table.table, timeout=0.3, pool_size=pool_size)
         )
         try:
             assert await cacheme.get(CutShort()) == "v1"  # its write-back timed out
