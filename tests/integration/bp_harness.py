@@ -51,8 +51,9 @@ class Child:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
+        with contextlib.suppress(ValueError, OSError):  # closed by close() meanwhile
+            for line in self.proc.stdout:
+                self._lines.put(line)
         self._lines.put(None)
 
     def _write(self, payload: dict[str, Any]) -> None:
@@ -83,6 +84,7 @@ class Child:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(5)
+        self._close_pipes()
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -92,6 +94,15 @@ class Child:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             self.kill()
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        """The pipes' file objects (ResourceWarnings otherwise); the reader thread ends at
+        the child's exit."""
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(Exception):
+                    pipe.close()
 
 
 def start_children(n: int, setup: dict[str, Any], **kw: Any) -> list[Child]:
