@@ -61,7 +61,7 @@ Waiter = Union["asyncio.Future[Outcome]", Group]
 class Call:
     """One in-flight fetch of one key, and its waiters."""
 
-    __slots__ = ("detached", "first", "key", "others", "owner", "settled", "stale")
+    __slots__ = ("detached", "first", "key", "others", "owner", "stale")
 
     def __init__(self, key: str, owner: str = "", first: Waiter | None = None) -> None:
         self.key = key
@@ -72,7 +72,6 @@ class Call:
         self.stale = False  # set by forget(): the result must not be written or remembered
         # No new caller may join it (set with ``stale``, or alone by ``detach_owner``).
         self.detached = False
-        self.settled = False  # resolved or rejected: a caller joining now would wait forever
 
     def _add(self, waiter: Waiter) -> None:
         if self.first is None:
@@ -106,7 +105,6 @@ class Call:
         return waiters
 
     def resolve(self, outcome: Outcome) -> None:
-        self.settled = True
         first = self.first
         if self.others is None:  # the common case: one waiter
             self.first = None
@@ -123,7 +121,6 @@ class Call:
                 waiter.set_result(outcome)
 
     def reject(self, error: BaseException) -> None:
-        self.settled = True
         cancelled = isinstance(error, asyncio.CancelledError)
         for waiter in self._take():
             if isinstance(waiter, Group):
@@ -189,7 +186,6 @@ class Flights:
             group = call.first
             if call.others is None and type(group) is Group:  # resolve() inlined: get_all
                 call.first = None
-                call.settled = True
                 group.outcomes[key] = (values[key], sources[key])
                 group.left -= 1
                 if not group.left and not group.future.done():

@@ -747,7 +747,17 @@ def trigger(
     calls = {k: Call(k, cfg.name) for k in todo}
     table.update(calls)
     cfg.stats.refreshes += len(todo)
-    rt.spawn(_refresh(cfg, rt, todo, calls, names, loader))
+    task = rt.spawn(_refresh(cfg, rt, todo, calls, names, loader))
+    # Also when the task is cancelled before its first step (its finally never runs): the
+    # keys would stay marked as being reloaded, and never be reloaded again in this loop.
+    task.add_done_callback(lambda _: _leave(rt, calls))
+
+
+def _leave(rt: runtime.Runtime, calls: dict[str, Call]) -> None:
+    """Take the reload of ``calls`` out of the loop's table of reloads (if still there)."""
+    for key, call in calls.items():
+        if rt.refreshing.get(key) is call:
+            del rt.refreshing[key]
 
 
 async def _refresh(
@@ -761,7 +771,6 @@ async def _refresh(
     from .walk import Walk
 
     failed: list[BaseException] = []
-    ended: BaseException = asyncio.CancelledError()  # what callers who joined get, if unsettled
     try:
         waiters = [c.join() for c in calls.values()]
         walk = Walk(cfg, rt, nodes, calls, loader)
@@ -777,7 +786,6 @@ async def _refresh(
             backplane.publish(written)
     except Exception as exc:
         failed = [exc] * len(nodes)
-        ended = exc
     except asyncio.CancelledError:
         # Its loop is closing (asyncio.run cancels what a job leaves running): counted and
         # said, not silent; the entries stay due, so a later get in a loop starts another.
@@ -792,11 +800,7 @@ async def _refresh(
         )
         raise
     finally:
-        for key, call in calls.items():
-            if rt.refreshing.get(key) is call:
-                del rt.refreshing[key]
-            if not call.settled:  # a get may have joined it: it must not wait forever
-                call.reject(ended)
+        _leave(rt, calls)
     if failed:
         cfg.stats.refresh_failures += len(failed)
         logger.warning(
@@ -850,20 +854,17 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None, key: str) -> Any
     flights = rt.flights
     call = flights.get(key)
     if call is None or call.detached:  # e.g. by another thread's invalidate
-        reload = rt.refreshing.get(key)
-        if reload is not None and not (reload.stale or reload.settled):
-            # A background reload of the key is under way in this loop: its load is the
-            # key's flight (singleflight), not a second load racing it.
-            rec.coalesced += 1
-            waiter = reload.join()
-        else:
-            forget(key)
-            names = tag_names(cfg, {key: node})
-            call = flights.start(key, cfg.name)
-            waiter = call.join()
-            walk = Walk(cfg, rt, {key: node}, {key: call}, loader)
-            walk.fresh = Pass(cfg, walk, names)
-            walk.start()
+        # A background reload under way began before this flight: what it loads may be
+        # older than what this one finds, so it no longer writes. (Joining it instead would
+        # hand this caller what it read before an invalidation, or its failure without the
+        # stale-if-error copy: a reload reads no entry.)
+        forget(key)
+        names = tag_names(cfg, {key: node})
+        call = flights.start(key, cfg.name)
+        waiter = call.join()
+        walk = Walk(cfg, rt, {key: node}, {key: call}, loader)
+        walk.fresh = Pass(cfg, walk, names)
+        walk.start()
     else:
         rec.coalesced += 1
         waiter = call.join()

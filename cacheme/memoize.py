@@ -100,7 +100,17 @@ class Memoized(Generic[P, R]):
             qualname = base.__qualname__ if base is self._node_cls else name
             # Abstract: not listed among the nodes; its configuration is ours (same tiers
             # and stats as the class, values of this function's type).
-            keyed = type(name, (base,), {"_cacheme_abstract": True, "load": _load_through})
+            # load_all too: a batch of these nodes loads each through the function, never
+            # through a load_all of the class.
+            keyed = type(
+                name,
+                (base,),
+                {
+                    "_cacheme_abstract": True,
+                    "load": _load_through,
+                    "load_all": Node.__dict__["load_all"],
+                },
+            )
             keyed.__qualname__ = qualname
             keyed.__module__ = base.__module__
             keyed._cacheme_config = self._config

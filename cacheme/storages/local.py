@@ -149,10 +149,12 @@ class TinyLFUStorage(LocalStorage[LocalOptions]):
     def _clear(self) -> None:
         # A new policy, not TlfuCore.clear(): in theine-core 2.1 a core cleared once full
         # evicts every key set afterwards at once (the tier would never hold a value again).
+        # New maps too, the old ones let go of last: a value's finalizer run by that may
+        # write to this storage again, and must find it whole.
+        old = (self._map, self._keys, self._reads)
         self._core = TlfuCore(self._size)
-        self._map.clear()
-        self._keys.clear()
-        self._reads.clear()
+        self._map, self._keys, self._reads = {}, {}, []
+        del old
 
     def _forget_now(self, keys: list[str] | None) -> None:
         if keys is None:
@@ -222,10 +224,10 @@ class LRUStorage(LocalStorage[LocalOptions]):
     def set(self, key: str, value: Any, ttl: float | None) -> None:
         ttl_ns = _ttl_ns(ttl)
         deadline = monotonic_ns() + ttl_ns if ttl_ns else 0
-        data = self._data
         with self._lock:
             if self._handoff:
-                self._apply_handoff()
+                self._apply_handoff()  # may clear: a new map
+            data = self._data
             data[key] = (value, deadline)
             # The backplane's thread drops keys without the lock (see discard_threadsafe).
             with contextlib.suppress(KeyError):
@@ -244,7 +246,8 @@ class LRUStorage(LocalStorage[LocalOptions]):
             self._clear()
 
     def _clear(self) -> None:
-        self._data.clear()
+        old, self._data = self._data, OrderedDict()  # see TinyLFUStorage._clear
+        del old
 
     def _forgotten(self, key: str) -> None:
         self._data.pop(key, None)

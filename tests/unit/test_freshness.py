@@ -606,13 +606,13 @@ class ReadsFirst:
 
 
 @pytest.mark.parametrize("option", ["refresh_after", "stale_while_revalidate"])
-async def test_a_get_joins_the_background_reload_under_way(
+async def test_a_background_reload_never_writes_over_a_newer_flight(
     local: Any, clock: Clock, option: str
 ) -> None:
     """A slow background reload read the source (v1); the source became v2 and the entry
-    passed its TTL. The next get started a second load of the key (v2, served), and the
-    slow reload then wrote v1 over it: v1 was served after v2. Now the get joins the reload
-    under way, as any flight (one load per key), and nothing older lands after."""
+    passed its TTL. The next get loads v2, and the slow reload then wrote v1 over it: v1
+    was served after v2. The reload began before that get's flight, so it writes nothing
+    now."""
     source = ReadsFirst()
     meta = (
         {"refresh_after": 0.5}
@@ -622,23 +622,18 @@ async def test_a_get_joins_the_background_reload_under_way(
     Item = make(source, **meta)  # type: ignore[arg-type]
     assert await cacheme.get(Item(1)) == "v1"
     clock.advance(60 if option == "refresh_after" else 101)  # due for a reload
-    source.gate = asyncio.Event()
+    gate = source.gate = asyncio.Event()
     assert await cacheme.get(Item(1)) == "v1"  # served; the reload waits on the gate
     await settle()
     assert source.loads == ["v1", "v1"]
     source.value = "v2"
-    clock.advance(200)  # past the TTL (and grace): a miss
-    joined = asyncio.ensure_future(cacheme.get(Item(1)))
-    await settle()
-    assert source.loads == ["v1", "v1"]  # no second load while the reload runs
-    source.gate.set()
-    assert await joined == "v1"  # the reload's outcome
-    assert cacheme.stats(Item).coalesced == 1
     source.gate = None
-    clock.advance(300)
+    clock.advance(200)  # past the TTL (and grace): a miss
     assert await cacheme.get(Item(1)) == "v2"
+    gate.set()  # the older reload ends now
     await settle(20)
     assert await cacheme.get(Item(1)) == "v2"
+    assert source.loads == ["v1", "v1", "v2"]
 
 
 async def test_a_flight_in_another_loop_keeps_an_older_reload_from_writing(
@@ -692,28 +687,69 @@ def test_a_reload_cancelled_with_its_loop_is_counted_and_logged(
         asyncio.run(cacheme.close_storages())
 
 
-async def test_a_get_never_joins_a_reload_already_settled(local: Any, clock: Clock) -> None:
-    """A reload leaves the table of reloads a few loop turns after its outcome is settled;
-    a get that missed in between joined the settled reload and waited forever (a review's
-    four-process mix hung). It starts its own flight then."""
+async def test_a_reload_under_way_and_an_invalidate_tag(local: Any, clock: Clock) -> None:
+    """A background reload has read "old"; the source changes and ``invalidate_tag`` returns:
+    a get begun after it returns "new", and the reload writes nothing afterwards (a first
+    version of the fix above made the get join the reload, and return "old")."""
+    source = ReadsFirst()
+    source.value = "old"
+    Item = make(source, refresh_after=0.5, tagged=True)
+    assert await cacheme.get(Item(1)) == "old"
+    clock.advance(60)
+    gate = source.gate = asyncio.Event()
+    assert await cacheme.get(Item(1)) == "old"  # the reload ("old") waits on the gate
+    await settle()
+    source.value = "new"
+    source.gate = None
+    await cacheme.invalidate_tag(Item, "a")
+    assert await cacheme.get(Item(1)) == "new"
+    gate.set()
+    await settle(20)
+    assert await cacheme.get(Item(1)) == "new"
+
+
+async def test_a_miss_during_a_failing_reload_serves_stale_if_error(
+    local: Any, clock: Clock
+) -> None:
+    """The source is down and a reload is under way when the entry expires: the get that
+    misses serves the stale-if-error copy, as with no reload under way (a first version of
+    the fix above made it join the reload, and raise its error)."""
+    source = Source()
+    source.data[1] = "v"
+    Item = make(source, refresh_after=0.5, stale_if_error=timedelta(seconds=1000))
+    assert await cacheme.get(Item(1)) == "v"
+    clock.advance(60)
+    source.fail = True
+    source.gate = asyncio.Event()
+    assert await cacheme.get(Item(1)) == "v"  # the reload waits on the gate, then fails
+    await settle()
+    clock.advance(60)  # past the TTL: a miss
+    source.gate.set()
+    assert await cacheme.get(Item(1)) == "v"
+    assert cacheme.stats(Item).stale_count() == 1
+
+
+async def test_a_reload_cancelled_before_it_ran_leaves_the_key_reloadable(
+    local: Any, clock: Clock
+) -> None:
+    """A reload's task cancelled before its first step (an app cancelling every other task
+    at shutdown) never ran its clean-up: its keys stayed marked as being reloaded, so no
+    reload of them ever started again in that loop."""
     from cacheme import runtime
 
-    source = ReadsFirst()
+    source = Source()
+    source.data[1] = "v1"
     Item = make(source, refresh_after=0.5)
     assert await cacheme.get(Item(1)) == "v1"
     clock.advance(60)
-    source.gate = asyncio.Event()
-    assert await cacheme.get(Item(1)) == "v1"
+    rt = runtime.current()
+    before = set(rt.tasks)
+    assert await cacheme.get(Item(1)) == "v1"  # starts the reload's task
+    for task in set(rt.tasks) - before:
+        task.cancel()
     await settle()
-    key = f"cacheme:{Item(1).key()}:"
-    reload = runtime.current().refreshing[key]
-    source.value = "v2"
-    source.gate.set()
-    source.gate = None
-    for _ in range(100):
-        if reload.settled:
-            break
-        await asyncio.sleep(0)
-    assert reload.settled and runtime.current().refreshing.get(key) is reload
-    clock.advance(200)  # a miss
-    assert await asyncio.wait_for(cacheme.get(Item(1)), 2) == "v2"
+    assert not rt.refreshing
+    source.data[1] = "v2"
+    assert await cacheme.get(Item(1)) == "v1"  # due still: a new reload starts
+    await settle(20)
+    assert await cacheme.get(Item(1)) == "v2"

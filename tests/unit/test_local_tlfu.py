@@ -195,3 +195,27 @@ def test_a_value_freed_on_eviction_may_use_the_storage(cls: type[TinyLFUStorage]
     worker = threading.Thread(target=fill, daemon=True)
     worker.start()
     assert done.wait(10), "deadlocked on the storage's own lock"
+
+
+@pytest.mark.parametrize("cls", [TinyLFUStorage, LRUStorage])
+def test_a_clear_whose_values_write_back_keeps_the_bound(cls: type[TinyLFUStorage]) -> None:
+    """Values whose finalizers write to the storage, freed by a clear: the W-TinyLFU tier
+    then held entries its policy did not know of (the clear wiped the index after the
+    finalizers had written to it), so they were never evicted and the size bound broke."""
+    store = cls("t", "local://x", LocalOptions(size=50))
+
+    class Noisy:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def __del__(self) -> None:
+            store.set(f"freed{self.n}", self.n, None)
+
+    for i in range(50):
+        store.set(f"k{i}", Noisy(i), None)
+    store.clear()
+    for i in range(5_000):
+        store.set(f"after{i}", i, None)
+    assert len(store) <= 50
+    if isinstance(store, TinyLFUStorage):
+        assert set(store._map) <= set(store._keys.values())

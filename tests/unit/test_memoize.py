@@ -228,3 +228,27 @@ async def test_memoize_value_type_comes_from_the_function() -> None:
     # The memoized function keeps its own value type; the node class's config is untouched.
     assert typed._config.value_type == list[int]
     assert Untyped._cacheme_config.value_type is Any
+
+
+async def test_a_batch_of_function_nodes_loads_through_the_function() -> None:
+    """``get_all`` of ``fn.node(...)`` with a node class that has a ``load_all``: each node
+    loads through the function (the class's ``load_all`` ran, and its value was then cached
+    for the function too)."""
+    await cacheme.register_storage("batch", cacheme.Storage(url="local://lru", size=100))
+    Keyed = cacheme.build_node("MemoBatchKeyed", "v1", [cacheme.Cache(storage="batch", ttl=None)])
+
+    async def load_all(cls: Any, nodes: list[Any]) -> list[tuple[Any, Any]]:
+        return [(n, f"load_all:{n.key()}") for n in nodes]
+
+    Keyed.load_all = classmethod(load_all)  # type: ignore[method-assign,assignment]
+
+    @cacheme.Memoize(Keyed)
+    async def f(n: int) -> str:
+        return f"f({n})"
+
+    @f.to_node
+    def _(n: int) -> cacheme.DynamicNode:
+        return cacheme.DynamicNode(key=f"memo-batch:{n}")
+
+    assert await cacheme.get_all([f.node(2), f.node(3)]) == ["f(2)", "f(3)"]
+    assert await f(2) == "f(2)"
