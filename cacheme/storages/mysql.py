@@ -51,7 +51,6 @@ the rest of an old answer.
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import re
 from collections.abc import Sequence
@@ -65,8 +64,6 @@ from ..errors import ConfigurationError, StorageMisconfiguredError
 from .base import Entry
 from .sql import SQLOptions, SQLStorage, stored_key, stored_keys
 from .url import redact
-
-logger = logging.getLogger("cacheme")
 
 # Bytes reserved in each statement for everything but the rows.
 _STATEMENT_OVERHEAD = 4096
@@ -217,39 +214,27 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
         finally:
             pool.release(conn)  # first: the stop below may need its place in the pool
             if cut is not None and not fetch:
-                await self._stop_thread(pool, cut)
+                await self._stop_thread(cut)
 
-    async def _stop_thread(self, pool: Any, thread: int) -> None:
-        """``KILL`` the server thread of a write cut short (timeout or error), before the
-        write counts as failed: closing the socket alone leaves a statement that waits on a
-        row lock running, to land after an ``invalidate`` ordered behind it. Within
-        ``timeout`` seconds, even if the caller is cancelled again; a failure is logged."""
+    async def _stop_thread(self, thread: int) -> None:
+        """``KILL`` the server thread of a write cut short (see ``SQLStorage._stop_cut``)."""
 
         async def stop() -> None:
-            conn = await pool.acquire()
-            try:
-                try:
-                    await conn.cursor().execute("KILL %s", (thread,))
-                except mysql_errors.MySQLError as exc:
-                    if not (exc.args and exc.args[0] == 1094):  # unknown thread: gone already
-                        raise
-            except BaseException:
-                conn.close()
-                raise
-            finally:
-                pool.release(conn)
-
-        try:
-            await asyncio.wait_for(asyncio.shield(stop()), self.options.timeout)
-        except BaseException as exc:
-            logger.warning(
-                "cacheme: storage %r: could not stop the server thread of a write cut short "
-                "(%r); it may still land",
-                self.name,
-                exc,
+            conn = await asyncmy.connect(
+                charset="utf8mb4",
+                autocommit=True,
+                connect_timeout=max(1, round(self.options.timeout)),
+                **self._connect_args,
             )
-            if not isinstance(exc, Exception):
-                raise
+            try:
+                await conn.cursor().execute("KILL %s", (thread,))
+            except mysql_errors.MySQLError as exc:
+                if not (exc.args and exc.args[0] == 1094):  # unknown thread: gone already
+                    raise
+            finally:
+                conn.close()
+
+        await self._stop_cut(stop, "server thread")
 
     async def _get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         wanted = stored_keys(keys)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
 import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -48,8 +47,6 @@ from pydantic import Field
 
 from .base import Entry
 from .sql import SQLOptions, SQLStorage, stored_key, stored_keys
-
-logger = logging.getLogger("cacheme")
 
 
 class PostgresOptions(SQLOptions):
@@ -201,35 +198,24 @@ class PostgresStorage(SQLStorage[PostgresOptions]):
         finally:
             await pool.release(con)  # first: the stop below may need its place in the pool
             if cut is not None and method == "execute":
-                await self._stop_backend(pool, cut)
+                await self._stop_backend(cut)
 
-    async def _stop_backend(self, pool: Any, pid: int) -> None:
+    async def _stop_backend(self, pid: int) -> None:
         """Stop the server process ``pid`` (a write's, cut short) and, PostgreSQL 14+, wait
-        until it has exited: its statement can no longer land after what is ordered behind
-        it. Within ``timeout`` seconds, even if the caller is cancelled again; a failure is
-        logged (the write may then still land)."""
-        timeout = self.options.timeout
+        until it has exited (see ``SQLStorage._stop_cut``)."""
+        wait_ms = max(1, round(self.options.timeout * 1000))
 
         async def stop() -> None:
-            async with pool.acquire() as other:
+            other = await asyncpg.connect(dsn_of(self.url), timeout=self.options.timeout)
+            try:
                 if other.get_server_version().major >= 14:
-                    await other.execute(
-                        "SELECT pg_terminate_backend($1, $2)", pid, max(1, round(timeout * 1000))
-                    )
+                    await other.execute("SELECT pg_terminate_backend($1, $2)", pid, wait_ms)
                 else:
                     await other.execute("SELECT pg_terminate_backend($1)", pid)
+            finally:
+                other.terminate()  # nothing left to say to the server
 
-        try:
-            await asyncio.wait_for(asyncio.shield(stop()), timeout)
-        except BaseException as exc:
-            logger.warning(
-                "cacheme: storage %r: could not stop the server process of a write cut "
-                "short (%r); it may still land",
-                self.name,
-                exc,
-            )
-            if not isinstance(exc, Exception):
-                raise
+        await self._stop_cut(stop, "server process")
 
     @property
     def pool(self) -> Any:

@@ -52,6 +52,7 @@ import logging
 import random
 import re
 from abc import abstractmethod
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar, TypeVar
 
@@ -155,6 +156,37 @@ class SQLStorage(RemoteStorage[SO]):
         self.purged = 0  # expired rows deleted by purges so far
         self.purge_failures = 0
         self._purge_task: asyncio.Task[None] | None = None
+        self._stop_slots: asyncio.Semaphore | None = None  # see _stop_cut
+
+    async def _stop_cut(self, stop: Callable[[], Awaitable[None]], what: str) -> None:
+        """Run ``stop`` (end the server side of a write cut short: its statement may still
+        be waiting on a row lock, to land after what is ordered behind it) before the write
+        counts as failed. ``stop`` opens a connection of its own, not the pool's, whose
+        callers may all be waiting; at most four run at once per loop, so a storm of cut
+        writes cannot exhaust the server's connections. Bounded by 0.8 x ``timeout`` from
+        here: the storage cancels a cut operation again one ``timeout`` after the cut, and
+        the stop should be over by then. A stop that fails or runs out of time goes on in
+        the background and is logged (the write may still land)."""
+        if self._stop_slots is None:
+            self._stop_slots = asyncio.Semaphore(4)
+        slots = self._stop_slots
+
+        async def gated() -> None:
+            async with slots:
+                await stop()
+
+        try:
+            await asyncio.wait_for(asyncio.shield(gated()), 0.8 * self.options.timeout)
+        except BaseException as exc:
+            logger.warning(
+                "cacheme: storage %r: could not stop the %s of a write cut short (%r); it "
+                "may still land",
+                self.name,
+                what,
+                exc,
+            )
+            if not isinstance(exc, Exception):
+                raise
 
     @abstractmethod
     async def _open(self) -> None:

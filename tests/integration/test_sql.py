@@ -463,3 +463,54 @@ async def test_a_write_cut_short_by_its_timeout_never_lands_later(
             assert await cacheme.get(CutShort()) == "v2"
         finally:
             await cacheme.close_storages()
+
+
+@pytest.mark.postgres
+async def test_many_writes_cut_short_at_once_never_land_later(tmp_path: Path) -> None:
+    """Forty writes, 10 ms apart, each waiting on a row another session holds, time out
+    from a pool of five; a removal of the key follows each, then the other session commits.
+    Each server process is stopped through a connection of its own before its write counts
+    as failed. Stopping through the pool queued the stops behind the pool's other callers,
+    past the storage's second cancel: a review saw a cut write land after the removal that
+    followed it in 4 of 15 runs (and in every run before any stop)."""
+    import asyncpg
+
+    async with sql_storage(
+        "postgres",
+        tmp_path,
+        "storm",
+        timeout=0.3,
+        pool_size=5,
+        coalesce=False,
+        breaker_threshold=10**6,
+        purge_interval=0,
+    ) as (storage, table):
+        holders = []
+        for i in range(40):
+            holder = await asyncpg.connect(table.url)
+            await holder.execute("BEGIN")
+            await holder.execute(
+                f'INSERT INTO "{table.table}" ("key", "value", "expire") VALUES ($1, $2, NULL)',
+                stored_key(f"k{i}"),
+                b"holder",
+            )
+            holders.append(holder)
+
+        async def write_then_remove(i: int) -> bool:
+            await asyncio.sleep(0.01 * i)
+            with contextlib.suppress(StorageError):
+                await storage.set_many([Entry(f"k{i}", b"cut", None)])
+            try:
+                await storage.remove_many([f"k{i}"])
+                removed = True
+            except StorageError:
+                removed = False
+            await holders[i].execute("COMMIT")  # the holder's row lands; a cut write must not
+            await holders[i].close()
+            return removed
+
+        removed = await asyncio.gather(*(write_then_remove(i) for i in range(40)))
+        await asyncio.sleep(0.5)
+        rows = dict(await table.run(f'SELECT "key", "value" FROM "{table.table}"'))
+        landed = [i for i in range(40) if removed[i] and rows.get(stored_key(f"k{i}")) == b"cut"]
+        assert landed == [], f"cut writes landed after their removal: {landed}"
