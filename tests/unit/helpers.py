@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from cacheme.storages.base import MISS, LocalStorage
@@ -41,3 +45,21 @@ def stored(name: str, key: str) -> tuple[Any, bool]:
     """What the local tier ``name`` holds under the full key ``key``: ``(value, found)``."""
     value = tier(name).get(key)
     return (None, False) if value is MISS else (value, True)
+
+
+@contextlib.contextmanager
+def threads_switching_fast(
+    target: Callable[[int], None], count: int = 4
+) -> Iterator[list[threading.Thread]]:
+    """Start ``count`` threads running ``target(i)``, with a thread switch forced every
+    microsecond until the block ends (races that need an unlucky switch then show at once);
+    the block stops them and ``join``s them (10 s each)."""
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    try:
+        for thread in threads:
+            thread.start()
+        yield threads
+    finally:
+        sys.setswitchinterval(switch)

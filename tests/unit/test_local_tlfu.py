@@ -97,7 +97,8 @@ def test_several_threads_at_once(cls: type[TinyLFUStorage]) -> None:
     an LRU entry removed between its lookup and its move to the end, two threads applying
     one handover: each raised before.)"""
     import random
-    import sys
+
+    from .helpers import threads_switching_fast
 
     store = cls("t", "local://x", LocalOptions(size=10))
     errors: list[BaseException] = []
@@ -122,18 +123,11 @@ def test_several_threads_at_once(cls: type[TinyLFUStorage]) -> None:
             errors.append(exc)
             stop.set()
 
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
-        for thread in threads:
-            thread.start()
+    with threads_switching_fast(hammer) as threads:
         time.sleep(0.5)
         stop.set()
         for thread in threads:
             thread.join(10)
-    finally:
-        sys.setswitchinterval(switch)
     assert not errors, errors
     store.remove("absent")  # applies what was handed over
     assert len(store) <= 10

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -15,6 +14,8 @@ import pytest
 
 import cacheme
 from cacheme import Cache, Node
+
+from .helpers import threads_switching_fast
 
 
 @pytest.mark.parametrize("policy", ["lru", "tlfu"])
@@ -73,18 +74,11 @@ async def test_loops_of_several_threads_share_local_tiers(policy: str) -> None:
             errors.append(exc)
             stop.set()
 
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-        for thread in threads:
-            thread.start()
+    with threads_switching_fast(worker) as threads:
         await asyncio.to_thread(time.sleep, 0.7)
         stop.set()
         for thread in threads:
             await asyncio.to_thread(thread.join, 30)
-    finally:
-        sys.setswitchinterval(switch)
     assert not any(t.is_alive() for t in threads)
     assert not errors, errors
     assert not wrong, wrong[:5]
