@@ -44,7 +44,7 @@ import logging
 import struct
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -633,6 +633,16 @@ class Pass:
 
     # loading
 
+    def loading(self, keys: Iterable[str]) -> None:
+        """The walk loads ``keys`` now. A background reload of them under way began earlier
+        and may have read an older value than this load will: it no longer writes (see
+        ``forget``). (Joining it instead would hand this walk's callers what it read before
+        an invalidation, or its failure without the stale-if-error copy.) A background
+        reload's own walk leaves the others alone."""
+        if not self.refreshing:
+            for key in keys:
+                forget(key)
+
     def after_load(
         self, loaded: dict[str, Any], stale: dict[str, Any], errors: dict[str, BaseException]
     ) -> None:
@@ -814,8 +824,8 @@ async def _refresh(
 
 def forget(key: str) -> None:
     """A background reload of ``key`` under way (in any loop of the process) must not write
-    it back: ``invalidate`` and ``refresh`` changed the key, or a flight that may load it
-    began (the reload began earlier, so its value may be older than the flight's)."""
+    it back: ``invalidate`` and ``refresh`` changed the key, or a walk began to load it (the
+    reload began earlier, so its value may be older than the walk's)."""
     for rt in runtime.live():
         call = rt.refreshing.get(key)
         if call is not None:
@@ -854,11 +864,6 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None, key: str) -> Any
     flights = rt.flights
     call = flights.get(key)
     if call is None or call.detached:  # e.g. by another thread's invalidate
-        # A background reload under way began before this flight: what it loads may be
-        # older than what this one finds, so it no longer writes. (Joining it instead would
-        # hand this caller what it read before an invalidation, or its failure without the
-        # stale-if-error copy: a reload reads no entry.)
-        forget(key)
         names = tag_names(cfg, {key: node})
         call = flights.start(key, cfg.name)
         waiter = call.join()
@@ -909,8 +914,6 @@ async def get_all(nodes: list[Node], cfg: Config, keys: list[str]) -> list[Any]:
         names = tag_names(cfg, {k: nodes[where[0]] for k, where in pending.items()})
         calls, outcome = join_all(rt.flights, pending, cfg.name, rt.loop)
         rec.coalesced += sum(len(where) for where in pending.values()) - len(calls)
-        for key in calls:
-            forget(key)
         if calls:
             started = {k: nodes[pending[k][0]] for k in calls}
             walk = Walk(cfg, rt, started, calls, None)

@@ -593,6 +593,8 @@ class Walk:
         try:
             cfg = self.cfg
             missing = {k: self.nodes[k] for k in self.missing}
+            if self.fresh is not None:
+                self.fresh.loading(missing)
             loaded, stale, errors = await self._load(missing, leased=admit)
             # Keys this walk loaded under a lease: other processes wait for their values in
             # the shared tier, so the doorkeeper does not hold them back.

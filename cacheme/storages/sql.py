@@ -156,20 +156,23 @@ class SQLStorage(RemoteStorage[SO]):
         self.purged = 0  # expired rows deleted by purges so far
         self.purge_failures = 0
         self._purge_task: asyncio.Task[None] | None = None
-        self._stop_slots: asyncio.Semaphore | None = None  # see _stop_cut
+        # See _stop_cut: the slots of the loop that used them last (a registered storage
+        # serves one loop after another, and a semaphore belongs to one).
+        self._stop_slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
 
     async def _stop_cut(self, stop: Callable[[], Awaitable[None]], what: str) -> None:
         """Run ``stop`` (end the server side of a write cut short: its statement may still
         be waiting on a row lock, to land after what is ordered behind it) before the write
         counts as failed. ``stop`` opens a connection of its own, not the pool's, whose
-        callers may all be waiting; at most four run at once per loop, so a storm of cut
+        callers may all be waiting; at most eight run at once per loop, so a storm of cut
         writes cannot exhaust the server's connections. Bounded by 0.8 x ``timeout`` from
         here: the storage cancels a cut operation again one ``timeout`` after the cut, and
         the stop should be over by then. A stop that fails or runs out of time goes on in
         the background and is logged (the write may still land)."""
-        if self._stop_slots is None:
-            self._stop_slots = asyncio.Semaphore(4)
-        slots = self._stop_slots
+        loop = asyncio.get_running_loop()
+        if self._stop_slots is None or self._stop_slots[0] is not loop:
+            self._stop_slots = (loop, asyncio.Semaphore(8))
+        slots = self._stop_slots[1]
 
         async def gated() -> None:
             async with slots:

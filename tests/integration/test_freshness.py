@@ -581,3 +581,34 @@ async def test_a_cancelled_refresh_does_not_fail_the_gets_that_joined_it(
         await refreshing
     assert source.calls == [1]
     assert "read callback failed" not in caplog.text
+
+
+@pytest.mark.parametrize("option", ["refresh_after", "stale_while_revalidate"])
+async def test_a_reload_lands_while_hits_come_from_the_remote_tier(
+    backend: Backend, clock: Clock, option: str
+) -> None:
+    """A node with no local tier: every get of a due entry is a flight that reads the remote
+    tier (a hit), while the reload it started runs. A first version of this session's fix
+    for reloads writing over newer values marked the reload stale at every such flight, so
+    under steady traffic no reload ever wrote: the value never advanced. Only a walk that
+    loads the key keeps a reload from writing."""
+    source = Source()
+    source.data[1] = "v1"
+    meta: dict[str, Any] = (
+        {"refresh_after": 0.5}
+        if option == "refresh_after"
+        else {"stale_while_revalidate": timedelta(seconds=100)}
+    )
+    Item = make(source, ("remote",), **meta)
+    assert await cacheme.get(Item(1)) == "v1"
+    clock.advance(60 if option == "refresh_after" else 101)  # due for a reload
+    source.data[1] = "v2"
+    source.gate = asyncio.Event()
+    assert await cacheme.get(Item(1)) == "v1"  # starts the reload, held at the gate
+    await settle()
+    for _ in range(5):  # steady traffic while it runs: remote hits
+        assert await cacheme.get(Item(1)) == "v1"
+    source.gate.set()
+    await settle()
+    assert await cacheme.get(Item(1)) == "v2"
+    assert source.calls == [1, 1]

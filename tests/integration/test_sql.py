@@ -514,3 +514,88 @@ async def test_many_writes_cut_short_at_once_never_land_later(tmp_path: Path) ->
         rows = dict(await table.run(f'SELECT "key", "value" FROM "{table.table}"'))
         landed = [i for i in range(40) if removed[i] and rows.get(stored_key(f"k{i}")) == b"cut"]
         assert landed == [], f"cut writes landed after their removal: {landed}"
+
+
+@pytest.mark.postgres
+def test_stops_of_cut_writes_in_one_loop_after_another(caplog: pytest.LogCaptureFixture) -> None:
+    """``asyncio.run`` per job, each job cutting twelve writes short at once (more than the
+    eight stops that run at once): the stops' semaphore belonged to the first loop that
+    waited on it, so from the second job on the stops that had to wait failed ("bound to a
+    different event loop", review 37) and their writes landed after their removal."""
+    import asyncpg
+
+    import cacheme
+
+    async def job(n: int, url: str, name: str) -> list[int]:
+        holders = []
+        for i in range(12):
+            holder = await asyncpg.connect(url)
+            await holder.execute("BEGIN")
+            await holder.execute(
+                f'INSERT INTO "{name}" ("key", "value", "expire") VALUES ($1, $2, NULL)',
+                stored_key(f"j{n}:{i}"),
+                b"holder",
+            )
+            holders.append(holder)
+        storage = cacheme.storages()["sql"]
+
+        async def cut(i: int) -> bool:
+            with contextlib.suppress(StorageError):
+                await storage.set_many([Entry(f"j{n}:{i}", b"cut", None)])  # type: ignore[attr-defined]
+            try:
+                await storage.remove_many([f"j{n}:{i}"])  # type: ignore[attr-defined]
+                return True
+            finally:
+                await holders[i].execute("COMMIT")
+                await holders[i].close()
+
+        removed = await asyncio.gather(*(cut(i) for i in range(12)), return_exceptions=True)
+        await asyncio.sleep(0.3)
+        check = await asyncpg.connect(url)
+        try:
+            rows = dict(await check.fetch(f'SELECT "key", "value" FROM "{name}"'))
+        finally:
+            await check.close()
+        return [
+            i
+            for i in range(12)
+            if removed[i] is True and rows.get(stored_key(f"j{n}:{i}")) == b"cut"
+        ]
+
+    import uuid
+
+    from cacheme import schemas
+
+    from .backend_sql import SERVICES
+
+    url = SERVICES["postgres"][1]
+    name = f"cacheme_t_{uuid.uuid4().hex[:12]}"
+    asyncio.run(schemas.create(url, table=name))
+    try:
+        asyncio.run(
+            cacheme.register_storage(
+                "sql",
+                cacheme.Storage(
+                    url,
+                    table=name,
+                    timeout=0.3,
+                    coalesce=False,
+                    purge_interval=0,
+                    breaker_threshold=10**6,
+                ),
+            )
+        )
+        for n in range(3):
+            assert asyncio.run(job(n, url, name)) == [], f"job {n}"
+        assert "different event loop" not in caplog.text
+    finally:
+        asyncio.run(cacheme.close_storages())
+
+        async def drop() -> None:
+            conn = await asyncpg.connect(url)
+            try:
+                await conn.execute(f'DROP TABLE IF EXISTS "{name}"')
+            finally:
+                await conn.close()
+
+        asyncio.run(drop())
