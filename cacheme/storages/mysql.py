@@ -177,6 +177,7 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
             raise
 
     async def _shutdown(self) -> None:
+        self._close_stopper()
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
@@ -214,27 +215,27 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
         finally:
             pool.release(conn)  # first: the stop below may need its place in the pool
             if cut is not None and not fetch:
-                await self._stop_thread(cut)
+                await self._stop_cut(cut, "server thread")
 
-    async def _stop_thread(self, thread: int) -> None:
-        """``KILL`` the server thread of a write cut short (see ``SQLStorage._stop_cut``)."""
+    # The stop of a write cut short (see SQLStorage._stop_cut).
 
-        async def stop() -> None:
-            conn = await asyncmy.connect(
-                charset="utf8mb4",
-                autocommit=True,
-                connect_timeout=max(1, round(self.options.timeout)),
-                **self._connect_args,
-            )
-            try:
-                await conn.cursor().execute("KILL %s", (thread,))
-            except mysql_errors.MySQLError as exc:
-                if not (exc.args and exc.args[0] == 1094):  # unknown thread: gone already
-                    raise
-            finally:
-                conn.close()
+    async def _stopper_connect(self) -> Any:
+        return await asyncmy.connect(
+            charset="utf8mb4",
+            autocommit=True,
+            connect_timeout=max(1, round(self.options.timeout)),
+            **self._connect_args,
+        )
 
-        await self._stop_cut(stop, "server thread")
+    async def _stop_on(self, conn: Any, ident: int) -> None:
+        try:
+            await conn.cursor().execute("KILL %s", (ident,))
+        except mysql_errors.MySQLError as exc:
+            if not (exc.args and exc.args[0] == 1094):  # unknown thread: gone already
+                raise
+
+    def _stopper_close(self, conn: Any) -> None:
+        conn.close()
 
     async def _get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         wanted = stored_keys(keys)

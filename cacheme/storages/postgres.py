@@ -161,6 +161,7 @@ class PostgresStorage(SQLStorage[PostgresOptions]):
             raise self._missing_table(exc) from exc
 
     async def _shutdown(self) -> None:
+        self._close_stopper()
         pool, self._pool = self._pool, None
         if pool is not None:
             try:  # a graceful close talks to the server: bounded, then cut
@@ -179,7 +180,7 @@ class PostgresStorage(SQLStorage[PostgresOptions]):
         asyncpg would otherwise send a CancelRequest and reset the connection before the
         caller gets control back, which over a black-holed network never ends. A write
         (``execute``) cut that way also has its server process stopped before this returns
-        (see ``_stop_backend``): closing the socket alone leaves a statement that waits on
+        (see ``SQLStorage._stop_cut``): closing the socket alone leaves a statement that waits on
         a row lock running, to land after an ``invalidate`` that was ordered behind it.
         """
         if self._pool is None:
@@ -198,22 +199,20 @@ class PostgresStorage(SQLStorage[PostgresOptions]):
         finally:
             await pool.release(con)  # first: the stop below may need its place in the pool
             if cut is not None and method == "execute":
-                await self._stop_backend(cut)
+                await self._stop_cut(cut, "server process")
 
-    async def _stop_backend(self, pid: int) -> None:
-        """Terminate the server process ``pid`` (a write's, cut short; see
-        ``SQLStorage._stop_cut``). A process waiting on a lock ends at once on the signal.
-        (The PostgreSQL 14+ form that waits for the exit polls in 100 ms steps: a storm of
-        cut writes then outlasted the stops' bound, and some landed.)"""
+    # The stop of a write cut short (see SQLStorage._stop_cut). A process waiting on a lock
+    # ends at once on the signal. (The PostgreSQL 14+ form that waits for the exit polls
+    # in 100 ms steps: a storm of cut writes then outlasted the stops' bound.)
 
-        async def stop() -> None:
-            other = await asyncpg.connect(dsn_of(self.url), timeout=self.options.timeout)
-            try:
-                await other.execute("SELECT pg_terminate_backend($1)", pid)
-            finally:
-                other.terminate()  # nothing left to say to the server
+    async def _stopper_connect(self) -> Any:
+        return await asyncpg.connect(dsn_of(self.url), timeout=self.options.timeout)
 
-        await self._stop_cut(stop, "server process")
+    async def _stop_on(self, conn: Any, ident: int) -> None:
+        await conn.execute("SELECT pg_terminate_backend($1)", ident)
+
+    def _stopper_close(self, conn: Any) -> None:
+        conn.terminate()  # nothing left to say to the server
 
     @property
     def pool(self) -> Any:

@@ -52,7 +52,6 @@ import logging
 import random
 import re
 from abc import abstractmethod
-from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar, TypeVar
 
@@ -156,30 +155,39 @@ class SQLStorage(RemoteStorage[SO]):
         self.purged = 0  # expired rows deleted by purges so far
         self.purge_failures = 0
         self._purge_task: asyncio.Task[None] | None = None
-        # See _stop_cut: the slots of the loop that used them last (a registered storage
-        # serves one loop after another, and a semaphore belongs to one).
-        self._stop_slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+        # See _stop_cut: [loop, lock, connection or None] of the loop that used it last (a
+        # registered storage serves one loop after another; a lock belongs to one).
+        self._stopper: list[Any] | None = None
 
-    async def _stop_cut(self, stop: Callable[[], Awaitable[None]], what: str) -> None:
-        """Run ``stop`` (end the server side of a write cut short: its statement may still
-        be waiting on a row lock, to land after what is ordered behind it) before the write
-        counts as failed. ``stop`` opens a connection of its own, not the pool's, whose
-        callers may all be waiting; at most eight run at once per loop, so a storm of cut
-        writes cannot exhaust the server's connections. Bounded by 0.8 x ``timeout`` from
-        here: the storage cancels a cut operation again one ``timeout`` after the cut, and
-        the stop should be over by then. A stop that fails or runs out of time goes on in
-        the background and is logged (the write may still land)."""
+    async def _stop_cut(self, ident: int, what: str) -> None:
+        """Stop the server side of a write cut short (``ident``: its server process or
+        thread), before the write counts as failed: its statement may still be waiting on a
+        row lock, to land after what is ordered behind it. The stops go one after another
+        through one connection of this loop's own, not the pool's (whose callers may all
+        be waiting), opened at the first: each is a statement of about a millisecond, so a
+        storm of cut writes is stopped in time. Bounded by 0.8 x ``timeout`` from here: the
+        storage cancels a cut operation again one ``timeout`` after the cut, and the stop
+        should be over by then. A stop that fails or runs out of time goes on in the
+        background and is logged (the write may still land)."""
         loop = asyncio.get_running_loop()
-        if self._stop_slots is None or self._stop_slots[0] is not loop:
-            self._stop_slots = (loop, asyncio.Semaphore(8))
-        slots = self._stop_slots[1]
+        stopper = self._stopper
+        if stopper is None or stopper[0] is not loop:
+            stopper = self._stopper = [loop, asyncio.Lock(), None]
 
-        async def gated() -> None:
-            async with slots:
-                await stop()
+        async def stop() -> None:
+            async with stopper[1]:
+                conn = stopper[2]
+                if conn is None:
+                    conn = stopper[2] = await self._stopper_connect()
+                try:
+                    await self._stop_on(conn, ident)
+                except BaseException:
+                    stopper[2] = None
+                    self._stopper_close(conn)
+                    raise
 
         try:
-            await asyncio.wait_for(asyncio.shield(gated()), 0.8 * self.options.timeout)
+            await asyncio.wait_for(asyncio.shield(stop()), 0.8 * self.options.timeout)
         except BaseException as exc:
             logger.warning(
                 "cacheme: storage %r: could not stop the %s of a write cut short (%r); it "
@@ -190,6 +198,25 @@ class SQLStorage(RemoteStorage[SO]):
             )
             if not isinstance(exc, Exception):
                 raise
+
+    def _close_stopper(self) -> None:
+        """Close this loop's stopping connection, if it has one (at shutdown)."""
+        stopper, self._stopper = self._stopper, None
+        if stopper is not None and stopper[2] is not None:
+            with contextlib.suppress(Exception):
+                self._stopper_close(stopper[2])
+
+    async def _stopper_connect(self) -> Any:
+        """A new connection to the server, outside the pool (see ``_stop_cut``)."""
+        raise NotImplementedError
+
+    async def _stop_on(self, conn: Any, ident: int) -> None:
+        """End server process or thread ``ident`` through ``conn``."""
+        raise NotImplementedError
+
+    def _stopper_close(self, conn: Any) -> None:
+        """Close ``conn`` without waiting for the server."""
+        raise NotImplementedError
 
     @abstractmethod
     async def _open(self) -> None:
