@@ -179,9 +179,9 @@ class PostgresStorage(SQLStorage[PostgresOptions]):
         timeout, or a network error) terminates its connection instead of handing it back:
         asyncpg would otherwise send a CancelRequest and reset the connection before the
         caller gets control back, which over a black-holed network never ends. A write
-        (``execute``) cut that way also has its server process stopped before this returns
-        (see ``SQLStorage._stop_cut``): closing the socket alone leaves a statement that waits on
-        a row lock running, to land after an ``invalidate`` that was ordered behind it.
+        (``execute``) cut that way also has its server process stopped before this
+        returns (see ``SQLStorage._stop_cut``): closing the socket alone leaves a statement
+        that waits on a row lock running, to land after an ``invalidate`` ordered behind it.
         """
         if self._pool is None:
             raise ConnectionError("PostgreSQL storage is not connected")

@@ -134,6 +134,18 @@ class SQLOptions(RemoteOptions):
 SO = TypeVar("SO", bound=SQLOptions)
 
 
+class _Stopper:
+    """One loop's means of stopping cut writes (see ``SQLStorage._stop_cut``): a lock that
+    takes them one at a time, and the connection they go through, opened at the first."""
+
+    __slots__ = ("conn", "lock", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = asyncio.Lock()
+        self.conn: Any = None
+
+
 class SQLStorage(RemoteStorage[SO]):
     """A remote tier kept in one SQL table; runs the purge of expired rows.
 
@@ -155,9 +167,9 @@ class SQLStorage(RemoteStorage[SO]):
         self.purged = 0  # expired rows deleted by purges so far
         self.purge_failures = 0
         self._purge_task: asyncio.Task[None] | None = None
-        # See _stop_cut: [loop, lock, connection or None] of the loop that used it last (a
-        # registered storage serves one loop after another; a lock belongs to one).
-        self._stopper: list[Any] | None = None
+        # See _stop_cut: of the loop that used it last (a registered storage serves one
+        # loop after another; a lock and a connection belong to one).
+        self._stopper: _Stopper | None = None
 
     async def _stop_cut(self, ident: int, what: str) -> None:
         """Stop the server side of a write cut short (``ident``: its server process or
@@ -171,18 +183,18 @@ class SQLStorage(RemoteStorage[SO]):
         background and is logged (the write may still land)."""
         loop = asyncio.get_running_loop()
         stopper = self._stopper
-        if stopper is None or stopper[0] is not loop:
-            stopper = self._stopper = [loop, asyncio.Lock(), None]
+        if stopper is None or stopper.loop is not loop:
+            stopper = self._stopper = _Stopper(loop)
 
         async def stop() -> None:
-            async with stopper[1]:
-                conn = stopper[2]
+            async with stopper.lock:
+                conn = stopper.conn
                 if conn is None:
-                    conn = stopper[2] = await self._stopper_connect()
+                    conn = stopper.conn = await self._stopper_connect()
                 try:
                     await self._stop_on(conn, ident)
                 except BaseException:
-                    stopper[2] = None
+                    stopper.conn = None
                     self._stopper_close(conn)
                     raise
 
@@ -202,9 +214,9 @@ class SQLStorage(RemoteStorage[SO]):
     def _close_stopper(self) -> None:
         """Close this loop's stopping connection, if it has one (at shutdown)."""
         stopper, self._stopper = self._stopper, None
-        if stopper is not None and stopper[2] is not None:
+        if stopper is not None and stopper.conn is not None:
             with contextlib.suppress(Exception):
-                self._stopper_close(stopper[2])
+                self._stopper_close(stopper.conn)
 
     async def _stopper_connect(self) -> Any:
         """A new connection to the server, outside the pool (see ``_stop_cut``)."""
