@@ -413,10 +413,14 @@ loop = asyncio.new_event_loop()
 
 async def queue_writes():
     tasks = [asyncio.ensure_future(cacheme.get(N(k))) for k in ("x", "y")]
-    for _ in range(1000):  # until a write is noted, before it is flushed
+    # Until a write is noted, before it is flushed: turn by turn, for up to 5 s (this new
+    # loop connects first, which a busy machine can make outlast a fixed number of turns).
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
         if landing._pending:
             return sorted(landing._pending)
         await asyncio.sleep(0)
+    raise SystemExit("no write was ever noted")
 
 stuck = loop.run_until_complete(queue_writes())
 loop.close()  # no shutdown_asyncgens: the queued write is never sent
