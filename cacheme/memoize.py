@@ -52,6 +52,7 @@ class Memoized(Generic[P, R]):
         # Our own view of the node class's configuration: its value type is this function's.
         self._config: Config = node_cls._cacheme_config.for_function(fn)
         self._keyed: type[DynamicNode] | None = None  # see _keyed_node
+        self._bound: dict[type[Node], type[Node]] = {}  # see _bound_node
         functools.update_wrapper(self, fn)
         mark = getattr(inspect, "markcoroutinefunction", None)  # Python 3.12+
         if mark is not None:
@@ -83,7 +84,7 @@ class Memoized(Generic[P, R]):
             )
         node = to_node(*args, **kwargs)
         if isinstance(node, self._node_cls):
-            return node
+            return self._bound_node(node, args, kwargs)
         if type(node) is DynamicNode:
             return self._keyed_node(node.key(), args, kwargs)
         raise ConfigurationError(
@@ -116,6 +117,36 @@ class Memoized(Generic[P, R]):
             keyed._cacheme_config = self._config
             self._keyed = keyed
         node = keyed(key=key)
+        node._cacheme_call = (self._fn, args, kwargs)  # type: ignore[attr-defined]
+        return node
+
+    def _bound_node(self, node: Node, args: Any, kwargs: Any) -> Node:
+        """``node`` (an instance of the class, from ``to_node``) as a node of this function:
+        the same object, its class switched to a subclass that carries this function's
+        configuration and loads through it, so that ``cacheme.get`` of it decodes to this
+        function's type and never copies another type's value into a local tier. A node
+        without ``__dict__`` (``__slots__``) is returned as it is."""
+        cls = type(node)
+        if cls._cacheme_config is self._config or not hasattr(node, "__dict__"):
+            return node
+        bound = self._bound.get(cls)
+        if bound is None:
+            # load_all too: a batch of these nodes loads each through the function.
+            attrs = {
+                "_cacheme_abstract": True,
+                "load": _load_through,
+                "load_all": Node.__dict__["load_all"],
+                # Equal to the class's own instances as before (a dataclass's __eq__ wants
+                # the very same class), and hashed the same.
+                "__eq__": _equal_as(cls),
+                "__hash__": cls.__hash__,
+            }
+            bound = type(cls.__name__, (cls,), attrs)
+            bound.__qualname__ = cls.__qualname__
+            bound.__module__ = cls.__module__
+            bound._cacheme_config = self._config
+            self._bound[cls] = bound
+        node.__class__ = bound
         node._cacheme_call = (self._fn, args, kwargs)  # type: ignore[attr-defined]
         return node
 
@@ -171,6 +202,24 @@ async def _load_through(node: Any) -> Any:
     """``load()`` of a node from ``Memoized.node``: the function, with its arguments."""
     fn, args, kwargs = node._cacheme_call
     return await fn(*args, **kwargs)
+
+
+def _equal_as(cls: type[Node]) -> Callable[[Any, Any], Any]:
+    """``__eq__`` for ``Memoized._bound_node``'s subclass of ``cls``: compare as ``cls``."""
+
+    def as_cls(node: Any) -> Any:
+        if type(node) is cls or not isinstance(node, cls):
+            return node
+        plain = object.__new__(cls)
+        plain.__dict__.update(node.__dict__)
+        return plain
+
+    def eq(self: Any, other: Any) -> Any:
+        if not isinstance(other, cls):
+            return NotImplemented
+        return cls.__eq__(as_cls(self), as_cls(other))
+
+    return eq
 
 
 def _is_async(fn: Any) -> bool:

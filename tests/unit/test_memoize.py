@@ -252,3 +252,61 @@ async def test_a_batch_of_function_nodes_loads_through_the_function() -> None:
 
     assert await cacheme.get_all([f.node(2), f.node(3)]) == ["f(2)", "f(3)"]
     assert await f(2) == "f(2)"
+
+
+@dataclass
+class Point:
+    x: int
+
+
+async def test_get_of_fn_node_decodes_to_the_function_type(tmp_path: Any) -> None:
+    """``cacheme.get(fn.node(...))`` where ``to_node`` returns an instance of a class with no
+    ``load()``: the value decodes to the function's type, and the local tier it is copied
+    into (which the function itself reads) keeps that type. Before, the get decoded the
+    remote entry as plain data and left a dict in the local tier: the function then
+    returned ``{'x': 1}`` instead of ``Point(x=1)``."""
+    from cacheme import schemas
+    from cacheme.serializer import JSONSerializer
+
+    url = f"sqlite:///{tmp_path}/memo.db"
+    await schemas.create(url)
+    await cacheme.register_storage("memo-sqlite", Storage(url=url))
+
+    @dataclass
+    class PointNode(Node):
+        a: int
+
+        def key(self) -> str:
+            return f"point:{self.a}"
+
+        class Meta(Node.Meta):
+            caches = [Cache(storage="local", ttl=None), Cache(storage="memo-sqlite", ttl=None)]
+            serializer = JSONSerializer()
+
+    loads: list[int] = []
+
+    @Memoize(PointNode)
+    async def point(a: int) -> Point:
+        loads.append(a)
+        return Point(a)
+
+    @point.to_node
+    def _(a: int) -> PointNode:
+        return PointNode(a)
+
+    assert await point(1) == Point(1)
+    await cacheme.register_storage("local", Storage(url="local://tlfu", size=1000))  # cold
+    node = point.node(1)
+    assert await cacheme.get(node) == Point(1)
+    assert await point(1) == Point(1)
+    assert loads == [1]
+    # Still a node of the class, equal to the class's own instance and hashed alike.
+    assert isinstance(node, PointNode)
+    assert node == PointNode(1) and PointNode(1) == node and node != PointNode(2)
+    assert repr(node) == "test_get_of_fn_node_decodes_to_the_function_type.<locals>.PointNode(a=1)"
+    # On a miss, get of it loads through the function.
+    assert await cacheme.get(point.node(2)) == Point(2)
+    assert loads == [1, 2]
+    await cacheme.invalidate(point.node(1))
+    assert await point(1) == Point(1)
+    assert loads == [1, 2, 1]
