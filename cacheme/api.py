@@ -57,12 +57,7 @@ def not_a_node(node: object, call: str) -> ConfigurationError:
 
 
 def full_key(cfg: Config, node: Node) -> str:
-    key = node.key()
-    if type(key) is not str:
-        raise ConfigurationError(
-            f"{cfg.name}.key() must return str, got {type(key).__name__} {key!r}"
-        )
-    return f"{_node._prefix}:{key}:{cfg.version}"
+    return _node.whole_key(cfg.name, node.key(), cfg.version)
 
 
 def get(
@@ -404,7 +399,13 @@ def _forget_elsewhere(key: str, here: runtime.Runtime, readers_only: bool = Fals
 
 
 async def refresh(node: Node) -> Any:
-    """Load the node again (bypassing every tier), store it in every tier, and return it."""
+    """Load the node again (bypassing every tier), store it in every tier, and return it.
+
+    Raises what the load raises; and ``StorageError`` when a remote tier did not take the
+    new value, whatever its ``fail_open`` says (as ``invalidate`` does): that tier may go on
+    serving the old value to other processes, so the caller must know. The tiers that did
+    take it keep it, and callers who joined the refresh get it.
+    """
     return await reload(node, node_config(node, "refresh"), None)
 
 
@@ -441,7 +442,15 @@ async def reload(node: Node, cfg: Config, loader: Loader | None) -> Any:
     # For the other processes' repairs: a write of theirs that landed before this refresh
     # wrote is overwritten by it (see repair).
     backplane.publish((key,), kind="i", since=_written_at(call, began))
+    raise_missed_write(call)
     return value
+
+
+def raise_missed_write(call: Call) -> None:
+    """Raise the ``StorageError`` of a refresh whose new value a shared tier did not take
+    (``Reload.write_error``), unless a newer refresh or invalidation overtook it."""
+    if isinstance(call, Reload) and call.write_error is not None and not call.stale:
+        raise call.write_error
 
 
 def _written_at(call: Call, began: float) -> float:

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from contextvars import ContextVar
 from typing import Any, Union
+
+from .errors import LoadError
 
 # Where a value came from: the index of the tier that held it, or one of these.
 LOADED = -1  # load() ran (a miss)
@@ -54,6 +57,28 @@ class Group:
                 self.future.set_exception(error)
 
 
+# The calls whose load the running code is part of: a load sets it in its own task, and the
+# tasks it starts inherit it (a context variable: per task, never shared between loops).
+_inside: ContextVar[tuple[Call, ...]] = ContextVar("cacheme_inside_load", default=())
+
+
+def loading(calls: Iterable[Call]) -> None:
+    """Mark the running task as the load of ``calls`` (see ``refuse_cycle``)."""
+    _inside.set(_inside.get() + tuple(calls))
+
+
+def refuse_cycle(call: Call) -> None:
+    """Raise ``LoadError`` when the running code is part of ``call``'s own load: a ``load()``
+    that awaits ``get`` of its own key (directly, or through the loads of other keys) would
+    wait for itself forever, and the key with it."""
+    inside = _inside.get()
+    if inside and call in inside:
+        raise LoadError(
+            f"node {call.owner}: the load of {call.key!r} awaits a get of that same key "
+            "(itself, or through the loads of other keys): it would wait for itself forever"
+        )
+
+
 # A waiter: a caller's own future, or the group of a get_all.
 Waiter = Union["asyncio.Future[Outcome]", Group]
 
@@ -87,6 +112,8 @@ class Call:
         ``loop``: the running loop, when the caller has it at hand (finding it costs a
         system call, ``getpid``, in CPython's ``asyncio.get_running_loop``).
         """
+        if _inside.get():
+            refuse_cycle(self)
         if loop is None:
             loop = asyncio.get_running_loop()
         fut: asyncio.Future[Outcome] = loop.create_future()
@@ -135,13 +162,16 @@ class Call:
 class Reload(Call):
     """The call of a ``refresh``: it loads without reading any tier, so no removal under way
     when it began can have been read by it (``Flights.forget``'s ``readers_only``).
-    ``written_at``: the wall-clock time its writes were issued (0.0 before)."""
+    ``written_at``: the wall-clock time its writes were issued (0.0 before).
+    ``write_error``: set when a shared tier did not take the new value (the refresh raises
+    it; the callers who joined get the value)."""
 
-    __slots__ = ("written_at",)
+    __slots__ = ("write_error", "written_at")
 
     def __init__(self, key: str, owner: str = "", first: Waiter | None = None) -> None:
         super().__init__(key, owner, first)
         self.written_at = 0.0
+        self.write_error: BaseException | None = None
 
 
 class Flights:
@@ -252,9 +282,14 @@ def join_all(
     that gets every key's outcome, by key. ``loop``: the running loop, if at hand.
     """
     keys = list(keys)
+    table = flights._calls  # the loops below run once per key of a get_all: no calls in them
+    if _inside.get():
+        for key in keys:
+            call = table.get(key)
+            if call is not None and not call.detached:
+                refuse_cycle(call)
     group = Group(len(keys), loop)
     started: dict[str, Call] = {}
-    table = flights._calls  # the loop below runs once per key of a get_all: no calls in it
     for key in keys:
         call = table.get(key)
         if call is None or call.detached:

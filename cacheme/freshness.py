@@ -53,6 +53,8 @@ import msgpack
 from . import backplane, landing, runtime, tags
 from .errors import ConfigurationError, DecodeError, EncodeError, LoadError, StorageError
 from .flight import STALE, Call, Reload, join_all, propagates
+from .serializer import Serializer
+from .serializer import encode as encode_value
 from .storages.base import MISS, Entry, utf8_encodable
 from .tiers import RemoteTier, Tier, deliver_to, undecodable, warn
 
@@ -234,15 +236,13 @@ class Stamp:
         return f"<Stamp {kind}{self.value!r} written={self.written} expires={self.expires}>"
 
 
-def encode(
-    st: Stamp, expires: int, versions: list[Any] | None, dumps: Callable[[Any], bytes]
-) -> bytes:
+def encode(st: Stamp, expires: int, versions: list[Any] | None, serializer: Serializer) -> bytes:
     """The envelope of ``st`` for a remote tier (``versions`` aligned with its tag names)."""
     if st.negative:
         payload = b""
         info = None if st.value is None else list(st.value)
     else:
-        payload = dumps(st.value)
+        payload = encode_value(serializer, st.value)
         info = None
     tag_list = (
         None if versions is None else [[n, v] for n, v in zip(st.tags, versions, strict=True)]
@@ -697,7 +697,7 @@ class Pass:
         entries: list[Entry] = []
         tag_entries: list[Entry] = []
         versions = self.remote_versions.setdefault(tier.index, {})
-        dumps = tier.serializer.dumps
+        serializer = tier.serializer
         for key, st in values.items():
             if st.stale:
                 continue
@@ -717,7 +717,7 @@ class Pass:
             else:
                 ttl_ms, phys = rule.ttl_ms, rule.phys_ms
             try:
-                data = encode(st, now + ttl_ms if ttl_ms else 0, recorded, dumps)
+                data = encode(st, now + ttl_ms if ttl_ms else 0, recorded, serializer)
             except EncodeError as exc:
                 errors[key] = EncodeError(f"node {self.cfg.name}: {exc}")
                 continue
@@ -936,7 +936,14 @@ async def get_all(nodes: list[Node], cfg: Config, keys: list[str]) -> list[Any]:
 
 async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> Any:
     """``api.reload`` (``refresh``) for a stamped node: load, write every tier, return."""
-    from .api import _forget_everywhere, _written_at, latest, note_changed, wait_bound
+    from .api import (
+        _forget_everywhere,
+        _written_at,
+        latest,
+        note_changed,
+        raise_missed_write,
+        wait_bound,
+    )
     from .walk import Walk
 
     names = tag_names(cfg, {key: node})
@@ -967,4 +974,5 @@ async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> An
     if source == STALE:
         cfg.stats.stale += 1
     backplane.publish((key,), kind="i", since=_written_at(call, began))
+    raise_missed_write(call)
     return unwrap(cfg, st)

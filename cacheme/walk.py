@@ -22,13 +22,13 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import CoroutineType
 from typing import Any
 
 from . import backplane, lease
 from .errors import LoadError, LoadTimeoutError, StorageError
-from .flight import LOADED, STALE, Call, Outcome, Reload, propagates
+from .flight import LOADED, STALE, Call, Outcome, Reload, loading, propagates
 from .node import Config, Node
 from .runtime import Runtime
 from .tiers import Tier, deliver_to
@@ -242,6 +242,7 @@ class KeyWalk(Call):
         cfg = self.cfg
         key = self.key
         call = self
+        loading((self,))
         try:
             if self.loader is None and _load_all_only(type(self.node)):
                 self.loader = _by_load_all(cfg, key, self.node)
@@ -534,7 +535,24 @@ class Walk:
             errors.update(failed)
             if write is not None:
                 pending.append((tier, write))
+            elif not tier.immediate:  # refused before a round trip (breaker open, closed)
+                self._missed_write(tier, [k for k in live if k not in failed], None)
         return pending, errors
+
+    def _missed_write(self, tier: Tier, keys: Iterable[str], exc: BaseException | None) -> None:
+        """A shared tier did not take ``keys``' values: tell each ``refresh`` waiting for one
+        of them (``Reload.write_error``), whatever the tier's ``fail_open`` says. Like a
+        failed ``invalidate``, the tier may go on serving the old value to other processes.
+        """
+        for key in keys:
+            call = self.calls.get(key)
+            if type(call) is Reload and call.write_error is None:
+                reason = "" if exc is None else f" ({exc})"
+                call.write_error = StorageError(
+                    f"refresh of node {self.cfg.name}: storage {tier.name!r} did not take the "
+                    f"new value of {key!r}, so it may serve the old one until the key is "
+                    f"invalidated or expires{reason}"
+                )
 
     def _write_then_settle(self) -> None:
         if not self.backfill:  # every key came from the first tier read: nothing to write
@@ -593,6 +611,7 @@ class Walk:
         try:
             cfg = self.cfg
             missing = {k: self.nodes[k] for k in self.missing}
+            loading(self.calls[k] for k in missing)
             if self.fresh is not None:
                 self.fresh.loading(missing)
             loaded, stale, errors = await self._load(missing, leased=admit)
@@ -620,6 +639,11 @@ class Walk:
                 futures = [asyncio.ensure_future(w) for _, w in pending]
                 await asyncio.gather(*futures, return_exceptions=True)
                 errors.update(self._write_errors(pending, futures))
+                if announce:
+                    for (tier, _), fut in zip(pending, futures, strict=True):
+                        if not tier.immediate and (fut.cancelled() or fut.exception()):
+                            exc = None if fut.cancelled() else fut.exception()
+                            self._missed_write(tier, admitted, exc)
                 if admit and any(not t.immediate for t, _ in pending):
                     published = [k for k in admitted if not self.calls[k].stale]
                     backplane.publish(published)
@@ -783,11 +807,15 @@ def _match(
     from .api import full_key
 
     out: dict[str, Any] = {}
+    twice: set[str] = set()
     try:
         for got, value in pairs:
             if not isinstance(got, Node):
                 raise TypeError(f"{got!r} is not a node")
-            out[full_key(cfg, got)] = value
+            key = full_key(cfg, got)
+            if key in out:
+                twice.add(key)
+            out[key] = value
     except (TypeError, ValueError) as exc:
         error = LoadError(f"{cls.__qualname__}.load_all must return (node, value) pairs: {exc}")
         if count:
@@ -804,6 +832,18 @@ def _match(
             cfg.stats.load_successes -= len(left_out)
             cfg.stats.load_failures += len(left_out)
         for key in left_out:
+            out[key] = error
+    twice &= nodes.keys()
+    if twice:
+        # Which of the values is the node's own is unknown: none is served or cached.
+        error = LoadError(
+            f"{cls.__qualname__}.load_all returned more than one value for "
+            f"{len(twice)} node(s), e.g. key {min(twice)!r}"
+        )
+        if count:
+            cfg.stats.load_successes -= len(twice)
+            cfg.stats.load_failures += len(twice)
+        for key in twice:
             out[key] = error
     return {k: out[k] for k in nodes}
 

@@ -735,6 +735,61 @@ async def test_redis_refusing_writes(
         assert MSGPACK.loads(await raw.get(full_key(20))) == value_of(20)
 
 
+@pytest.mark.redis
+@pytest.mark.parametrize(
+    "meta", [{}, {"negative_ttl": timedelta(minutes=1)}], ids=["plain", "stamped"]
+)
+async def test_refresh_whose_value_a_tier_refuses_raises(
+    redis_server: RedisServer, meta: dict[str, Any]
+) -> None:
+    """``refresh`` while a fail-open remote tier refuses writes: the caller is told (as for
+    ``invalidate``), since that tier keeps serving the old value to other processes. Both
+    kinds: a write that fails on the server (OOM), and one refused before any round trip
+    (the breaker open). Before, ``refresh`` returned the new value and only logged."""
+    name = f"refusing-{uuid.uuid4().hex[:6]}"
+    await cacheme.register_storage("local", cacheme.Storage(url="local://tlfu", size=100))
+    await cacheme.register_storage(
+        name,
+        cacheme.Storage(redis_server.url(), timeout=1, breaker_threshold=1, breaker_cooldown=0.5),
+    )
+    node = item_class(
+        cacheme.Cache(storage="local", ttl=timedelta(minutes=5)),
+        cacheme.Cache(storage=name, ttl=timedelta(minutes=5)),
+        name="RefreshedNode",
+        **meta,
+    )
+
+    # The same key, read from the Redis tier alone: what another process gets from it.
+    remote_only = item_class(
+        cacheme.Cache(storage=name, ttl=timedelta(minutes=5)), name="RemoteView", **meta
+    )
+
+    async def remote_value() -> Any:
+        return await bounded(cacheme.get(remote_only(0)))
+
+    assert await bounded(cacheme.get(node(0))) == value_of(0)
+    async with raw_redis(redis_server.url()) as raw:
+        await raw.config_set("maxmemory-policy", "noeviction")
+        await raw.config_set("maxmemory", 1)
+        try:
+            node.suffix = "-new"
+            for kind in ("OOM", "breaker open"):
+                with pytest.raises(
+                    cacheme.StorageError, match=f"refresh of node RefreshedNode: storage '{name}'"
+                ) as info:
+                    await bounded(cacheme.refresh(node(0)))
+                assert "old one" in str(info.value), kind
+                # The tiers that took it serve it; the refusing one kept the old value.
+                assert await bounded(cacheme.get(node(0))) == value_of(0) + "-new"
+                assert await remote_value() == value_of(0)
+            assert remote(name).stats.rejected >= 1  # the second was refused by the breaker
+        finally:
+            await raw.config_set("maxmemory", 0)
+        await asyncio.sleep(0.6)  # the breaker's cooldown
+        assert await bounded(cacheme.refresh(node(0))) == value_of(0) + "-new"
+        assert await remote_value() == value_of(0) + "-new"
+
+
 # -- 5. Fail-closed --------------------------------------------------------------------------
 
 

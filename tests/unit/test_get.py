@@ -480,3 +480,64 @@ async def test_stale_values_are_counted_per_caller(stamped: bool) -> None:
     assert await asyncio.gather(*callers) == ["good"] * 5
     assert await batch == ["good"] * 3
     assert cacheme.stats(Kept).stale_count() == 8
+
+
+@dataclass
+class Cyclic(Node):
+    """Its load gets the keys of ``deps[n]`` first: a cycle when one leads back to ``n``."""
+
+    n: int
+    deps = {1: [1], 2: [3], 3: [2], 4: [], 5: [4, 5]}
+    batch = False
+
+    def key(self) -> str:
+        return f"cyclic:{self.n}"
+
+    async def load(self) -> int:
+        deps = [Cyclic(d) for d in self.deps[self.n]]
+        if type(self).batch:
+            return self.n + sum(await cacheme.get_all(deps))
+        return self.n + sum([await cacheme.get(d) for d in deps])
+
+    class Meta(Node.Meta):
+        caches = [Cache(storage="l1", ttl=None)]
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["get", "get_all"])
+@pytest.mark.parametrize("n", [1, 2, 5])
+async def test_a_load_that_awaits_its_own_key_fails_instead_of_hanging(
+    n: int, batch: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``load()`` that gets its own key, directly (1) or through other keys' loads (2 -> 3
+    -> 2, and 5 among others in a get_all): a ``LoadError`` that says so, at once. Before,
+    it waited for itself forever, and every later get of the key with it."""
+    monkeypatch.setattr(Cyclic, "batch", batch)
+    for _ in range(2):  # the key is not left stuck
+        with pytest.raises(cacheme.LoadError, match=rf"load of 'cacheme:cyclic:{n}:' awaits"):
+            await asyncio.wait_for(cacheme.get(Cyclic(n)), 2)
+    monkeypatch.setitem(Cyclic.deps, n, [])
+    assert await asyncio.wait_for(cacheme.get(Cyclic(n)), 2) == n
+    assert await asyncio.wait_for(cacheme.get(Cyclic(4)), 2) == 4  # no cycle: fine
+
+
+async def test_concurrent_gets_of_one_key_are_not_a_cycle() -> None:
+    """Callers of a key under way from outside its load still join it (one load)."""
+    gate = asyncio.Event()
+
+    class Slow(Node):
+        def key(self) -> str:
+            return "slow"
+
+        async def load(self) -> int:
+            LOADED.append(1)
+            await gate.wait()
+            return 7
+
+        class Meta(Node.Meta):
+            caches = [Cache(storage="l1", ttl=None)]
+
+    callers = [asyncio.ensure_future(cacheme.get(Slow())) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    gate.set()
+    assert await asyncio.gather(*callers) == [7, 7, 7]
+    assert LOADED == [1]

@@ -282,6 +282,37 @@ async def test_load_all_that_omits_a_node_fails_that_node(batched: type[Batched]
     assert stats.load_failure_count() == 1
 
 
+async def test_load_all_returning_two_values_for_a_node_fails_that_node(local: Any) -> None:
+    """A ``load_all`` that pairs one node with two values (a JOIN that doubled a row): which
+    one is the node's is unknown, so that node fails with a ``LoadError`` and nothing of it
+    is cached; the others are served. Before, the last value was kept and cached."""
+
+    class Doubled(Node):
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def key(self) -> str:
+            return f"doubled:{self.n}"
+
+        @classmethod
+        async def load_all(cls, nodes: Sequence[Doubled]) -> list[tuple[Doubled, str]]:
+            return [(n, f"item {n.n}") for n in nodes] + [(nodes[0], "another row")]
+
+        class Meta(Node.Meta):
+            version = "v1"
+            caches = [Cache(storage="local")]
+
+    with pytest.raises(
+        LoadError, match=r"Doubled\.load_all returned more than one value .*doubled:1"
+    ):
+        await cacheme.get_all([Doubled(1), Doubled(2)])
+    assert stored("local", "cacheme:doubled:1:v1") == (None, False)
+    assert stored("local", "cacheme:doubled:2:v1") == ("item 2", True)
+    assert await cacheme.get(Doubled(2)) == "item 2"
+    stats = cacheme.stats(Doubled)
+    assert stats.load_success_count() == 1 and stats.load_failure_count() == 1
+
+
 async def test_load_all_returning_garbage_is_a_load_error(batched: type[Batched]) -> None:
     class Garbage(Batched):
         @classmethod
