@@ -24,6 +24,37 @@ class DoorKeeper:
         raise NotImplementedError
 
 
+def adopt(obj: Any, owner: str) -> DoorKeeper:
+    """``obj`` as a ``DoorKeeper``: itself, or a doorkeeper of cacheme 0.3.0's protocol (an
+    object with ``put(key)`` and ``contains(key) -> bool``) wrapped: a key is admitted when
+    ``contains`` says it was put before, and put otherwise. Raises ``ConfigurationError``
+    naming ``owner`` (such as ``"UserNode.Meta.doorkeeper"``) for anything else."""
+    if isinstance(obj, DoorKeeper):
+        return obj
+    if callable(getattr(obj, "put", None)) and callable(getattr(obj, "contains", None)):
+        return _PutContains(obj)
+    raise ConfigurationError(
+        f"{owner} must be a DoorKeeper (or an object with put(key) and contains(key)), "
+        f"got {type(obj).__name__} {obj!r}"
+    )
+
+
+class _PutContains(DoorKeeper):
+    """A doorkeeper of cacheme 0.3.0's protocol."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __repr__(self) -> str:
+        return repr(self.inner)
+
+    def admit(self, key: str) -> bool:
+        if self.inner.contains(key):
+            return True
+        self.inner.put(key)
+        return False
+
+
 class BloomFilter(DoorKeeper):
     """A Bloom filter sized for ``size`` keys at ``false_positive_rate`` (theine's, in Rust)."""
 
@@ -43,6 +74,15 @@ class BloomFilter(DoorKeeper):
 
     def __repr__(self) -> str:
         return f"BloomFilter({self.size}, {self.false_positive_rate})"
+
+    def put(self, key: str) -> None:
+        """Record ``key`` as sighted (cacheme 0.3.0's doorkeeper protocol)."""
+        self._filter.put(hash(key) & _MASK)
+
+    def contains(self, key: str) -> bool:
+        """Whether ``key`` was sighted since the last reset, or is a false positive (cacheme
+        0.3.0's doorkeeper protocol); records nothing."""
+        return bool(self._filter.contains(hash(key) & _MASK))
 
     def admit(self, key: str) -> bool:
         """True if ``key`` was sighted before (since the last reset); records the sighting.

@@ -21,9 +21,10 @@ from datetime import timedelta
 from typing import Any, ClassVar
 
 from .doorkeeper import DoorKeeper
+from .doorkeeper import adopt as adopt_doorkeeper
 from .errors import ConfigurationError, NotDefinedError
 from .freshness import Policy, policy
-from .serializer import Serializer
+from .serializer import Serializer, adopt
 from .stats import Recorder
 from .storages import registry
 from .tiers import Tier, make_tier
@@ -31,6 +32,14 @@ from .tiers import Tier, make_tier
 logger = logging.getLogger("cacheme")
 
 _prefix = "cacheme"
+
+
+def whole_key(name: str, key: Any, version: str) -> str:
+    """``{prefix}:{key}:{version}``; ``ConfigurationError`` naming the node ``name`` when
+    ``key`` (what its ``key()`` returned) is not a ``str``."""
+    if type(key) is not str:
+        raise ConfigurationError(f"{name}.key() must return str, got {type(key).__name__} {key!r}")
+    return f"{_prefix}:{key}:{version}"
 
 
 def set_prefix(prefix: str) -> None:
@@ -127,8 +136,14 @@ class Config:
                 )
             seen[cache.storage] = i
         self.caches: tuple[Cache, ...] = tuple(caches)
-        self.serializer: Serializer | None = _option(name, meta, "serializer", None, Serializer)
-        self.doorkeeper: DoorKeeper | None = _option(name, meta, "doorkeeper", None, DoorKeeper)
+        serializer = getattr(meta, "serializer", None)
+        self.serializer: Serializer | None = (
+            None if serializer is None else adopt(serializer, f"{name}.Meta.serializer")
+        )
+        doorkeeper = getattr(meta, "doorkeeper", None)
+        self.doorkeeper: DoorKeeper | None = (
+            None if doorkeeper is None else adopt_doorkeeper(doorkeeper, f"{name}.Meta.doorkeeper")
+        )
         timeout = _option(name, meta, "load_timeout", None, (int, float))
         if timeout is not None and not (0 < timeout < math.inf):
             raise ConfigurationError(
@@ -209,6 +224,19 @@ class Config:
             )
         if not self._typed:
             self.value_type = _value_type(self.name, self._type_sources)
+            problem = (
+                None if self.serializer is None else self.serializer.type_problem(self.value_type)
+            )
+            if problem is not None:
+                logger.warning(
+                    "cacheme: node %s: %r cannot decode into the annotation %r (%s); remote "
+                    "values decode to plain data",
+                    self.name,
+                    self.serializer,
+                    self.value_type,
+                    str(problem).splitlines()[0],
+                )
+                self.value_type = Any
             self._typed = True
         tiers = tuple(
             make_tier(self, i, registry.get_storage(c.storage, user=f"node {self.name}"), c)
@@ -330,6 +358,13 @@ class Node:
     def key(self) -> str:
         """The node's part of the cache key; must be a ``str``."""
         raise NotDefinedError(f"{type(self).__qualname__} must define key()")
+
+    def full_key(self) -> str:
+        """The whole key the tiers store this node under, as in cacheme 0.3.0:
+        ``{prefix}:{key()}:{Meta.version}`` (the prefix of ``set_prefix``). Raises
+        ``ConfigurationError`` when ``key()`` returns something else than a ``str``."""
+        cfg = type(self)._cacheme_config
+        return whole_key(cfg.name, self.key(), cfg.version)
 
     async def load(self) -> Any:
         """Load the value from its source on a cache miss."""

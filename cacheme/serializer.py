@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import inspect
 import json
 import pickle
 import zlib
@@ -83,7 +84,7 @@ import msgpack
 from pydantic import BaseModel, ConfigDict, PydanticUserError, TypeAdapter
 from pydantic_core import SchemaValidator, to_json, to_jsonable_python
 
-from .errors import DecodeError, EncodeError
+from .errors import ConfigurationError, DecodeError, EncodeError
 
 _ANY: Any = Any
 _PYTHON_FORM: TypeAdapter[Any] = TypeAdapter(Any)
@@ -110,6 +111,16 @@ def _validators(tp: Any) -> tuple[Callable[..., Any], Callable[..., Any]]:
     if isinstance(validator, SchemaValidator):
         return validator.validate_python, validator.validate_json
     return adapter.validate_python, adapter.validate_json
+
+
+def _type_problem(value_type: Any) -> Exception | None:
+    if value_type is _ANY:
+        return None
+    try:
+        _validators(value_type)
+    except Exception as exc:
+        return exc
+    return None
 
 
 def _encode_error(serializer: Serializer, value: Any, exc: Exception) -> EncodeError:
@@ -142,6 +153,11 @@ class Serializer:
         loads = self.loads
         return lambda data: loads(data, value_type)
 
+    def type_problem(self, value_type: Any) -> Exception | None:
+        """Why ``loads`` can never decode into ``value_type`` (an annotation), else ``None``.
+        A serializer that ignores the type (this one) finds no problem."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -150,6 +166,80 @@ class Serializer:
 
     def __hash__(self) -> int:
         return hash(type(self))
+
+
+def adopt(obj: Any, owner: str) -> Serializer:
+    """``obj`` as a ``Serializer``: itself, or the serializer of cacheme 0.3.0's protocol
+    (any object with ``dumps(value) -> bytes`` and ``loads(data) -> value``, or a subclass
+    whose ``loads`` takes no ``value_type``) wrapped so that its ``loads`` gets the bytes
+    alone (its values are untyped). Raises ``ConfigurationError`` naming ``owner`` (such as
+    ``"UserNode.Meta.serializer"``) for anything else."""
+    dumps, loads = getattr(obj, "dumps", None), getattr(obj, "loads", None)
+    if not (callable(dumps) and callable(loads)) or isinstance(obj, type):
+        raise ConfigurationError(
+            f"{owner} must be a Serializer (or an object with dumps(value) -> bytes and "
+            f"loads(data)), got {type(obj).__name__} {obj!r}"
+        )
+    if isinstance(obj, Serializer) and _takes_two(loads):
+        return obj
+    return _BytesOnly(obj)
+
+
+def _takes_two(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` can be called as ``fn(data, value_type)``."""
+    try:
+        inspect.signature(fn).bind(b"", _ANY)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin): assume the documented one
+        return True
+    return True
+
+
+class _BytesOnly(Serializer):
+    """A serializer of cacheme 0.3.0's protocol: ``loads(data)``, no value type."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def dumps(self, value: Any) -> bytes:
+        data: bytes = self.inner.dumps(value)
+        return data
+
+    def loads(self, data: bytes, value_type: Any = _ANY) -> Any:
+        try:
+            return self.inner.loads(data)
+        except Exception as exc:
+            raise DecodeError(f"{self!r} cannot decode {len(data)} bytes: {exc!r}") from exc
+
+    def __repr__(self) -> str:
+        return repr(self.inner)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _BytesOnly) and other.inner is self.inner
+
+    def __hash__(self) -> int:
+        return id(self.inner)
+
+
+def encode(serializer: Serializer, value: Any) -> bytes:
+    """``serializer.dumps(value)``, held to its contract: ``EncodeError`` (naming the
+    serializer) for whatever it raises and for a result that is not bytes (a bytearray or
+    memoryview is taken as bytes)."""
+    try:
+        data = serializer.dumps(value)
+    except EncodeError:
+        raise
+    except Exception as exc:
+        raise EncodeError(f"{serializer!r} cannot encode {type(value).__name__}: {exc!r}") from exc
+    if type(data) is bytes:
+        return data
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise EncodeError(
+        f"{serializer!r}.dumps returned {type(data).__name__}, not bytes (a serializer's "
+        "dumps must return bytes: encode text first)"
+    )
 
 
 class PickleSerializer(Serializer):
@@ -171,6 +261,11 @@ class PickleSerializer(Serializer):
 class JSONSerializer(Serializer):
     """UTF-8 JSON, typed on the way back by pydantic (see the module docstring for the types)."""
 
+    def type_problem(self, value_type: Any) -> Exception | None:
+        """Why pydantic cannot validate into ``value_type`` (e.g. a ``typing.TypedDict`` on
+        Python < 3.12, or a class that is neither a dataclass nor a model), else ``None``."""
+        return _type_problem(value_type)
+
     def dumps(self, value: Any) -> bytes:
         try:
             return to_json(value, inf_nan_mode="constants")
@@ -189,6 +284,11 @@ class JSONSerializer(Serializer):
 class MsgPackSerializer(Serializer):
     """MessagePack with bin for bytes, typed on the way back by pydantic (see the module
     docstring for the types)."""
+
+    def type_problem(self, value_type: Any) -> Exception | None:
+        """Why pydantic cannot validate into ``value_type`` (e.g. a ``typing.TypedDict`` on
+        Python < 3.12, or a class that is neither a dataclass nor a model), else ``None``."""
+        return _type_problem(value_type)
 
     def dumps(self, value: Any) -> bytes:
         try:
@@ -305,6 +405,9 @@ class _Compressed(Serializer):
         except EncodeError as exc:
             raise EncodeError(f"{self!r}: {exc}") from exc
         return zlib.compress(raw, 3)
+
+    def type_problem(self, value_type: Any) -> Exception | None:
+        return self.inner.type_problem(value_type)
 
     def loads(self, data: bytes, value_type: Any = _ANY) -> Any:
         try:

@@ -32,7 +32,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ConfigurationError, EncodeError, StorageError, StorageTimeoutError
-from .serializer import Serializer
+from .serializer import Serializer, encode
 from .storages.base import MISS, BaseStorage, Entry, LocalStorage, RemoteStorage
 
 if TYPE_CHECKING:
@@ -260,13 +260,13 @@ class RemoteTier(Tier):
     ) -> tuple[Awaitable[Any] | None, dict[str, Exception]]:
         errors: dict[str, Exception] = {}
         entries = []
-        dumps = self.serializer.dumps
+        serializer = self.serializer
         # What the storage contract takes: whole milliseconds, a positive TTL never rounded
         # down to 0 (straight from seconds: a timedelta would overflow near timedelta.max).
         ttl_ms = None if self.ttl is None else max(1, round(self.ttl * 1000))
         for key, value in values.items():
             try:
-                entries.append(Entry(key, dumps(value), ttl_ms))
+                entries.append(Entry(key, encode(serializer, value), ttl_ms))
             except EncodeError as exc:
                 errors[key] = EncodeError(f"node {self.cfg.name}: {exc}")
         if not entries:

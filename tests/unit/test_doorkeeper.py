@@ -112,7 +112,7 @@ def test_bad_filter_parameters(size: object, rate: float) -> None:
 
 
 def test_doorkeeper_must_be_a_doorkeeper() -> None:
-    with pytest.raises(ConfigurationError, match=r"Bad\.Meta\.doorkeeper must be DoorKeeper"):
+    with pytest.raises(ConfigurationError, match=r"Bad\.Meta\.doorkeeper must be a DoorKeeper"):
 
         class Bad(Node):
             class Meta(Node.Meta):

@@ -451,9 +451,14 @@ def test_cache_negative_ttl_is_checked() -> None:
         cacheme.node.Config("Bad", meta)
 
 
+class _Repr(cacheme.serializer.Serializer):
+    def dumps(self, value: Any) -> bytes:
+        return repr(value).encode()
+
+
 def test_envelope_round_trip() -> None:
     st = freshness.Stamp({"a": 1}, 123, False, ("", "t"))
-    data = freshness.encode(st, 456, [b"v1", b"v2"], lambda v: repr(v).encode())
+    data = freshness.encode(st, 456, [b"v1", b"v2"], _Repr())
     assert data.startswith(freshness.MAGIC)
     back, recorded = freshness.decode(data, lambda b: b.decode())
     assert back.value == "{'a': 1}" and back.written == 123 and back.expires == 456
@@ -522,7 +527,7 @@ async def test_a_get_after_invalidate_tag_or_node_never_joins_an_older_flight(
 
 def test_a_negative_entry_of_the_older_header_still_decodes() -> None:
     """Entries written before the class and attributes were kept hold (index, args) only."""
-    old = freshness.encode(freshness.Stamp((0, ("no user", 7)), 1, True), 0, None, bytes)
+    old = freshness.encode(freshness.Stamp((0, ("no user", 7)), 1, True), 0, None, _Repr())
     st, _ = freshness.decode(old, bytes)
     assert st.negative and st.value == (0, ("no user", 7), {}, "")
 

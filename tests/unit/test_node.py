@@ -130,7 +130,7 @@ def test_caches_must_hold_cache_objects() -> None:
 
 @pytest.mark.parametrize("serializer", ["json", JSONSerializer, 1])
 def test_serializer_must_be_a_serializer_instance(serializer: Any) -> None:
-    with pytest.raises(ConfigurationError, match=r"BadSer\.Meta\.serializer must be Serializer"):
+    with pytest.raises(ConfigurationError, match=r"BadSer\.Meta\.serializer must be a Serializer"):
 
         class BadSer(Node):
             class Meta(Node.Meta):
@@ -445,3 +445,26 @@ def test_nodes_returns_a_copy() -> None:
     listed = cacheme.nodes()
     listed.clear()
     assert UserNode in cacheme.nodes()
+
+
+def test_full_key_is_the_key_every_tier_stores() -> None:
+    """``node.full_key()`` of cacheme 0.3.0: ``{prefix}:{key()}:{version}``."""
+
+    class Versioned(Node):
+        def __init__(self, i: Any) -> None:
+            self.i = i
+
+        def key(self) -> Any:
+            return self.i
+
+        class Meta(Node.Meta):
+            version = "v2"
+
+    assert Versioned("u:3").full_key() == "cacheme:u:3:v2"
+    cacheme.set_prefix("app")
+    try:
+        assert Versioned("u:3").full_key() == "app:u:3:v2"
+    finally:
+        cacheme.set_prefix("cacheme")
+    with pytest.raises(ConfigurationError, match=r"Versioned\.key\(\) must return str, got int"):
+        Versioned(3).full_key()
