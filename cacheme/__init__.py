@@ -7,7 +7,13 @@ Declare what is cached as ``Node`` classes, register storages at start-up, then 
 from __future__ import annotations
 
 from .api import get, get_all, invalidate, refresh, stats
-from .backplane import BackplaneStats, backplane_stats, disable_backplane, enable_backplane
+from .backplane import (
+    BackplaneStats,
+    backplane_stats,
+    disable_backplane,
+    enable_backplane,
+    flush_backplane,
+)
 from .doorkeeper import BloomFilter, DoorKeeper
 from .errors import (
     CachemeError,
@@ -66,6 +72,7 @@ __all__ = [
     "close_storages",
     "disable_backplane",
     "enable_backplane",
+    "flush_backplane",
     "get",
     "get_all",
     "invalidate",

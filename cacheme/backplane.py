@@ -47,6 +47,7 @@ subscriber's by the subscriber); ``stats()`` reads a snapshot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -354,6 +355,8 @@ def _notify(kind: str, keys: Sequence[str], remote: bool, since: float | None) -
 # -- the backplane --------------------------------------------------------------------------
 
 _STOP: Any = None  # the queue item that stops the publisher
+_Sent = Callable[[], None]
+_Item = tuple[str, tuple[str, ...], float, "_Sent | None"]  # kind, keys, since, sent
 
 
 _enabled_before = False  # a backplane was enabled in this process before
@@ -367,9 +370,7 @@ class _Backplane:
 
     def _init_threading(self) -> None:
         """Fresh queue, events, lock and no threads (at creation and in a forked child)."""
-        self.queue: queue.SimpleQueue[tuple[str, tuple[str, ...], float] | None] = (
-            queue.SimpleQueue()
-        )
+        self.queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self.stop = threading.Event()
         self.subscribed = threading.Event()
         self.lock = threading.Lock()
@@ -401,10 +402,14 @@ class _Backplane:
             self.publisher = thread
             thread.start()
 
-    def put(self, kind: str, keys: tuple[str, ...], since: float) -> None:
+    def put(
+        self, kind: str, keys: tuple[str, ...], since: float, sent: _Sent | None = None
+    ) -> None:
+        """Queue ``keys``; ``sent`` is called (from the publisher's thread) once the message
+        holding them went out, or failed to (it is then retried, and counted)."""
         if self.publisher is None:
             self.start_publisher()
-        self.queue.put((kind, keys, since))
+        self.queue.put((kind, keys, since, sent))
 
     def close(self) -> list[threading.Thread]:
         """Stop both threads (the publisher sends what is queued first); the threads."""
@@ -428,8 +433,9 @@ class _Backplane:
                     break
                 if not retry:
                     continue
-                item = ("k", (), 0.0)
+                item = ("k", (), 0.0, None)
             batches: dict[str, dict[str, None]] = {"i": {}, "k": {}, "r": {}}
+            sent: list[_Sent] = []  # to call once this round's messages went out
             since = retry_since  # kind "i": the time of the batch's earliest change
             for key, kind in retry.items():
                 batches[kind][key] = None
@@ -443,6 +449,8 @@ class _Backplane:
                     batches[item[0]].update(dict.fromkeys(item[1]))
                     if item[0] == "i":
                         since = min(since, item[2])
+                    if item[3] is not None:
+                        sent.append(item[3])
                 try:
                     item = self.queue.get_nowait()
                 except queue.Empty:
@@ -481,6 +489,9 @@ class _Backplane:
                         backoff = min(max(backoff * 2, 0.05), _BACKOFF_MAX)
                     else:
                         backoff = 0.0
+            for done in sent:
+                with contextlib.suppress(Exception):  # its loop closed: nobody waits
+                    done()
             if not any(kind == "i" for kind in retry.values()):
                 retry_since = math.inf
             if backoff and not stopping:
@@ -650,6 +661,78 @@ def publish(keys: Iterable[str], kind: str = "k", since: float | None = None) ->
         logger.exception("cacheme: backplane: publish failed")
 
 
+async def flush() -> None:
+    """Wait (at most the backplane storage's timeout + 1 s) until what this process's
+    backplane has queued now was sent, or failed to be (then it is retried, as ever).
+
+    ``invalidate`` and ``refresh`` return before their message goes out (about a
+    millisecond later). What is queued also goes out when the process ends normally, when
+    a ``multiprocessing`` worker ends, and in ``close_storages``; a process that is killed
+    (``Pool.terminate()`` and the end of a ``with Pool()`` block send SIGTERM) loses it, as
+    in a crash: await this first. Never raises (but ``CancelledError``); returns at once
+    when the backplane is off."""
+    bp = _active
+    if bp is None or bp.publisher is None:
+        return
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def sent() -> None:
+        loop.call_soon_threadsafe(_settle, fut)
+
+    bp.put("k", (), 0.0, sent)
+    with contextlib.suppress(asyncio.TimeoutError):  # not the builtin on Python 3.10
+        await asyncio.wait_for(fut, bp.target.timeout + 1.0)
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _flush_at_exit() -> None:
+    """``flush`` for a process that ends: its publisher is a daemon thread, and what it has
+    queued (an ``invalidate`` just before the end of a script or a pool worker's task)
+    would be lost with it. Run by ``atexit``, and by ``multiprocessing`` in its workers,
+    which end with ``os._exit`` (see ``_exit_hooks``)."""
+    bp = _active
+    if bp is None or bp.publisher is None or not bp.publisher.is_alive():
+        return
+    sent = threading.Event()
+    bp.put("k", (), 0.0, sent.set)
+    sent.wait(bp.target.timeout + 1.0)
+
+
+class _Anchor:
+    """What ``multiprocessing.util.register_after_fork`` holds on to (by weak reference)."""
+
+
+_anchor = _Anchor()
+_hooked = False  # _exit_hooks ran in this process
+
+
+def _exit_hooks() -> None:
+    """Have ``_flush_at_exit`` run when this process ends, whichever way Python leaves it:
+    ``atexit`` for a normal exit; a ``multiprocessing`` finalizer for a worker process
+    (set again in each forked worker, whose finalizers start empty)."""
+    global _hooked
+    if _hooked:
+        return
+    _hooked = True
+    import atexit
+    import multiprocessing.util as mp_util
+
+    atexit.register(_flush_at_exit)
+    mp_util.Finalize(None, _flush_at_exit, exitpriority=100)
+    mp_util.register_after_fork(_anchor, _hooks_in_worker)
+
+
+def _hooks_in_worker(_: _Anchor) -> None:
+    import multiprocessing.util as mp_util
+
+    mp_util.Finalize(None, _flush_at_exit, exitpriority=100)
+
+
 # -- public API -----------------------------------------------------------------------------
 
 
@@ -680,6 +763,7 @@ async def enable_backplane(storage: str, *, channel: str = DEFAULT_CHANNEL) -> N
     from . import repair  # noqa: F401  (its listener closes the race on shared tiers)
 
     landing.keep_landed_writes(True)
+    _exit_hooks()
     bp.start_subscriber()
     bp.start_publisher()
     subscribed = await asyncio.get_running_loop().run_in_executor(
@@ -738,7 +822,8 @@ def stats() -> BackplaneStats:
     )
 
 
-backplane_stats = stats  # the name cacheme/__init__.py exports
+backplane_stats = stats  # the names cacheme/__init__.py exports
+flush_backplane = flush
 
 
 def storage_name() -> str | None:

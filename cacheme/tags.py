@@ -159,7 +159,12 @@ async def _invalidate(cfg: Config, tag: str) -> None:
     backplane.publish((key,))
     if failed:
         name, error = failed[0]
+        if tag:
+            what = f"invalidate of tag {tag!r} of node {cfg.name}"
+            entries = "its entries of that tag"
+        else:  # the empty tag is the node's own: invalidate_node
+            what, entries = f"invalidate_node of node {cfg.name}", "its entries"
         raise StorageError(
-            f"invalidate of tag {tag!r} of node {cfg.name}: storage {name!r} did not take the "
-            f"new version; its entries of that tag may still be served: {error}"
+            f"{what}: storage {name!r} did not take the new version; {entries} may still be "
+            f"served: {error}"
         ) from error

@@ -184,9 +184,15 @@ async def close_storages() -> None:
 
     Every storage is closed in every event loop that has connections to it (see
     ``RemoteStorage.close``), even when some fail; then one ``StorageError`` names those
-    that failed.
+    that failed. Waits first (at most the backplane storage's timeout + 1 s) for the
+    messages the backplane has queued to go out.
     """
     global generation
+    from .. import backplane  # it imports this module
+
+    # What the backplane has queued goes out first: a process that closes its storages is
+    # often about to end (and the backplane may run on one of them).
+    await backplane.flush()
     items = list(_storages.values())
     _storages.clear()
     generation += 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import multiprocessing
 import os
 import signal
 import sys
@@ -160,6 +161,30 @@ async def main() -> None:
                     reply(ok=True, at=time.monotonic())
                 except cacheme.StorageError as exc:
                     reply(ok=False, detail=str(exc), at=time.monotonic())
+            elif op == "change_then_exit":
+                # A script whose last act is an invalidate, a refresh or an invalidate_tag:
+                # it ends at once after, normally (the parent closes its stdin, so the thread
+                # reading it ends too); or a multiprocessing pool worker does it as its last
+                # task, and ends the way such workers do (os._exit, no atexit handlers).
+                args = (cmd["change"], cmd.get("key", key), cmd["tag"])
+                worker = cmd.get("worker")
+                if worker:
+                    _classes[:] = [Item, TItem]  # the forked worker finds them here
+                    pool = multiprocessing.get_context("fork").Pool(1, maxtasksperchild=1)
+                    flush = worker == "terminated"
+                    try:
+                        await loop.run_in_executor(None, pool.apply, _run_job, (*args, flush))
+                    finally:
+                        if flush:  # as a `with Pool()` block ends: SIGTERM to the worker
+                            pool.terminate()
+                        else:
+                            pool.close()
+                        await loop.run_in_executor(None, pool.join)
+                    reply(ok=True, at=time.monotonic())
+                    continue
+                await _change(*args, Item, TItem)
+                reply(ok=True, at=time.monotonic())
+                raise SystemExit(0)
             elif op == "get_in_new_loop":
                 # A job of a worker that runs asyncio.run per job: its loop ends with it.
                 job = functools.partial(asyncio.run, cacheme.get(Item(cmd.get("key", key))))
@@ -249,6 +274,28 @@ async def main() -> None:
                 reply(error=f"unknown op {op!r}")
         except Exception as exc:
             reply(error=f"{type(exc).__name__}: {exc}")
+
+
+async def _change(kind: str, key: str, tag: str, item: Any, tagged: Any) -> None:
+    """One change of ``key``: ``invalidate``, ``refresh``, or ``invalidate_tag`` of ``tag``."""
+    if kind == "invalidate":
+        await cacheme.invalidate(item(key))
+    elif kind == "refresh":
+        await cacheme.refresh(item(key))
+    else:
+        await cacheme.invalidate_tag(tagged, tag)
+
+
+_classes: list[Any] = []  # Item and TItem, for a forked pool worker (see change_then_exit)
+
+
+def _run_job(kind: str, key: str, tag: str, flush: bool) -> None:
+    async def job() -> None:
+        await _change(kind, key, tag, *_classes)
+        if flush:
+            await cacheme.flush_backplane()
+
+    asyncio.run(job())
 
 
 if __name__ == "__main__":

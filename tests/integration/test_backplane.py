@@ -92,6 +92,39 @@ def test_invalidate_reaches_every_process(tmp_path: Path, children_factory: Any)
 
 
 @pytest.mark.redis
+@pytest.mark.parametrize("worker", ["", "joined", "terminated"])
+@pytest.mark.parametrize("change", ["invalidate", "refresh", "invalidate_tag"])
+def test_a_process_that_ends_right_after_a_change_still_tells_the_others(
+    tmp_path: Path, children_factory: Any, change: str, worker: str
+) -> None:
+    """Found by review 40: a script or pool worker that invalidated (or refreshed) a key as
+    its last act and ended lost the message still queued for the backplane, and the other
+    processes served the old value until their local TTL (every run). What is queued now
+    goes out as the process ends: at exit (a script), and at the end of a multiprocessing
+    worker (which leaves through ``os._exit``, running no atexit handler). A worker that
+    is then terminated (SIGTERM, as a ``with Pool()`` block does) awaited
+    ``flush_backplane()`` first."""
+    url = redis_or_skip()
+    setup = _setup(tmp_path, {"redis": {"url": url}}, "redis", "redis")
+    writer, reader = children_factory(2, setup)
+    tagged = [[setup["key"], "t1"]]
+    get = ("tget", {"items": tagged}) if change == "invalidate_tag" else ("get", {})
+    first = reader.call(get[0], **get[1])
+    assert first.get("value", first.get("values")) in (0, [0]), first  # in its local tier
+    Path(setup["source"]).write_text("1")
+    done = writer.call("change_then_exit", change=change, tag="t1", worker=worker)
+    assert done["ok"], done
+    if not worker:
+        writer.proc.stdin.close()  # type: ignore[union-attr]  # its reading thread ends too
+        assert writer.proc.wait(10) == 0
+    time.sleep(PROPAGATION_BOUND)
+    now = reader.call(get[0], **get[1])
+    assert now.get("value", now.get("values")) in (1, [1]), (
+        f"after the other process's {change} and exit, still serves {now!r}"
+    )
+
+
+@pytest.mark.redis
 @pytest.mark.parametrize("channel", ["same", "other"])
 def test_enabling_again_clears_what_was_missed_meanwhile(
     tmp_path: Path, children_factory: Any, channel: str

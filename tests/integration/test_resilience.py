@@ -790,6 +790,45 @@ async def test_refresh_whose_value_a_tier_refuses_raises(
         assert await remote_value() == value_of(0) + "-new"
 
 
+@pytest.mark.redis
+async def test_tag_invalidations_a_tier_refuses_name_what_failed(
+    redis_server: RedisServer,
+) -> None:
+    """``invalidate_tag`` and ``invalidate_node`` while the remote tier refuses writes: each
+    raises, naming itself (``invalidate_node`` spoke of a tag named '' before, review 40)."""
+    name = f"tags-{uuid.uuid4().hex[:6]}"
+    await cacheme.register_storage(name, cacheme.Storage(redis_server.url(), timeout=1))
+
+    class Tagged(Item):
+        _cacheme_abstract = True
+
+        def tags(self) -> list[str]:
+            return ["t"]
+
+    node = item_class(
+        cacheme.Cache(storage=name, ttl=timedelta(minutes=5)), name="TaggedNode", base=Tagged
+    )
+    assert await bounded(cacheme.get(node(0))) == value_of(0)
+    async with raw_redis(redis_server.url()) as raw:
+        await raw.config_set("maxmemory-policy", "noeviction")
+        await raw.config_set("maxmemory", 1)
+        try:
+            with pytest.raises(
+                cacheme.StorageError,
+                match=rf"^invalidate of tag 't' of node TaggedNode: storage '{name}' did not "
+                "take the new version; its entries of that tag may still be served",
+            ):
+                await bounded(cacheme.invalidate_tag(node, "t"))
+            with pytest.raises(
+                cacheme.StorageError,
+                match=rf"^invalidate_node of node TaggedNode: storage '{name}' did not take "
+                "the new version; its entries may still be served",
+            ):
+                await bounded(cacheme.invalidate_node(node))
+        finally:
+            await raw.config_set("maxmemory", 0)
+
+
 # -- 5. Fail-closed --------------------------------------------------------------------------
 
 
