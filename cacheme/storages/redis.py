@@ -14,29 +14,75 @@ instead of failing with redis-py's ``MaxConnectionsError``.
 Values stay bytes (``decode_responses`` is forced off, whatever the URL says); TTLs are whole
 milliseconds (``PX``). Query parameters of the URL reach redis-py (e.g. ``?protocol=2`` for a
 server older than Redis 6, which cannot speak RESP3).
+
+A standalone write cut short by the storage timeout has its connection closed on the server
+(``CLIENT KILL ID``, see ``stops``) before it counts as failed: bytes of it still on their
+way (a slow network) would otherwise land after a later ``invalidate``. Each pooled
+connection learns its id (``CLIENT ID``) when it connects; a user without the right to it
+gets no stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextvars import ContextVar
+from functools import cache
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio
 from pydantic import Field
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import BlockingConnectionPool, SSLConnection, parse_url
+from redis.asyncio.connection import (
+    AbstractConnection,
+    BlockingConnectionPool,
+    Connection,
+    ConnectionPool,
+    SSLConnection,
+    parse_url,
+)
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from ..errors import ConfigurationError
 from .base import Entry, RemoteOptions, RemoteStorage, describe
+from .stops import CutStops
 from .url import redact
 
 __all__ = ["RedisOptions", "RedisStorage"]
+
+# The ids of the connections a write under way in this task lost (see _Identified).
+_cut_ids: ContextVar[list[int] | None] = ContextVar("cacheme_redis_cut_ids", default=None)
+
+
+@cache
+def _identified(base: type[AbstractConnection]) -> type[AbstractConnection]:
+    """``base`` (redis-py's connection class of the URL) that knows its id on the server,
+    and notes it in ``_cut_ids`` when it drops its socket in the middle of a write."""
+
+    class Identified(base):  # type: ignore[valid-type,misc]
+        cacheme_id: int | None = None
+
+        async def on_connect_check_health(self, check_health: bool = True) -> None:
+            await super().on_connect_check_health(check_health)
+            try:
+                await self.send_command("CLIENT", "ID", check_health=False)
+                self.cacheme_id = int(await self.read_response())
+            except redis.exceptions.ResponseError:  # no right to it (ACL), or Redis < 5
+                self.cacheme_id = None
+
+        async def disconnect(self, *args: Any, **kwargs: Any) -> None:
+            cut = _cut_ids.get()
+            if cut is not None and self.cacheme_id is not None and self.is_connected:
+                cut.append(self.cacheme_id)
+            await super().disconnect(*args, **kwargs)
+
+    Identified.__name__ = Identified.__qualname__ = f"Identified{base.__name__}"
+    return Identified
 
 
 # SET each KEYS[i] to ARGV[2i-1], with PX ARGV[2i] unless that is 0 (no expiry).
@@ -125,6 +171,7 @@ class RedisStorage(RemoteStorage[RedisOptions]):
             socket_timeout=backstop,
         )
         self._params = params  # holds the password: never printed
+        self._stops = CutStops(name, self._stopper_connect, _kill_client, _close_client)
         self._client: redis.asyncio.Redis | None = None
         self._cluster: RedisCluster | None = None
         self._script: Any = None  # the registered _SET_MANY script (standalone only)
@@ -143,6 +190,8 @@ class RedisStorage(RemoteStorage[RedisOptions]):
             await self._connect_standalone()
 
     async def _connect_standalone(self) -> None:
+        params = dict(self._params)
+        params["connection_class"] = _identified(params.get("connection_class", Connection))
         pool = BlockingConnectionPool(
             max_connections=self.options.pool_size,
             timeout=self.options.timeout * 2,  # backstop; the base's timeout fires first
@@ -150,7 +199,7 @@ class RedisStorage(RemoteStorage[RedisOptions]):
             # closed while idle is replaced at once. Anything longer would only delay the
             # failure past the storage timeout (a cache should fail fast).
             retry=Retry(NoBackoff(), 1),
-            **self._params,
+            **params,
         )
         client = redis.asyncio.Redis.from_pool(pool)
         try:
@@ -185,6 +234,29 @@ class RedisStorage(RemoteStorage[RedisOptions]):
         self._add_script = None
         if cluster is not None:
             await cluster.aclose()
+        await self._stops.aclose()
+
+    # -- writes cut short -------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _stopping_cuts(self) -> AsyncIterator[None]:
+        """Around a standalone write: the connections it lost in the middle (cut by the
+        storage timeout, or broken) are closed on the server before it ends (see the
+        module docstring), within 0.8 x ``timeout``."""
+        cut: list[int] = []
+        token = _cut_ids.set(cut)
+        try:
+            yield
+        finally:
+            _cut_ids.reset(token)
+            for ident in cut:
+                await self._stops.stop(ident, "connection", 0.8 * self.options.timeout)
+
+    async def _stopper_connect(self) -> redis.asyncio.Redis:
+        pool = ConnectionPool(max_connections=1, **self._params)
+        client = redis.asyncio.Redis.from_pool(pool)
+        await client.ping()
+        return client
 
     # -- raw operations ---------------------------------------------------------------------
 
@@ -247,17 +319,18 @@ class RedisStorage(RemoteStorage[RedisOptions]):
                 await cpipe.execute()
             return
         client = self._standalone()
-        if len(entries) == 1:
-            key, value, ttl_ms = entries[0]
-            await client.set(key, value, px=ttl_ms)
-            return
-        # One EVALSHA for the whole batch: one command to pack and one reply to parse,
-        # where a pipeline costs a SET and a reply per key (the client's CPU, not the
-        # server's, is what limits a busy asyncio process).
-        args: list[bytes | int] = []
-        for _, value, ttl_ms in entries:
-            args += (value, ttl_ms or 0)
-        await self._set_script(keys=[e.key for e in entries], args=args, client=client)
+        async with self._stopping_cuts():
+            if len(entries) == 1:
+                key, value, ttl_ms = entries[0]
+                await client.set(key, value, px=ttl_ms)
+                return
+            # One EVALSHA for the whole batch: one command to pack and one reply to parse,
+            # where a pipeline costs a SET and a reply per key (the client's CPU, not the
+            # server's, is what limits a busy asyncio process).
+            args: list[bytes | int] = []
+            for _, value, ttl_ms in entries:
+                args += (value, ttl_ms or 0)
+            await self._set_script(keys=[e.key for e in entries], args=args, client=client)
 
     async def _add_many(self, entries: Sequence[Entry]) -> None:
         # SET ... NX: atomic per key on the server; an expired key counts as absent.
@@ -269,16 +342,17 @@ class RedisStorage(RemoteStorage[RedisOptions]):
                 await cpipe.execute()
             return
         client = self._standalone()
-        if len(entries) == 1:
-            key, value, ttl_ms = entries[0]
-            await client.set(key, value, px=ttl_ms, nx=True)
-            return
-        if self._add_script is None:
-            self._add_script = client.register_script(_ADD_MANY)
-        args: list[bytes | int] = []
-        for _, value, ttl_ms in entries:
-            args += (value, ttl_ms or 0)
-        await self._add_script(keys=[e.key for e in entries], args=args, client=client)
+        async with self._stopping_cuts():
+            if len(entries) == 1:
+                key, value, ttl_ms = entries[0]
+                await client.set(key, value, px=ttl_ms, nx=True)
+                return
+            if self._add_script is None:
+                self._add_script = client.register_script(_ADD_MANY)
+            args: list[bytes | int] = []
+            for _, value, ttl_ms in entries:
+                args += (value, ttl_ms or 0)
+            await self._add_script(keys=[e.key for e in entries], args=args, client=client)
 
     async def _remove_many(self, keys: Sequence[str]) -> None:
         # UNLINK: the keys disappear at once, their memory is reclaimed in the background
@@ -306,3 +380,15 @@ class RedisStorage(RemoteStorage[RedisOptions]):
         if self._client is None:
             raise ConnectionError("not connected (connect() was not called or close() was)")
         return self._client
+
+
+async def _kill_client(client: redis.asyncio.Redis, ident: int) -> None:
+    try:
+        await client.execute_command("CLIENT", "KILL", "ID", ident)  # type: ignore[no-untyped-call]
+    except redis.exceptions.ResponseError as exc:
+        if "no such client" not in str(exc).lower():  # gone already: nothing to stop
+            raise
+
+
+async def _close_client(client: redis.asyncio.Redis) -> None:
+    await client.aclose()

@@ -253,6 +253,9 @@ class Proxy:
       up on them and open new ones).
     - ``drop()``: reset every open connection (RST), as a server restart or a firewall
       flushing its state does; new connections are forwarded as usual.
+    - ``stall(seconds)``: what the clients of the connections open now send reaches the
+      server that much later, even after they closed (data on a congested wire); the other
+      direction, and new connections, as usual.
     """
 
     def __init__(self, target: int) -> None:
@@ -263,6 +266,7 @@ class Proxy:
         self._server: asyncio.Server | None = None
         self._pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter | None]] = []
         self._dead: set[asyncio.StreamWriter] = set()  # client sides that are black-holed
+        self._stalled: dict[asyncio.StreamWriter, float] = {}  # client side -> its delay
 
     def hang(self) -> None:
         self.hanging = True
@@ -270,6 +274,10 @@ class Proxy:
 
     def resume(self) -> None:
         self.hanging = False
+
+    def stall(self, seconds: float) -> None:
+        for client, _ in self._pairs:
+            self._stalled[client] = seconds
 
     def drop(self) -> int:
         """Reset every open connection; how many there were."""
@@ -286,14 +294,24 @@ class Proxy:
         writer: asyncio.StreamWriter,
         client: asyncio.StreamWriter,
     ) -> None:
+        loop = asyncio.get_running_loop()
+        upstream = writer is not client
         with contextlib.suppress(Exception):
             while data := await reader.read(65536):
                 if client in self._dead:
                     continue  # swallowed
+                delay = self._stalled.get(client) if upstream else None
+                if delay is not None:
+                    loop.call_later(delay, _write_quietly, writer, data)
+                    continue
                 writer.write(data)
                 await writer.drain()
         if client not in self._dead:
-            writer.close()
+            delay = self._stalled.get(client) if upstream else None
+            if delay is not None:
+                loop.call_later(delay + 0.05, writer.close)
+            else:
+                writer.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -326,6 +344,11 @@ class Proxy:
         self.drop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._server.wait_closed(), 2)
+
+
+def _write_quietly(writer: asyncio.StreamWriter, data: bytes) -> None:
+    with contextlib.suppress(Exception):  # the server may have closed it meanwhile
+        writer.write(data)
 
 
 # -- URLs --------------------------------------------------------------------------------

@@ -829,6 +829,34 @@ async def test_tag_invalidations_a_tier_refuses_name_what_failed(
             await raw.config_set("maxmemory", 0)
 
 
+@pytest.mark.redis
+async def test_a_redis_write_cut_short_never_lands_after_a_later_invalidate(
+    tmp_path: Path,
+) -> None:
+    """A write-back whose bytes are held up on the network past the storage timeout: it
+    fails (fail-open), the key is invalidated and loaded anew, then the held-up ``SET``
+    reaches Redis. Review 39 saw it land there, the old value kept for the whole TTL (3 of 3
+    runs). The cut connection is now closed on the server (``CLIENT KILL ID``) before the
+    write counts as failed, so its bytes find no connection to land on."""
+    async with real_server("redis", tmp_path) as (url, port, _), Proxy(port) as proxy:
+        name = f"stalled-{uuid.uuid4().hex[:6]}"
+        await cacheme.register_storage(
+            name, cacheme.Storage(with_port(url, proxy.port), timeout=0.3)
+        )
+        node = item_class(cacheme.Cache(storage=name, ttl=timedelta(minutes=5)), name="Stalled")
+        assert await bounded(cacheme.get(node(0))) == value_of(0)  # a pooled connection
+        proxy.stall(1.0)
+        node.suffix = "-old"
+        with pytest.raises(cacheme.StorageError, match="did not take the new value"):
+            await bounded(cacheme.refresh(node(1)))  # its SET goes out on the stalled one
+        node.suffix = "-new"
+        await bounded(cacheme.invalidate(node(1)))
+        assert await bounded(cacheme.get(node(1))) == value_of(1) + "-new"
+        await asyncio.sleep(1.2)  # the held-up bytes arrive
+        async with raw_redis(url) as raw:
+            assert MSGPACK.loads(await raw.get(full_key(1))) == value_of(1) + "-new"
+
+
 # -- 5. Fail-closed --------------------------------------------------------------------------
 
 
