@@ -19,7 +19,8 @@ The driver: asyncmy
 
 Statements (each one round trip)
     read    ``SELECT ... WHERE `key` IN (...) AND (expire IS NULL OR
-            expire > UTC_TIMESTAMP(6))``
+            expire > UTC_TIMESTAMP(6))``, several statements on one connection when the
+            keys would pass ``max_allowed_packet`` (removals likewise)
     write   one multi-row ``INSERT ... ON DUPLICATE KEY UPDATE``, rows sorted by key so
             concurrent batches lock rows in the same order. A batch larger than the
             server's ``max_allowed_packet`` (read at connect; 16 MiB on MariaDB 10.11,
@@ -70,6 +71,8 @@ _STATEMENT_OVERHEAD = 4096
 # Per row, besides the escaped value: the escaped key (4 bytes a character, doubled by
 # escaping at worst), the TTL, the _binary prefix, quotes and commas.
 _ROW_OVERHEAD = 96
+# Per key of an IN (...) list, besides the escaped key: quotes, comma and space.
+_KEY_OVERHEAD = 8
 
 
 class MySQLOptions(SQLOptions):
@@ -237,16 +240,32 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
     def _stopper_close(self, conn: Any) -> None:
         conn.close()
 
+    def _key_statements(self, head: str, keys: list[str]) -> list[tuple[str, list[str]]]:
+        """``head`` + ``(%s, ...)`` for ``keys``, as several statements when one would be
+        larger than the server's ``max_allowed_packet`` (a batch of many long keys)."""
+        budget = self.max_packet - _STATEMENT_OVERHEAD
+        statements: list[tuple[str, list[str]]] = []
+        chunk: list[str] = []
+        size = 0
+        for key in keys:
+            cost = 8 * len(key) + _KEY_OVERHEAD  # 4 bytes a character, doubled by escaping
+            if chunk and size + cost > budget:
+                statements.append((f"{head}({', '.join(['%s'] * len(chunk))})", chunk))
+                chunk, size = [], 0
+            chunk.append(key)
+            size += cost
+        if chunk:
+            statements.append((f"{head}({', '.join(['%s'] * len(chunk))})", chunk))
+        return statements
+
     async def _get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         wanted = stored_keys(keys)
-        sql = f"{self._select}({', '.join(['%s'] * len(wanted))})"
-        rows = await self._run([(sql, list(wanted))], fetch=True)
+        rows = await self._run(self._key_statements(self._select, list(wanted)), fetch=True)
         return {wanted[key]: bytes(value) for key, value in rows}
 
     async def _ttl_many(self, keys: Sequence[str]) -> dict[str, float]:
         wanted = stored_keys(keys)
-        sql = f"{self._ttl_select}({', '.join(['%s'] * len(wanted))})"
-        rows = await self._run([(sql, list(wanted))], fetch=True)
+        rows = await self._run(self._key_statements(self._ttl_select, list(wanted)), fetch=True)
         return {
             wanted[key]: math.inf if left is None else max(0.0, int(left) / 1e6)
             for key, left in rows
@@ -314,9 +333,7 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
         return self._insert + values + on_duplicate, [v for r in rows for v in (r[0], r[2])]
 
     async def _remove_many(self, keys: Sequence[str]) -> None:
-        stored = sorted(stored_keys(keys))
-        sql = f"{self._delete}({', '.join(['%s'] * len(stored))})"
-        await self._run([(sql, stored)])
+        await self._run(self._key_statements(self._delete, sorted(stored_keys(keys))))
 
     async def _purge(self, limit: int) -> int:
         counts = await self._run([(self._purge_sql, (limit,))])

@@ -1,0 +1,219 @@
+"""Storage-side limits and checks, on every backend they concern (reviews 39 and 41).
+
+1. ``batch_size`` bounds every round trip: a lone ``get_all`` (the direct read), uncoalesced
+   reads, writes, adds and removes, ``remaining_ttl``, direct writes; MySQL splits a read
+   larger than ``max_allowed_packet``, MongoDB one whose keys pass 8 MiB.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cacheme
+from cacheme import Cache, Node
+from cacheme.serializer import MsgPackSerializer, Serializer
+from cacheme.storages.base import Entry, RemoteStorage
+from cacheme.storages.mysql import MySQLStorage
+from cacheme.storages.registry import storages
+from cacheme.storages.sql import stored_key
+
+from .backends import BACKENDS, FACTORIES
+
+every_backend = pytest.mark.parametrize(
+    "backend", [pytest.param(b, marks=getattr(pytest.mark, b)) for b in BACKENDS]
+)
+
+
+@asynccontextmanager
+async def tier(backend: str, tmp_path: Path, **options: Any) -> AsyncIterator[RemoteStorage[Any]]:
+    """``backend`` on a fresh table / collection / key space, registered as ``t`` with
+    ``options``; yields the storage the factory built on it (to look past cacheme)."""
+    async with FACTORIES[backend](tmp_path, f"raw-{backend}", **options) as raw:
+        await cacheme.register_storage(
+            "t", cacheme.Storage(raw.url, **raw.options.model_dump(exclude_defaults=True))
+        )
+        try:
+            yield raw
+        finally:
+            await cacheme.close_storages()
+
+
+def registered() -> RemoteStorage[Any]:
+    storage = storages()["t"]
+    assert isinstance(storage, RemoteStorage)
+    return storage
+
+
+class Raw(Serializer):
+    """Bytes in, bytes out: a serializer that decodes anything it is handed."""
+
+    def dumps(self, value: Any) -> bytes:
+        return bytes(value)
+
+    def loads(self, data: bytes, value_type: Any = None) -> Any:
+        return data
+
+
+def keyed(serializer: Serializer | None = None, **meta: Any) -> tuple[type[Node], list[str]]:
+    """A node class ``Cls(key)`` on tier ``t`` (key ``cacheme:<key>:v1``) whose ``load``
+    returns ``b"v:" + key`` (bytes, so ``Raw`` can store it), recording the keys it loads."""
+    loads: list[str] = []
+    settings = {
+        "version": "v1",
+        "caches": [Cache(storage="t", ttl=timedelta(minutes=5))],
+        "serializer": serializer or MsgPackSerializer(),
+        **meta,
+    }
+
+    class Keyed(Node):
+        def __init__(self, key: str) -> None:
+            self._key = key
+
+        def key(self) -> str:
+            return self._key
+
+        async def load(self) -> bytes:
+            loads.append(self._key)
+            return f"v:{self._key}".encode()
+
+        Meta = type("Meta", (Node.Meta,), settings)
+
+    Keyed.__qualname__ = f"Keyed_{uuid.uuid4().hex[:8]}"
+    return Keyed, loads
+
+
+# -- 1. batch_size bounds every round trip --------------------------------------------------
+
+
+@every_backend
+async def test_a_lone_get_all_reads_in_batches(backend: str, tmp_path: Path) -> None:
+    async with tier(backend, tmp_path, batch_size=10):
+        storage = registered()
+        Keyed, loads = keyed()
+        nodes = [Keyed(f"k{i}") for i in range(100)]
+        await cacheme.get_all(nodes)  # loads and writes them
+        await cacheme.get_all(nodes)  # hits: reads after those writes
+        assert len(loads) == 100
+        for count, trips in ((100, 10), (10, 1), (11, 2), (25, 3)):
+            before, read = storage.stats.round_trips, storage.stats.keys_read
+            assert await cacheme.get_all(nodes[:count]) == [
+                f"v:k{i}".encode() for i in range(count)
+            ]
+            assert storage.stats.round_trips - before == trips, count
+            assert storage.stats.keys_read - read == count
+        assert len(loads) == 100  # all hits
+        assert storage.stats.errors == 0
+
+
+@every_backend
+async def test_uncoalesced_operations_go_in_batches(backend: str, tmp_path: Path) -> None:
+    async with FACTORIES[backend](tmp_path, f"nc-{backend}", coalesce=False, batch_size=10) as s:
+        entries = [Entry(f"cacheme:nc:{i}:v1", str(i).encode(), 60_000) for i in range(25)]
+        keys = [e.key for e in entries]
+
+        async def trips(operation: Any) -> int:
+            before = s.stats.round_trips
+            await operation
+            return s.stats.round_trips - before
+
+        assert await trips(s.set_many(entries)) == 3
+        found: dict[str, bytes] = {}
+
+        async def read() -> None:
+            found.update(await s.get_many(keys))
+
+        assert await trips(read()) == 3
+        assert found == {e.key: e.value for e in entries}
+        left: dict[str, float] = {}
+
+        async def ttl() -> None:
+            left.update(await s.remaining_ttl(keys))
+
+        assert await trips(ttl()) == 3
+        assert set(left) == set(keys)
+        added = [Entry(f"cacheme:nc-add:{i}:v1", b"a", None) for i in range(25)]
+        assert await trips(s.add_many(added)) == 3
+        assert await trips(s.remove_many(keys)) == 3
+        assert await s.get_many(keys) == {}
+        assert await s.get_many([e.key for e in added]) == {e.key: b"a" for e in added}
+        assert s.stats.errors == 0
+
+
+@every_backend
+async def test_direct_paths_respect_batch_size(backend: str, tmp_path: Path) -> None:
+    if sys.version_info < (3, 11):
+        pytest.skip("no direct operations before Python 3.11 (see RemoteStorage._call)")
+    async with FACTORIES[backend](tmp_path, f"direct-{backend}", batch_size=10) as s:
+        entries = [Entry(f"cacheme:d:{i}:v1", b"x", None) for i in range(25)]
+        write = s.write_now(entries)
+        assert write is not None
+        before = s.stats.round_trips
+        await write
+        assert s.stats.round_trips - before == 3
+        assert s.read_now([e.key for e in entries[:11]]) is None  # queued instead: batches
+        read = s.read_now([e.key for e in entries[:10]])
+        assert read is not None
+        assert await read == {e.key: b"x" for e in entries[:10]}
+
+
+@pytest.mark.mysql
+async def test_mysql_read_beyond_max_allowed_packet_is_split(tmp_path: Path) -> None:
+    """Keys of 250 four-byte characters, more of them than one packet holds: one batch
+    (``batch_size`` allows it), several statements."""
+    async with FACTORIES["mysql"](tmp_path, "packet", batch_size=100_000) as s:
+        assert isinstance(s, MySQLStorage)
+        body = "\U0001f642" * 230  # keys stay under 255 characters: stored as they are
+        count = s.max_packet // (len(body) * 4) + 1000
+        keys = [f"cacheme:{body}:{i}:v1" for i in range(count)]
+        assert all(stored_key(k) == k for k in keys)
+        assert sum(len(k.encode()) for k in keys) > s.max_packet
+        await s.set_many([Entry(keys[0], b"first", None), Entry(keys[-1], b"last", None)])
+        before = s.stats.round_trips
+        assert await s.get_many(keys) == {keys[0]: b"first", keys[-1]: b"last"}
+        assert set(await s.remaining_ttl(keys)) == {keys[0], keys[-1]}
+        await s.remove_many(keys)
+        assert s.stats.round_trips - before == 3
+        assert await s.get_many([keys[0], keys[-1]]) == {}
+        assert s.stats.errors == 0
+
+
+@pytest.mark.mongo
+async def test_mongo_keys_beyond_16_mib_are_read_in_several_commands(tmp_path: Path) -> None:
+    """MongoDB stores keys whole: 180 keys of 100 kB (18 MB) in one batch would make a
+    command larger than a BSON document may be."""
+    from cacheme.storages.mongo import MAX_KEY_BYTES_PER_COMMAND, key_groups
+
+    async with FACTORIES["mongo"](tmp_path, "long-keys") as s:
+        keys = [f"cacheme:{i:04d}{'k' * 100_000}:v1" for i in range(180)]
+        groups = key_groups(keys)
+        assert len(groups) == 3 and [k for g in groups for k in g] == keys
+        assert all(sum(len(k) for k in g) <= MAX_KEY_BYTES_PER_COMMAND for g in groups)
+        await s.set_many([Entry(keys[0], b"first", None), Entry(keys[-1], b"last", None)])
+        before = s.stats.round_trips
+        assert await s.get_many(keys) == {keys[0]: b"first", keys[-1]: b"last"}
+        assert set(await s.remaining_ttl(keys)) == {keys[0], keys[-1]}
+        await s.remove_many(keys)
+        assert s.stats.round_trips - before == 3
+        assert await s.get_many([keys[0], keys[-1]]) == {}
+        assert s.stats.errors == 0
+
+
+# -- the parsing and grouping helpers, without a server --------------------------------------
+
+
+def test_mongo_key_groups_stay_under_the_command_budget() -> None:
+    from cacheme.storages.mongo import MAX_KEY_BYTES_PER_COMMAND, key_groups
+
+    assert key_groups(["a", "b"]) == [["a", "b"]]
+    huge = "k" * (MAX_KEY_BYTES_PER_COMMAND + 1)
+    assert key_groups(["a", huge, "b"]) == [["a"], [huge], ["b"]]  # alone, however large
+    wide = "\U0001f642" * 1_500_000  # 6 MB of UTF-8 in 1.5 million characters
+    assert key_groups([wide, wide, wide]) == [[wide], [wide], [wide]]
