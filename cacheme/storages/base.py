@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import landing, runtime
 from ..errors import (
+    DecodeError,
     StorageError,
     StorageMisconfiguredError,
     StorageTimeoutError,
@@ -69,6 +70,43 @@ class Entry(NamedTuple):
     key: str
     value: bytes
     ttl_ms: int | None
+
+
+class Unreadable(bytes):
+    """What a backend's ``_get_many`` gives for a stored value that is not binary: a row or
+    document written by something else than cacheme (a text or a number in the value column
+    of SQLite, in the value field of MongoDB). The tier reading it counts it as an entry
+    that cannot be decoded, for its key alone: a miss, loaded again and overwritten (see
+    ``binary``).
+
+    Empty bytes, so that whatever reads it as bytes all the same decodes nothing from it (a
+    freshness envelope check, every serializer) and nothing breaks on its type (a tag
+    version compared or recorded); ``reason`` says what was stored instead."""
+
+    reason = "a stored value that is not bytes"  # see binary
+
+    def error(self) -> DecodeError:
+        return DecodeError(self.reason)
+
+    def __repr__(self) -> str:
+        return f"<Unreadable: {self.reason}>"
+
+
+def binary(storage: str, value: Any) -> bytes:
+    """A value read from ``storage`` as bytes: ``bytes`` as is, ``bytearray`` and
+    ``memoryview`` (and bytes subclasses such as PyMongo's ``Binary``) copied; anything
+    else (a foreign row's text or number) as an ``Unreadable``, never converted (``bytes(n)``
+    of an int ``n`` would be ``n`` zero bytes)."""
+    if type(value) is bytes:
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    marker = Unreadable()
+    marker.reason = (
+        f"storage {storage!r} holds a {type(value).__name__} there, not bytes (written by "
+        f"something other than cacheme?)"
+    )
+    return marker
 
 
 class StorageOptions(BaseModel):
@@ -347,7 +385,8 @@ class RemoteStorage(BaseStorage[OptionsT]):
 
     @abstractmethod
     async def _get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
-        """Live (unexpired) values of ``keys``, in one round trip; absent keys left out."""
+        """Live (unexpired) values of ``keys``, in one round trip; absent keys left out. A
+        stored value that is not binary is given as an ``Unreadable`` (see ``binary``)."""
 
     @abstractmethod
     async def _set_many(self, entries: Sequence[Entry]) -> None:

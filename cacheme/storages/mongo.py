@@ -38,7 +38,8 @@ The collection needs two indexes, created once by an operator (``sql/mongo.js``)
 Without the unique index every read scans the collection and concurrent upserts of a new key
 can insert it twice; without the TTL index expired documents are never deleted. ``connect``
 logs a warning when either is missing (it does not create them: that needs privileges a cache
-user should not have).
+user should not have). A document whose ``value`` is not binary (written by something
+else) is an ``Unreadable`` entry: undecodable for its key alone.
 
 Options (besides ``RemoteOptions``): ``database`` (default: the database named in the URL's
 path, else ``"cacheme"``), ``collection`` (default ``"cacheme_data"``), ``pool_size``
@@ -67,7 +68,7 @@ from pymongo.errors import (
 )
 
 from ..errors import ConfigurationError, StorageMisconfiguredError
-from .base import Entry, RemoteOptions, RemoteStorage
+from .base import Entry, RemoteOptions, RemoteStorage, binary
 from .url import redact
 
 __all__ = ["DEFAULT_DATABASE", "MongoOptions", "MongoStorage"]
@@ -248,8 +249,9 @@ class MongoStorage(RemoteStorage[MongoOptions]):
                 batch_size=len(part) + 1,
             )
             for doc in await cursor.to_list():
-                value = doc["value"]  # bytes for BinData subtype 0; another subtype: a Binary
-                found[doc["key"]] = value if type(value) is bytes else bytes(value)
+                # bytes for BinData subtype 0, a Binary for another subtype; a string or a
+                # number in a document written by something else: Unreadable (see binary).
+                found[doc["key"]] = binary(self.name, doc.get("value"))
         return found
 
     async def _ttl_many(self, keys: Sequence[str]) -> dict[str, float]:

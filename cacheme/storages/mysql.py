@@ -62,7 +62,7 @@ import asyncmy
 from asyncmy import errors as mysql_errors
 
 from ..errors import ConfigurationError, StorageMisconfiguredError
-from .base import Entry
+from .base import Entry, binary
 from .sql import SQLOptions, SQLStorage, stored_key, stored_keys
 from .url import redact
 
@@ -261,7 +261,7 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
     async def _get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         wanted = stored_keys(keys)
         rows = await self._run(self._key_statements(self._select, list(wanted)), fetch=True)
-        return {wanted[key]: bytes(value) for key, value in rows}
+        return {wanted[key]: binary(self.name, value) for key, value in rows}
 
     async def _ttl_many(self, keys: Sequence[str]) -> dict[str, float]:
         wanted = stored_keys(keys)

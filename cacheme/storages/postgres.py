@@ -45,7 +45,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 from pydantic import Field
 
-from .base import Entry
+from .base import Entry, binary
 from .sql import SQLOptions, SQLStorage, stored_key, stored_keys
 
 
@@ -224,7 +224,7 @@ class PostgresStorage(SQLStorage[PostgresOptions]):
     async def _get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         wanted = stored_keys(keys)
         rows = await self._using("fetch", self._select, list(wanted))
-        return {wanted[key]: value for key, value in rows}
+        return {wanted[key]: binary(self.name, value) for key, value in rows}
 
     async def _ttl_many(self, keys: Sequence[str]) -> dict[str, float]:
         wanted = stored_keys(keys)

@@ -7,7 +7,9 @@ The table
     cache key ``{prefix}:{key}:{version}``, as in Redis, so an operator can find and delete
     an entry by hand), ``value`` (the serializer's bytes), ``expire`` (UTC; ``NULL`` means
     never) with an index on ``expire``. ``connect`` checks that the table and its columns
-    exist and says which file creates it if not.
+    exist and says which file creates it if not. A value of another type in a row someone
+    else wrote (SQLite keeps each value's own type) is an ``Unreadable`` entry: undecodable
+    for its key alone.
 
 The table name
     ``table`` must be a plain SQL identifier: the whole name matches

@@ -44,7 +44,7 @@ from urllib.parse import unquote, urlsplit
 import aiosqlite
 
 from ..errors import ConfigurationError, StorageMisconfiguredError
-from .base import Entry
+from .base import Entry, binary
 from .sql import SQLOptions, SQLStorage, expire_at, stored_key, stored_keys, utc_now
 from .url import redact
 
@@ -152,7 +152,7 @@ class SQLiteStorage(SQLStorage[SQLiteOptions]):
             chunk = stored[i : i + step]
             sql = f'{self._select} AND "key" IN ({",".join("?" * len(chunk))})'
             for key, value in await self.db.execute_fetchall(sql, [now, *chunk]):
-                found[wanted[key]] = bytes(value)
+                found[wanted[key]] = binary(self.name, value)
         return found
 
     async def _ttl_many(self, keys: Sequence[str]) -> dict[str, float]:

@@ -3,10 +3,15 @@
 1. ``batch_size`` bounds every round trip: a lone ``get_all`` (the direct read), uncoalesced
    reads, writes, adds and removes, ``remaining_ttl``, direct writes; MySQL splits a read
    larger than ``max_allowed_packet``, MongoDB one whose keys pass 8 MiB.
+2. A stored value that is not bytes (a row or document someone else wrote, a Redis key of
+   another type) is undecodable for its key alone: a miss, loaded again and overwritten;
+   its neighbours are hits and the breaker stays closed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +29,7 @@ from cacheme.storages.base import Entry, RemoteStorage
 from cacheme.storages.mysql import MySQLStorage
 from cacheme.storages.registry import storages
 from cacheme.storages.sql import stored_key
+from tests.services import MONGO_URL
 
 from .backends import BACKENDS, FACTORIES
 
@@ -204,6 +210,147 @@ async def test_mongo_keys_beyond_16_mib_are_read_in_several_commands(tmp_path: P
         assert s.stats.round_trips - before == 3
         assert await s.get_many([keys[0], keys[-1]]) == {}
         assert s.stats.errors == 0
+
+
+# -- 2. a stored value that is not bytes ----------------------------------------------------
+
+
+FOREIGN_BACKENDS = ["sqlite", "mongo", "redis", "redis_cluster"]
+
+
+async def plant(backend: str, raw: RemoteStorage[Any], key: str, value: Any) -> None:
+    """Store ``value`` under the full cache key ``key`` past cacheme, as another program
+    would (SQLite: a row of that type; MongoDB: a field of that type; Redis: ``value`` is
+    the type of key to make)."""
+    if backend == "sqlite":
+        db = sqlite3.connect(raw.database)  # type: ignore[attr-defined]
+        with db:
+            db.execute(
+                f'INSERT INTO "{raw.table}" VALUES (?, ?, NULL)',  # type: ignore[attr-defined]
+                (stored_key(key), value),
+            )
+        db.close()
+    elif backend == "mongo":
+        from pymongo import AsyncMongoClient
+
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(MONGO_URL)
+        try:
+            coll = client[raw.database][raw.collection]  # type: ignore[attr-defined]
+            await coll.insert_one({"key": key, "expire": None, **value})
+        finally:
+            await client.close()
+    else:
+        import redis.asyncio
+        from redis.asyncio.cluster import RedisCluster
+
+        client_: Any = (
+            RedisCluster.from_url(raw.url)
+            if backend == "redis_cluster"
+            else redis.asyncio.Redis.from_url(raw.url)
+        )
+        try:
+            if value == "list":
+                await client_.rpush(key, b"a", b"b")
+            else:
+                await client_.hset(key, mapping={"a": b"1"})
+        finally:
+            await client_.aclose()
+
+
+FOREIGN_VALUES: dict[str, list[Any]] = {
+    "sqlite": ["text, not bytes", 10**15, 5, 2.5],
+    "mongo": [{"value": "text"}, {"value": 10**15}, {"value": 2.5}, {"value": None}, {}],
+    "redis": ["list", "hash"],
+    "redis_cluster": ["list", "hash"],
+}
+
+
+@pytest.mark.parametrize(
+    "backend", [pytest.param(b, marks=getattr(pytest.mark, b)) for b in FOREIGN_BACKENDS]
+)
+@pytest.mark.parametrize("serializer", [MsgPackSerializer(), Raw()], ids=["msgpack", "raw"])
+async def test_a_foreign_value_is_undecodable_for_its_key_alone(
+    backend: str, serializer: Serializer, tmp_path: Path
+) -> None:
+    async with tier(backend, tmp_path) as raw:
+        Keyed, loads = keyed(serializer)
+        await cacheme.get_all([Keyed("good1"), Keyed("good2")])
+        bad = [f"bad{i}" for i in range(len(FOREIGN_VALUES[backend]))]
+        for key, value in zip(bad, FOREIGN_VALUES[backend], strict=True):
+            await plant(backend, raw, f"cacheme:{key}:v1", value)
+        await plant(backend, raw, "cacheme:lone:v1", FOREIGN_VALUES[backend][0])
+        loads.clear()
+        everything = [*bad, "good1", "good2"]
+        expected = [f"v:{k}".encode() for k in everything]
+        assert await cacheme.get_all([Keyed(k) for k in everything]) == expected
+        assert sorted(loads) == bad  # the foreign entries only: their neighbours are hits
+        assert await cacheme.get(Keyed("lone")) == b"v:lone"  # a read of one key alone
+        stats = cacheme.stats(Keyed)
+        # A Redis key of another type reads as absent (MGET: nil; GET: WRONGTYPE, caught);
+        # a foreign row or document is an entry that cannot be decoded.
+        undecodable = 0 if backend.startswith("redis") else len(bad) + 1
+        assert stats.decode_error_count() == undecodable
+        assert stats.storage_error_count() == 0
+        storage = registered()
+        assert storage.stats.errors == 0 and not storage.breaker_open
+        loads.clear()
+        await asyncio.sleep(0)  # (the write-backs went out with the loads)
+        assert await cacheme.get_all([Keyed(k) for k in everything]) == expected
+        assert loads == []  # overwritten with cacheme's own bytes: hits now
+        assert [await cacheme.get(Keyed(k)) for k in [*bad, "lone"]] == [
+            *expected[: len(bad)],
+            b"v:lone",
+        ]
+        assert loads == []
+
+
+@pytest.mark.sqlite
+async def test_a_foreign_value_under_freshness_is_undecodable(tmp_path: Path) -> None:
+    async with tier("sqlite", tmp_path) as raw:
+        Keyed, loads = keyed(stale_if_error=timedelta(minutes=1))
+        await plant("sqlite", raw, "cacheme:bad:v1", "text")
+        await plant("sqlite", raw, "cacheme:worse:v1", 10**15)
+        assert await cacheme.get_all([Keyed("bad"), Keyed("worse")]) == [b"v:bad", b"v:worse"]
+        assert sorted(loads) == ["bad", "worse"]
+        assert cacheme.stats(Keyed).decode_error_count() == 2
+        assert await cacheme.get(Keyed("bad")) == b"v:bad"
+        assert sorted(loads) == ["bad", "worse"]
+
+
+@pytest.mark.sqlite
+async def test_a_foreign_value_under_a_tag_key_breaks_nothing(tmp_path: Path) -> None:
+    """A tag's version key holding a text: read as a version like any other (what it holds
+    cannot be decoded, and need not be), never an error for the caller."""
+    from cacheme import tags
+
+    loads: list[str] = []
+
+    class Tagged(Node):
+        def __init__(self, key: str) -> None:
+            self._key = key
+
+        def key(self) -> str:
+            return self._key
+
+        def tags(self) -> list[str]:
+            return ["group"]
+
+        async def load(self) -> str:
+            loads.append(self._key)
+            return f"v:{self._key}"
+
+        class Meta(Node.Meta):
+            caches = [Cache(storage="t", ttl=timedelta(minutes=5))]
+            serializer = MsgPackSerializer()
+
+    async with tier("sqlite", tmp_path) as raw:
+        await plant("sqlite", raw, tags.tag_key(Tagged._cacheme_config.name, "group"), "text")
+        assert [await cacheme.get(Tagged("a")) for _ in range(3)] == ["v:a"] * 3
+        assert loads == ["a"]
+        assert cacheme.stats(Tagged).storage_error_count() == 0
+        await cacheme.invalidate_tag(Tagged, "group")
+        assert await cacheme.get(Tagged("a")) == "v:a"
+        assert loads == ["a", "a"]
 
 
 # -- the parsing and grouping helpers, without a server --------------------------------------
