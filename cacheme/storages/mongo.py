@@ -38,8 +38,10 @@ The collection needs two indexes, created once by an operator (``sql/mongo.js``)
 Without the unique index every read scans the collection and concurrent upserts of a new key
 can insert it twice; without the TTL index expired documents are never deleted. ``connect``
 logs a warning when either is missing (it does not create them: that needs privileges a cache
-user should not have). A document whose ``value`` is not binary (written by something
-else) is an ``Unreadable`` entry: undecodable for its key alone.
+user should not have), and refuses (``StorageMisconfiguredError``) a collection or a key
+index with a collation other than ``simple``: a case-insensitive one would make 'User' and
+'user' one entry. A document whose ``value`` is not binary (written by something else) is
+an ``Unreadable`` entry: undecodable for its key alone.
 
 Options (besides ``RemoteOptions``): ``database`` (default: the database named in the URL's
 path, else ``"cacheme"``), ``collection`` (default ``"cacheme_data"``), ``pool_size``
@@ -188,8 +190,10 @@ class MongoStorage(RemoteStorage[MongoOptions]):
             # The client connects lazily; a ping proves the server is there (and the
             # credentials work).
             await client.admin.command("ping")
-            coll = client[self.database][self.collection]
+            db = client[self.database]
+            coll = db[self.collection]
             await self._check_indexes(coll)
+            await self._check_collation(db)
         except BaseException:
             await client.close()
             raise
@@ -201,6 +205,12 @@ class MongoStorage(RemoteStorage[MongoOptions]):
             indexes = await coll.index_information()
         except OperationFailure:  # e.g. not authorized to list indexes: not our business
             return
+        wrong = [
+            f"index {name!r} on 'key' compares with collation {dict(spec['collation'])}"
+            for name, spec in indexes.items()
+            if any(field == "key" for field, _ in spec["key"]) and inexact(spec.get("collation"))
+        ]
+        self._refuse_collation(wrong)
         by_key = {tuple(spec["key"]): spec for spec in indexes.values()}
         missing = []
         if not by_key.get((("key", 1),), {}).get("unique", False):
@@ -217,6 +227,27 @@ class MongoStorage(RemoteStorage[MongoOptions]):
                 self.database,
                 self.collection,
                 " and ".join(missing),
+            )
+
+    async def _check_collation(self, db: Any) -> None:
+        """Refuse a collection whose default collation is not the exact (``simple``) one:
+        with a case-insensitive one, say, a read of 'User' finds the document of 'user'."""
+        try:
+            infos = await (await db.list_collections(filter={"name": self.collection})).to_list()
+        except OperationFailure:  # not authorized to list collections: cannot tell
+            return
+        collation: Any = infos[0].get("options", {}).get("collation") if infos else None
+        if inexact(collation):
+            self._refuse_collation([f"its default collation is {dict(collation)}"])
+
+    def _refuse_collation(self, problems: list[str]) -> None:
+        if problems:
+            raise StorageMisconfiguredError(
+                f"storage {self.name!r} ({redact(self.url)}): collection "
+                f"{self.database}.{self.collection} compares keys inexactly: "
+                f"{'; '.join(problems)}; under such a collation different keys (such as "
+                f"'User' and 'user') are one entry. Create the collection and its indexes "
+                f"without a collation (sql/mongo.js)"
             )
 
     async def _close(self) -> None:
@@ -349,6 +380,12 @@ class MongoStorage(RemoteStorage[MongoOptions]):
     async def _remove_many(self, keys: Sequence[str]) -> None:
         for part in key_groups(keys):
             await self._collection.delete_many({"key": {"$in": part}})
+
+
+def inexact(collation: Any) -> bool:
+    """Whether a collation (from ``listCollections`` or an index) compares strings other
+    than byte by byte: any but none at all and ``{locale: "simple"}``."""
+    return bool(collation) and dict(collation).get("locale") != "simple"
 
 
 def key_groups(keys: Sequence[str]) -> list[list[str]]:

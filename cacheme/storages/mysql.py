@@ -44,7 +44,11 @@ Expiry
     time zone). One clock decides; millisecond TTLs work. Expired rows are purged in the
     background (see ``cacheme.storages.sql``).
 
-Connections run in autocommit. A connection whose statement was interrupted (a timeout,
+Connections run in autocommit, with a strict ``sql_mode`` of their own (``SQL_MODE``): a key
+or value too long for its column is an error for that entry, never cut short in silence.
+The table check refuses a ``key`` column that is not a ``utf8mb4`` string of at least 255
+characters with a binary collation, and a ``value`` column that is not binary (see
+``column_problems``). A connection whose statement was interrupted (a timeout,
 a cancellation, an error) is closed, not returned to the pool, so no later caller can read
 the rest of an old answer.
 """
@@ -63,7 +67,7 @@ from asyncmy import errors as mysql_errors
 
 from ..errors import ConfigurationError, StorageMisconfiguredError
 from .base import Entry, binary
-from .sql import SQLOptions, SQLStorage, stored_key, stored_keys
+from .sql import MAX_KEY_LENGTH, SQLOptions, SQLStorage, stored_key, stored_keys
 from .url import redact
 
 # Bytes reserved in each statement for everything but the rows.
@@ -73,6 +77,18 @@ _STATEMENT_OVERHEAD = 4096
 _ROW_OVERHEAD = 96
 # Per key of an IN (...) list, besides the escaped key: quotes, comma and space.
 _KEY_OVERHEAD = 8
+
+# The session's sql_mode, whatever the server's default: strict, so a value or key that does
+# not fit its column is an error for that entry, never silently cut (a key cut to the column's
+# length would be another key's row); and none of the modes that change how statements read
+# (ANSI_QUOTES, NO_BACKSLASH_ESCAPES, PAD_CHAR_TO_FULL_LENGTH...).
+SQL_MODE = "STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION"
+_INIT_COMMAND = f"SET SESSION sql_mode = '{SQL_MODE}'"
+
+# What the key and value columns may be (information_schema.COLUMNS.DATA_TYPE): a BINARY(n)
+# value would come back padded with zero bytes.
+_KEY_TYPES = ("varchar", "char")
+_VALUE_TYPES = ("tinyblob", "blob", "mediumblob", "longblob", "varbinary")
 
 
 class MySQLOptions(SQLOptions):
@@ -103,6 +119,51 @@ def connect_args(url: str) -> dict[str, Any]:
                 f"(supported: unix_socket)"
             )
     return args
+
+
+# The type, length, character set and collation of the key and value columns (%s: the table).
+COLUMNS_QUERY = (
+    "SELECT COLUMN_NAME, DATA_TYPE, CHARACTER_MAXIMUM_LENGTH, CHARACTER_SET_NAME, "
+    "COLLATION_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() "
+    "AND TABLE_NAME = %s AND COLUMN_NAME IN ('key', 'value')"
+)
+
+
+def column_problems(rows: Sequence[Sequence[Any]]) -> list[str]:
+    """What is wrong with the ``key`` and ``value`` columns, from their rows of
+    ``COLUMNS_QUERY`` (name, data type, length, character set, collation): a key column
+    that is not a utf8mb4 string of at least 255 characters compared by a binary collation
+    (``utf8mb4_general_ci`` makes 'User' and 'user' one row), a value column that is not
+    binary."""
+    problems: list[str] = []
+    for name, data_type, length, charset, collation in rows:
+        name, data_type = str(name), str(data_type).lower()
+        if name == "key":
+            fix = "make it VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+            if data_type not in _KEY_TYPES:
+                problems.append(f"column 'key' is {data_type.upper()}; {fix}")
+                continue
+            if length is not None and int(length) < MAX_KEY_LENGTH:
+                problems.append(
+                    f"column 'key' holds at most {int(length)} characters, and cacheme writes "
+                    f"keys of up to {MAX_KEY_LENGTH}; {fix}"
+                )
+            if str(charset).lower() != "utf8mb4":
+                problems.append(
+                    f"column 'key' has the character set {charset}, which cannot hold every "
+                    f"key; {fix}"
+                )
+            if not str(collation).lower().endswith("_bin"):
+                problems.append(
+                    f"column 'key' compares with the collation {collation}, under which "
+                    f"different keys (such as 'User' and 'user') are one row; {fix}"
+                )
+        elif name == "value" and data_type not in _VALUE_TYPES:
+            problems.append(
+                f"column 'value' is {data_type.upper()}, not binary (values are bytes); "
+                f"make it LONGBLOB"
+            )
+    return problems
 
 
 def row_alias_supported(version: str) -> bool:
@@ -161,6 +222,7 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
             autocommit=True,
             binary_prefix=True,
             connect_timeout=max(1, round(self.options.timeout)),
+            init_command=_INIT_COMMAND,
             **self._connect_args,
         )
         rows = await self._run([("SELECT VERSION(), @@max_allowed_packet", ())], fetch=True)
@@ -178,6 +240,8 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
             if exc.args and exc.args[0] in (1054, 1146):  # no such column, no such table
                 raise self._missing_table(exc) from exc
             raise
+        rows = await self._run([(COLUMNS_QUERY, (self.table,))], fetch=True)
+        self._check_columns(column_problems(rows))
 
     async def _shutdown(self) -> None:
         self._close_stopper()
@@ -261,7 +325,12 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
     async def _get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         wanted = stored_keys(keys)
         rows = await self._run(self._key_statements(self._select, list(wanted)), fetch=True)
-        return {wanted[key]: binary(self.name, value) for key, value in rows}
+        found: dict[str, bytes] = {}
+        for key, value in rows:
+            cache_key = wanted.get(key)
+            if cache_key is not None:  # (an exact match, see column_problems)
+                found[cache_key] = binary(self.name, value)
+        return found
 
     async def _ttl_many(self, keys: Sequence[str]) -> dict[str, float]:
         wanted = stored_keys(keys)
@@ -269,6 +338,7 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
         return {
             wanted[key]: math.inf if left is None else max(0.0, int(left) / 1e6)
             for key, left in rows
+            if key in wanted
         }
 
     @staticmethod

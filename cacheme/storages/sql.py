@@ -7,9 +7,12 @@ The table
     cache key ``{prefix}:{key}:{version}``, as in Redis, so an operator can find and delete
     an entry by hand), ``value`` (the serializer's bytes), ``expire`` (UTC; ``NULL`` means
     never) with an index on ``expire``. ``connect`` checks that the table and its columns
-    exist and says which file creates it if not. A value of another type in a row someone
-    else wrote (SQLite keeps each value's own type) is an ``Unreadable`` entry: undecodable
-    for its key alone.
+    exist and says which file creates it if not, and refuses (``StorageMisconfiguredError``
+    naming the table, the column and the fix) a ``key`` column that does not compare keys
+    exactly (a case-insensitive collation would serve 'User' the value of 'user'), is
+    shorter than 255 characters, or a ``value`` column that is not binary; ``cacheme check``
+    reports the same. A value of another type in a row someone else wrote (SQLite keeps each
+    value's own type) is an ``Unreadable`` entry: undecodable for its key alone.
 
 The table name
     ``table`` must be a plain SQL identifier: the whole name matches
@@ -287,6 +290,22 @@ class SQLStorage(RemoteStorage[SO]):
                     redact(self.url),
                     describe(exc, self.url),
                 )
+
+    def _check_columns(self, problems: list[str]) -> None:
+        """Refuse the table when its ``key`` or ``value`` column cannot hold what cacheme
+        stores faithfully (``problems``: one sentence per column found wrong).
+
+        A ``key`` column whose comparison is not exact (a case-insensitive collation, say)
+        would serve one key's value for another key; one too short would cut keys or refuse
+        their writes; a ``value`` column that is not binary would change values. Such a
+        table is a ``StorageMisconfiguredError`` at registration (and ``cacheme check``),
+        naming the storage, the table, the column and the fix."""
+        if problems:
+            raise StorageMisconfiguredError(
+                f"storage {self.name!r} ({redact(self.url)}): table {self.table!r} cannot "
+                f"hold cache entries faithfully: {'; '.join(problems)}. Create the table "
+                f"from {self.schema_file} (or alter these columns as it says)"
+            )
 
     def _missing_table(self, exc: BaseException) -> StorageError:
         rename = "" if self.table == "cacheme_data" else f" (its table named {self.table})"

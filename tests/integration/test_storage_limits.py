@@ -6,6 +6,9 @@
 2. A stored value that is not bytes (a row or document someone else wrote, a Redis key of
    another type) is undecodable for its key alone: a miss, loaded again and overwritten;
    its neighbours are hits and the breaker stays closed.
+3. A key column that does not compare exactly (a case-insensitive collation) or is too
+   short, or a value column that is not binary, is refused at registration and reported by
+   ``cacheme check``; a MongoDB collection or key index with a collation likewise.
 """
 
 from __future__ import annotations
@@ -23,15 +26,18 @@ from typing import Any
 import pytest
 
 import cacheme
-from cacheme import Cache, Node
+from cacheme import Cache, Node, schemas
+from cacheme.errors import StorageMisconfiguredError
 from cacheme.serializer import MsgPackSerializer, Serializer
 from cacheme.storages.base import Entry, RemoteStorage
 from cacheme.storages.mysql import MySQLStorage
 from cacheme.storages.registry import storages
 from cacheme.storages.sql import stored_key
-from tests.services import MONGO_URL
+from tests.services import MONGO_URL, MYSQL_URL, POSTGRES_URL
 
+from .backend_sql import sql_table
 from .backends import BACKENDS, FACTORIES
+from .test_cli import cli
 
 every_backend = pytest.mark.parametrize(
     "backend", [pytest.param(b, marks=getattr(pytest.mark, b)) for b in BACKENDS]
@@ -353,7 +359,238 @@ async def test_a_foreign_value_under_a_tag_key_breaks_nothing(tmp_path: Path) ->
         assert loads == ["a", "a"]
 
 
+# -- 3. key and value columns that cannot hold entries faithfully ---------------------------
+
+
+async def refused(url: str, what: list[str], **options: Any) -> str:
+    """Register ``url`` (failing open: a misconfiguration is raised all the same) and return
+    the error, after checking it names the storage and each of ``what``; ``cacheme check``
+    (the library function) must report the same problem."""
+    with pytest.raises(StorageMisconfiguredError) as info:
+        await cacheme.register_storage("refused", cacheme.Storage(url, **options))
+    message = str(info.value)
+    for part in ["storage 'refused'", *what]:
+        assert part in message, (part, message)
+    report = await schemas.check(url, **options)
+    assert not report.passed
+    for part in what:
+        assert any(part in problem for problem in report.problems), (part, report.problems)
+    await cacheme.close_storages()
+    return message
+
+
+SQLITE_TABLES = {
+    "nocase column": (
+        '"key" TEXT COLLATE NOCASE NOT NULL PRIMARY KEY, "value" BLOB NOT NULL, "expire" TEXT',
+        "",
+        ["column 'key'", "COLLATE NOCASE"],
+    ),
+    "rtrim column": (
+        '"key" TEXT NOT NULL COLLATE RTRIM, "value" BLOB NOT NULL, "expire" TEXT, '
+        'PRIMARY KEY ("key")',
+        "",
+        ["column 'key'", "COLLATE RTRIM"],
+    ),
+    "nocase index": (
+        '"key" TEXT NOT NULL, "value" BLOB NOT NULL, "expire" TEXT',
+        'CREATE UNIQUE INDEX "{t}_k" ON "{t}" ("key" COLLATE NOCASE)',
+        ["index '{t}_k'", "COLLATE NOCASE"],
+    ),
+}
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize("case", list(SQLITE_TABLES))
+async def test_sqlite_key_column_that_ignores_case_is_refused(case: str, tmp_path: Path) -> None:
+    columns, index, what = SQLITE_TABLES[case]
+    table = "t_" + uuid.uuid4().hex[:8]
+    path = tmp_path / "c.db"
+    with sqlite3.connect(path) as db:
+        db.execute(f'CREATE TABLE "{table}" ({columns})')
+        db.execute(f'CREATE INDEX "{table}_e" ON "{table}" ("expire")')
+        if index:
+            db.execute(index.format(t=table))
+    message = await refused(
+        f"sqlite:///{path}", [w.format(t=table) for w in what], table=table, purge_interval=0
+    )
+    assert f"table {table!r}" in message and "sql/sqlite.sql" in message
+    result = cli("check", f"sqlite:///{path}", "--table", table)
+    assert result.returncode == 1 and "COLLATE" in result.stderr, result.stderr
+
+
+@pytest.mark.sqlite
+async def test_sqlite_schema_file_is_accepted_and_keys_differ_by_case(tmp_path: Path) -> None:
+    async with tier("sqlite", tmp_path):
+        Keyed, loads = keyed()
+        assert await cacheme.get_all([Keyed("User"), Keyed("user")]) == [b"v:User", b"v:user"]
+        assert await cacheme.get(Keyed("User")) == b"v:User"
+        assert sorted(loads) == ["User", "user"]
+
+
+MYSQL_TABLES = {
+    "case-insensitive": (
+        "`key` VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci NOT NULL",
+        "`value` LONGBLOB NOT NULL",
+        ["column 'key'", "utf8mb4_general_ci"],
+    ),
+    "too short": (
+        "`key` VARCHAR(40) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL",
+        "`value` LONGBLOB NOT NULL",
+        ["column 'key'", "at most 40 characters"],
+    ),
+    "latin1": (
+        "`key` VARCHAR(255) CHARACTER SET latin1 COLLATE latin1_bin NOT NULL",
+        "`value` LONGBLOB NOT NULL",
+        ["column 'key'", "character set latin1"],
+    ),
+    "text value": (
+        "`key` VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL",
+        "`value` LONGTEXT NOT NULL",
+        ["column 'value'", "LONGTEXT"],
+    ),
+}
+
+
+@asynccontextmanager
+async def mysql_table(key: str, value: str) -> AsyncIterator[str]:
+    import asyncmy
+
+    from cacheme.storages.mysql import connect_args
+
+    table = "t_" + uuid.uuid4().hex[:10]
+    conn = await asyncmy.connect(autocommit=True, **connect_args(MYSQL_URL))
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute(
+                f"CREATE TABLE `{table}` ({key}, {value}, `expire` DATETIME(6) NULL, "
+                f"PRIMARY KEY (`key`), KEY `{table}_e` (`expire`))"
+            )
+        yield table
+    finally:
+        async with conn.cursor() as cur:
+            await cur.execute(f"DROP TABLE IF EXISTS `{table}`")
+        await conn.ensure_closed()
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize("case", list(MYSQL_TABLES))
+async def test_mysql_key_or_value_column_that_changes_entries_is_refused(case: str) -> None:
+    key, value, what = MYSQL_TABLES[case]
+    async with mysql_table(key, value) as table:
+        message = await refused(MYSQL_URL, what, table=table, purge_interval=0)
+        assert f"table {table!r}" in message and "sql/mysql.sql" in message
+
+
+@pytest.mark.mysql
+async def test_mysql_sessions_are_strict(tmp_path: Path) -> None:
+    """Whatever the server's sql_mode, nothing is silently cut to fit a column."""
+    async with FACTORIES["mysql"](tmp_path, "strict") as s:
+        assert isinstance(s, MySQLStorage)
+        rows = await s._run([("SELECT @@SESSION.sql_mode", ())], fetch=True)
+        assert "STRICT_ALL_TABLES" in str(rows[0][0]).split(",")
+
+
+PG_TABLES = {
+    "too short": ('"key" VARCHAR(40)', '"value" BYTEA', ["column 'key'", "at most 40"]),
+    "padded": ('"key" CHAR(300)', '"value" BYTEA', ["column 'key'", "type bpchar"]),
+    "text value": ('"key" TEXT', '"value" TEXT', ["column 'value'", "type text"]),
+    "case-insensitive": (
+        '"key" TEXT COLLATE "{c}"',
+        '"value" BYTEA',
+        ["column 'key'", "nondeterministic collation"],
+    ),
+}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("case", list(PG_TABLES))
+async def test_postgres_key_or_value_column_that_changes_entries_is_refused(case: str) -> None:
+    import asyncpg
+
+    key, value, what = PG_TABLES[case]
+    table = "t_" + uuid.uuid4().hex[:10]
+    collation = f"ci_{table}"
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        if "{c}" in key:
+            try:
+                await conn.execute(
+                    f'CREATE COLLATION "{collation}" (provider = icu, '
+                    f"locale = 'und-u-ks-level2', deterministic = false)"
+                )
+            except asyncpg.PostgresError as exc:
+                pytest.skip(f"no nondeterministic ICU collation on this server: {exc}")
+        await conn.execute(
+            f'CREATE TABLE "{table}" ({key.format(c=collation)} NOT NULL PRIMARY KEY, '
+            f'{value} NOT NULL, "expire" TIMESTAMPTZ NULL)'
+        )
+        message = await refused(POSTGRES_URL, what, table=table, purge_interval=0)
+        assert f"table {table!r}" in message and "sql/postgresql.sql" in message
+    finally:
+        await conn.execute(f'DROP TABLE IF EXISTS "{table}"')
+        await conn.execute(f'DROP COLLATION IF EXISTS "{collation}"')
+        await conn.close()
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [pytest.param(b, marks=getattr(pytest.mark, b)) for b in ("sqlite", "postgres", "mysql")],
+)
+async def test_the_shipped_sql_schemas_pass_the_column_check(backend: str, tmp_path: Path) -> None:
+    async with sql_table(backend, tmp_path) as table:
+        report = await schemas.check(table.url, table=table.table, purge_interval=0)
+        assert report.passed, report.problems
+        assert "key compared exactly (binary), value binary" in report.ok
+
+
+@pytest.mark.mongo
+@pytest.mark.parametrize("where", ["collection", "index"])
+async def test_mongo_collation_that_ignores_case_is_refused(where: str) -> None:
+    from .backend_mongo import DATABASE, admin_client
+
+    name = f"cacheme_ci_{uuid.uuid4().hex[:10]}"
+    case_insensitive = {"locale": "en", "strength": 2}
+    async with admin_client() as client:
+        db = client[DATABASE]
+        try:
+            if where == "collection":
+                await db.create_collection(name, collation=case_insensitive)
+                await db[name].create_index("key", unique=True)
+                what = ["default collation"]
+            else:
+                await db.create_collection(name)
+                await db[name].create_index("key", unique=True, collation=case_insensitive)
+                what = ["index 'key_1'"]
+            await db[name].create_index("expire", expireAfterSeconds=0)
+            message = await refused(
+                MONGO_URL, [*what, "'strength': 2"], database=DATABASE, collection=name
+            )
+            assert "sql/mongo.js" in message
+        finally:
+            await db.drop_collection(name)
+
+
 # -- the parsing and grouping helpers, without a server --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("create", "collation"),
+    [
+        ('CREATE TABLE t ("key" TEXT NOT NULL PRIMARY KEY, "value" BLOB)', "BINARY"),
+        ('CREATE TABLE t ("key" TEXT COLLATE NOCASE PRIMARY KEY, v BLOB)', "NOCASE"),
+        (
+            "CREATE TABLE t ([key] varchar(10) /* a, b */ collate 'rtrim', CHECK (x IN (1, 2)))",
+            "rtrim",
+        ),
+        ("CREATE TABLE t (`KEY` TEXT -- COLLATE NOCASE\n, v BLOB)", "BINARY"),
+        ('CREATE TABLE t ("value" BLOB, "key_2" TEXT COLLATE NOCASE)', None),
+        ("CREATE TABLE t AS SELECT 1", None),
+    ],
+)
+def test_sqlite_column_collation(create: str, collation: str | None) -> None:
+    from cacheme.storages.sqlite import column_collation
+
+    assert column_collation(create, "key") == collation
 
 
 def test_mongo_key_groups_stay_under_the_command_budget() -> None:
