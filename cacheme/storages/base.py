@@ -116,11 +116,24 @@ class StorageOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
+# The longest ``timeout``: one day. Drivers refuse much longer ones only when they first
+# connect (pymongo: server selection under 1e9 ms; MySQL: connect_timeout up to a year),
+# which would look like an unreachable server; a cache operation has no use for more.
+MAX_TIMEOUT = 86_400.0
+
+# The most connections a storage's pool may hold (the SQL tiers take the same bound): far
+# above what any server allows, and a bound drivers do not overflow at connect time.
+MAX_POOL_SIZE = 10_000
+
+
 class RemoteOptions(StorageOptions):
     """Options every remote storage accepts."""
 
     timeout: float = Field(
-        default=3.0, gt=0, description="seconds one operation may take, pool wait included"
+        default=3.0,
+        gt=0,
+        le=MAX_TIMEOUT,
+        description="seconds one operation may take, pool wait included (at most a day)",
     )
     fail_open: bool = Field(
         default=True, description="on error or timeout, treat a read as a miss and go on"

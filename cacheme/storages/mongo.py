@@ -70,7 +70,7 @@ from pymongo.errors import (
 )
 
 from ..errors import ConfigurationError, StorageMisconfiguredError
-from .base import Entry, RemoteOptions, RemoteStorage, binary
+from .base import MAX_POOL_SIZE, Entry, RemoteOptions, RemoteStorage, binary
 from .url import redact
 
 __all__ = ["DEFAULT_DATABASE", "MongoOptions", "MongoStorage"]
@@ -132,7 +132,10 @@ class MongoOptions(RemoteOptions):
     )
     collection: str = Field(default="cacheme_data", description="collection of the entries")
     pool_size: int = Field(
-        default=50, ge=1, description="most connections open at once (maxPoolSize)"
+        default=50,
+        ge=1,
+        le=MAX_POOL_SIZE,
+        description="most connections open at once (maxPoolSize)",
     )
 
     @field_validator("database")

@@ -63,7 +63,7 @@ from typing import Any, ClassVar, TypeVar
 from pydantic import Field, field_validator
 
 from ..errors import ConfigurationError, StorageError, StorageMisconfiguredError
-from .base import RemoteOptions, RemoteStorage, describe
+from .base import MAX_POOL_SIZE, RemoteOptions, RemoteStorage, describe
 from .url import redact
 
 logger = logging.getLogger("cacheme")
@@ -122,7 +122,7 @@ class SQLOptions(RemoteOptions):
     table: str = Field(
         default="cacheme_data", description="the table created from the sql/ schema file"
     )
-    pool_size: int = Field(default=50, ge=1, le=10_000, description="most open connections")
+    pool_size: int = Field(default=50, ge=1, le=MAX_POOL_SIZE, description="most open connections")
     purge_interval: float = Field(
         default=60.0, ge=0, description="seconds between purges of expired rows; 0: never"
     )

@@ -9,6 +9,8 @@
 3. A key column that does not compare exactly (a case-insensitive collation) or is too
    short, or a value column that is not binary, is refused at registration and reported by
    ``cacheme check``; a MongoDB collection or key index with a collation likewise.
+4. ``timeout`` at most a day (drivers refuse much longer ones only when connecting), and
+   ``pool_size`` at most 10 000 on every backend.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import pytest
 
 import cacheme
 from cacheme import Cache, Node, schemas
-from cacheme.errors import StorageMisconfiguredError
+from cacheme.errors import ConfigurationError, StorageMisconfiguredError
 from cacheme.serializer import MsgPackSerializer, Serializer
-from cacheme.storages.base import Entry, RemoteStorage
+from cacheme.storages.base import MAX_TIMEOUT, Entry, RemoteStorage
 from cacheme.storages.mysql import MySQLStorage
 from cacheme.storages.registry import storages
 from cacheme.storages.sql import stored_key
@@ -568,6 +570,40 @@ async def test_mongo_collation_that_ignores_case_is_refused(where: str) -> None:
             assert "sql/mongo.js" in message
         finally:
             await db.drop_collection(name)
+
+
+# -- 4. timeout and pool_size within what drivers take ---------------------------------------
+
+URLS = {
+    "redis": "redis://127.0.0.1:6379/0",
+    "sqlite": "sqlite:///c.db",
+    "postgres": "postgresql://u@127.0.0.1:5432/db",
+    "mysql": "mysql://u:p@127.0.0.1:3306/db",
+    "mongo": "mongodb://127.0.0.1:27017",
+}
+
+
+@pytest.mark.parametrize("scheme", list(URLS))
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("timeout", MAX_TIMEOUT + 0.5), ("timeout", 6e5), ("timeout", 1e12), ("pool_size", 10_001)],
+)
+def test_options_beyond_driver_limits_are_configuration_errors(
+    scheme: str, option: str, value: Any
+) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        cacheme.Storage(URLS[scheme], **{option: value}).build("limits")
+    assert "storage 'limits'" in str(info.value) and f"{option}:" in str(info.value)
+
+
+@every_backend
+async def test_the_longest_timeout_works(backend: str, tmp_path: Path) -> None:
+    async with tier(backend, tmp_path, timeout=MAX_TIMEOUT, pool_size=20):
+        Keyed, loads = keyed()
+        assert await cacheme.get(Keyed("a")) == b"v:a"
+        assert await cacheme.get(Keyed("a")) == b"v:a"
+        assert loads == ["a"]
+        assert registered().stats.errors == 0
 
 
 # -- the parsing and grouping helpers, without a server --------------------------------------
