@@ -1,7 +1,8 @@
 """The SQLite tier: ``Storage(url="sqlite:///path/to/file", table="cache")``.
 
-URLs follow SQLAlchemy: ``sqlite:///relative/path.db`` (relative to the working directory)
-and ``sqlite:////absolute/path.db``. Create the table first from ``sql/sqlite.sql``. An
+URLs follow SQLAlchemy: ``sqlite:///relative/path.db`` (relative to the working directory
+when the storage is registered: resolved then, once, so every event loop's driver opens the
+same file) and ``sqlite:////absolute/path.db``. Create the table first from ``sql/sqlite.sql``. An
 in-memory database (``sqlite://``, ``:memory:``) is refused: it would start without the
 table, and a cache that lives in the process belongs in a ``local://`` tier anyway.
 
@@ -35,6 +36,7 @@ Expiry
 from __future__ import annotations
 
 import math
+import os
 import re
 import sqlite3
 from collections.abc import Sequence
@@ -44,6 +46,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiosqlite
 
+from .. import runtime
 from ..errors import ConfigurationError, StorageMisconfiguredError
 from .base import Entry, binary
 from .sql import SQLOptions, SQLStorage, expire_at, stored_key, stored_keys, utc_now
@@ -177,7 +180,9 @@ class SQLiteStorage(SQLStorage[SQLiteOptions]):
 
     def __init__(self, name: str, url: str, options: SQLiteOptions) -> None:
         super().__init__(name, url, options)
-        self.database = database_of(url)
+        # Resolved once, here (registration): every event loop's driver opens this file,
+        # whatever the working directory is when that loop first uses the storage.
+        self.database = os.path.abspath(database_of(url))
         self._db: aiosqlite.Connection | None = None
         t = f'"{self.table}"'
         self._select = f'SELECT "key", "value" FROM {t} WHERE ("expire" IS NULL OR "expire" > ?)'
@@ -192,6 +197,12 @@ class SQLiteStorage(SQLStorage[SQLiteOptions]):
         self._purge_sql = (
             f'DELETE FROM {t} WHERE "key" IN (SELECT "key" FROM {t} WHERE "expire" <= ? LIMIT ?)'
         )
+
+    def _attach(self, rt: runtime.Runtime) -> SQLiteStorage:
+        driver = super()._attach(rt)
+        assert isinstance(driver, SQLiteStorage)
+        driver.database = self.database  # not resolved again in another directory
+        return driver
 
     @property
     def db(self) -> aiosqlite.Connection:

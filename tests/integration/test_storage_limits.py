@@ -11,11 +11,13 @@
    ``cacheme check``; a MongoDB collection or key index with a collation likewise.
 4. ``timeout`` at most a day (drivers refuse much longer ones only when connecting), and
    ``pool_size`` at most 10 000 on every backend.
+5. A relative SQLite path is resolved once, at registration.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import sys
 import uuid
@@ -604,6 +606,42 @@ async def test_the_longest_timeout_works(backend: str, tmp_path: Path) -> None:
         assert await cacheme.get(Keyed("a")) == b"v:a"
         assert loads == ["a"]
         assert registered().stats.errors == 0
+
+
+# -- 5. a relative SQLite path ---------------------------------------------------------------
+
+
+@pytest.mark.sqlite
+def test_a_relative_sqlite_path_is_resolved_at_registration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    monkeypatch.chdir(first)
+    Keyed, loads = keyed()
+    databases: list[str] = []
+
+    async def setup() -> None:
+        await schemas.create("sqlite:///rel.db")
+        await cacheme.register_storage("t", cacheme.Storage("sqlite:///rel.db", purge_interval=0))
+        databases.append(registered().database)  # type: ignore[attr-defined]
+        assert await cacheme.get(Keyed("k")) == b"v:k"
+
+    async def later() -> None:
+        assert await cacheme.get(Keyed("k")) == b"v:k"  # the same file: a hit
+        await cacheme.invalidate(Keyed("k"))
+        assert await cacheme.get(Keyed("k")) == b"v:k"
+
+    try:
+        asyncio.run(setup())
+        assert os.path.isabs(databases[0]) and os.path.samefile(databases[0], first / "rel.db")
+        monkeypatch.chdir(second)
+        asyncio.run(later())  # another event loop: a driver of its own
+    finally:
+        asyncio.run(cacheme.close_storages())
+    assert loads == ["k", "k"]
+    assert list(second.iterdir()) == []  # no stray database in the new directory
 
 
 # -- the parsing and grouping helpers, without a server --------------------------------------
