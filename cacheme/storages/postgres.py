@@ -124,6 +124,39 @@ def column_problems(rows: Sequence[Sequence[Any]]) -> list[str]:
     return problems
 
 
+def _retrieve_tls_answer() -> None:
+    """Make asyncpg's ``TLSUpgradeProto`` retrieve the error it leaves on its ``on_data``
+    future when its connection is lost before anyone awaits that future.
+
+    With ``sslmode=prefer`` (asyncpg's default) a connection starts with an SSL request. A
+    connect cancelled while ``loop.create_connection`` is finishing (a pool connect cut by
+    the storage's timeout) closes the new transport before asyncpg awaits ``on_data``;
+    ``connection_lost`` then sets ``ConnectionError('unexpected connection_lost() call')``
+    on a future nobody will read, and asyncio logs "Future exception was never retrieved"
+    for each (hundreds under tiny timeouts). The connect itself has already failed, and
+    that failure is what cacheme counts and reports. A connect that is awaiting the future
+    still gets the error: marking it retrieved only silences the garbage collector's log.
+    Applied once, when this module is imported; a no-op if asyncpg changes that class."""
+    from asyncpg import connect_utils
+
+    proto: Any = getattr(connect_utils, "TLSUpgradeProto", None)
+    lost = getattr(proto, "connection_lost", None)
+    if lost is None or getattr(lost, "_cacheme_retrieves", False):
+        return
+
+    def connection_lost(self: Any, exc: Exception | None) -> None:
+        lost(self, exc)
+        on_data = getattr(self, "on_data", None)
+        if isinstance(on_data, asyncio.Future) and on_data.done() and not on_data.cancelled():
+            on_data.exception()
+
+    connection_lost._cacheme_retrieves = True  # type: ignore[attr-defined]
+    proto.connection_lost = connection_lost
+
+
+_retrieve_tls_answer()
+
+
 def dsn_of(url: str) -> str:
     """``url`` with the scheme asyncpg expects."""
     parts = urlsplit(url)

@@ -203,8 +203,14 @@ class SQLStorage(RemoteStorage[SO]):
                     self._stopper_close(conn)
                     raise
 
+        # A task of our own, whose outcome is always retrieved: when the wait below gives
+        # up, asyncio.shield stops watching the task, and a stop failing after that would be
+        # logged by asyncio as "Task exception was never retrieved" (the warning below
+        # already says the stop did not happen in time).
+        task = asyncio.ensure_future(stop())
+        task.add_done_callback(self._late_stop)
         try:
-            await asyncio.wait_for(asyncio.shield(stop()), 0.8 * self.options.timeout)
+            await asyncio.wait_for(asyncio.shield(task), 0.8 * self.options.timeout)
         except BaseException as exc:
             logger.warning(
                 "cacheme: storage %r: could not stop the %s of a write cut short (%r); it "
@@ -215,6 +221,16 @@ class SQLStorage(RemoteStorage[SO]):
             )
             if not isinstance(exc, Exception):
                 raise
+
+    def _late_stop(self, task: asyncio.Future[None]) -> None:
+        """Retrieve a stop's outcome (see ``_stop_cut``, which warns when a stop fails or
+        runs out of time); a failure is also noted at debug level, with what it was."""
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug(
+                "cacheme: storage %r: a stop of a write cut short ended with %r",
+                self.name,
+                task.exception(),
+            )
 
     def _close_stopper(self) -> None:
         """Close this loop's stopping connection, if it has one (at shutdown)."""

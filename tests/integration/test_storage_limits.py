@@ -12,11 +12,15 @@
 4. ``timeout`` at most a day (drivers refuse much longer ones only when connecting), and
    ``pool_size`` at most 10 000 on every backend.
 5. A relative SQLite path is resolved once, at registration.
+6. No asyncio "never retrieved" noise from PostgreSQL: the stop of a write cut short, and
+   connects cut by tiny timeouts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import os
 import sqlite3
 import sys
@@ -41,6 +45,7 @@ from tests.services import MONGO_URL, MYSQL_URL, POSTGRES_URL
 
 from .backend_sql import sql_table
 from .backends import BACKENDS, FACTORIES
+from .faults import Proxy, port_of, with_port
 from .test_cli import cli
 
 every_backend = pytest.mark.parametrize(
@@ -642,6 +647,102 @@ def test_a_relative_sqlite_path_is_resolved_at_registration(
         asyncio.run(cacheme.close_storages())
     assert loads == ["k", "k"]
     assert list(second.iterdir()) == []  # no stray database in the new directory
+
+
+# -- 6. no "never retrieved" noise from PostgreSQL ------------------------------------------
+
+
+def never_retrieved(caplog: pytest.LogCaptureFixture) -> list[str]:
+    gc.collect()
+    return [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+@pytest.mark.postgres
+async def test_a_stop_that_fails_late_is_not_logged_as_never_retrieved(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The network to PostgreSQL swallows everything: a write is cut, and the stop of its
+    server process cannot even connect; it fails after the storage stopped waiting for it.
+    cacheme warns once per cut; asyncio must not add a 'Task exception was never retrieved'."""
+    async with (
+        sql_table("postgres", tmp_path) as table,
+        Proxy(port_of(POSTGRES_URL, 5432)) as proxy,
+    ):
+        timeout = 0.2
+        await cacheme.register_storage(
+            "t",
+            cacheme.Storage(
+                with_port(table.url, proxy.port),
+                table=table.table,
+                timeout=timeout,
+                breaker_threshold=100,
+                purge_interval=0,
+            ),
+        )
+        try:
+            loading, go = asyncio.Event(), asyncio.Event()
+
+            class Slow(Node):
+                def __init__(self, key: str) -> None:
+                    self._key = key
+
+                def key(self) -> str:
+                    return self._key
+
+                async def load(self) -> str:
+                    loading.set()
+                    await go.wait()
+                    return self._key
+
+                class Meta(Node.Meta):
+                    caches = [Cache(storage="t", ttl=timedelta(minutes=5))]
+                    serializer = MsgPackSerializer()
+
+            go.set()
+            assert await cacheme.get(Slow("warm")) == "warm"
+            go.clear()
+            loading.clear()
+            with caplog.at_level(logging.DEBUG):
+                # The read goes through; the network dies while the load runs: the
+                # write-back is cut, and the stop of its server process cannot connect.
+                get = asyncio.ensure_future(cacheme.get_all([Slow(f"k{i}") for i in range(3)]))
+                await loading.wait()
+                proxy.hang()
+                go.set()
+                assert await get == ["k0", "k1", "k2"]
+                await asyncio.sleep(4 * timeout)  # the stop fails after the wait gave up
+                assert "could not stop the server process" in caplog.text
+                assert never_retrieved(caplog) == []
+        finally:
+            await cacheme.close_storages()
+
+
+@pytest.mark.postgres
+async def test_connects_cut_by_a_tiny_timeout_leave_no_noise(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with sql_table("postgres", tmp_path) as table:
+        await cacheme.register_storage(
+            "t",
+            cacheme.Storage(
+                table.url,
+                table=table.table,
+                timeout=0.001,
+                breaker_threshold=1_000_000,
+                breaker_cooldown=0.001,
+                purge_interval=0,
+            ),
+        )
+        try:
+            Keyed, _ = keyed()
+            with caplog.at_level(logging.DEBUG):
+                for i in range(150):
+                    assert await cacheme.get(Keyed(f"k{i % 5}")) == f"v:k{i % 5}".encode()
+                    await asyncio.sleep(0.002)
+                assert registered().stats.timeouts > 0
+                assert never_retrieved(caplog) == []
+        finally:
+            await cacheme.close_storages()
 
 
 # -- the parsing and grouping helpers, without a server --------------------------------------
