@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ConfigurationError, EncodeError, StorageError, StorageTimeoutError
 from .serializer import Serializer, encode
-from .storages.base import MISS, BaseStorage, Entry, LocalStorage, RemoteStorage
+from .storages.base import MISS, BaseStorage, Entry, LocalStorage, RemoteStorage, Unreadable
 
 if TYPE_CHECKING:
     from .node import Cache, Config
@@ -249,6 +249,9 @@ class RemoteTier(Tier):
             self._decode_type = value_type
         values = {}
         for key, data in raw.items():
+            if isinstance(data, Unreadable):  # a foreign value that is not bytes
+                undecodable(cfg, self.name, key, data.error())
+                continue
             try:
                 values[key] = decode(data)
             except Exception as exc:  # DecodeError by contract; any other from a custom one

@@ -6,9 +6,12 @@
 --         case-sensitive. Keys over 255 characters (the most an index takes in utf8mb4),
 --         ending in a space (which utf8mb4_bin would ignore) or holding a NUL are stored as
 --         their first 183 characters + ':sha256:' + the SHA-256 hex digest of the whole
---         key, the same on every SQL backend (see cacheme/storages/sql.py).
+--         key, the same on every SQL backend (see cacheme/storages/sql.py). cacheme refuses
+--         a key column whose collation is not binary (utf8mb4_general_ci, the usual server
+--         default, makes 'User' and 'user' one row), shorter than 255 or not in utf8mb4.
 -- value   the serializer's bytes; values are sent as hex, so one must stay under half of
 --         the server's max_allowed_packet (8 MiB with MariaDB's default of 16 MiB).
+--         A BLOB type (cacheme refuses a value column that is not binary).
 -- expire  when the entry expires, in UTC (compare with UTC_TIMESTAMP(6), not NOW());
 --         NULL = never. Reads skip expired rows; the storage deletes them in the
 --         background.

@@ -5,7 +5,8 @@
 -- key     the full cache key {prefix}:{key}:{version}, as in Redis; keys over 255
 --         characters (or ending in a space, or holding a NUL) are stored as their first
 --         183 characters + ':sha256:' + the SHA-256 hex digest of the whole key, the same
---         on every SQL backend (see cacheme/storages/sql.py)
+--         on every SQL backend (see cacheme/storages/sql.py). No COLLATE: cacheme refuses
+--         NOCASE or RTRIM on this column or in an index on it ('User' = 'user').
 -- value   the serializer's bytes
 -- expire  when the entry expires, UTC, as 'YYYY-MM-DD HH:MM:SS.ffffff'; NULL = never.
 --         Reads skip expired rows; the storage deletes them in the background.

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from ..errors import ConfigurationError, StorageError
+from ..errors import ConfigurationError, StorageError, StorageMisconfiguredError
 from ..storages.base import BaseStorage, RemoteStorage
 from ..storages.registry import Storage
 from ..storages.url import redact, scheme_of, scrub, secrets_of
@@ -304,7 +304,11 @@ async def check(url: str, *, timeout: float = 10.0, **options: Any) -> CheckRepo
         if kind is not None:
             await asyncio.wait_for(_check_schema(kind, url, backend, report), timeout)
         if report.passed:
-            await asyncio.wait_for(_probe(url, options), timeout)
+            try:
+                await asyncio.wait_for(_probe(url, options), timeout)
+            except StorageMisconfiguredError as exc:  # e.g. what register_storage refuses
+                report.problems.append(str(exc))
+                return report
             report.ok.append(f"a cacheme storage connected and read a key ({_PROBE_KEY!r})")
     except StorageError:
         raise
@@ -340,15 +344,15 @@ async def _check_schema(kind: str, url: str, backend: Any, report: CheckReport) 
             )
             return
         try:
-            columns, indexes = await asyncio.to_thread(_inspect_sqlite, path, table)
+            columns, indexes, wrong = await asyncio.to_thread(_inspect_sqlite, path, table)
         except sqlite3.Error as exc:
             raise _unreachable(url, exc) from exc
     else:
         async with _SQLConnection(kind, url) as run:
             if kind == "postgresql":
-                columns, indexes = await _inspect_postgres(run, table)
+                columns, indexes, wrong = await _inspect_postgres(run, table)
             else:
-                columns, indexes = await _inspect_mysql(run, table)
+                columns, indexes, wrong = await _inspect_mysql(run, table)
     fix = f"create it with: cacheme schema create URL --table {table}"
     if not columns:
         report.problems.append(f"table {table!r} does not exist; {fix}")
@@ -362,6 +366,11 @@ async def _check_schema(kind: str, url: str, backend: Any, report: CheckReport) 
         )
     else:
         report.ok.append("columns key, value, expire")
+    # What register_storage refuses too: a key compared inexactly or too short, a value
+    # column that is not binary.
+    report.problems += [f"table {table!r}: {problem}" for problem in wrong]
+    if not wrong and not missing:
+        report.ok.append("key compared exactly (binary), value binary")
     if any(unique and cols == ["key"] for cols, unique in indexes):
         report.ok.append("key is unique (primary key)")
     else:
@@ -377,7 +386,9 @@ async def _check_schema(kind: str, url: str, backend: Any, report: CheckReport) 
 Indexes = list[tuple[list[str], bool]]  # (columns in order, unique)
 
 
-def _inspect_sqlite(path: str, table: str) -> tuple[set[str], Indexes]:
+def _inspect_sqlite(path: str, table: str) -> tuple[set[str], Indexes, list[str]]:
+    from ..storages.sqlite import TABLE_SQL, key_problems
+
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)  # never creates the file
     try:
         info = db.execute(f'PRAGMA table_info("{table}")').fetchall()
@@ -386,15 +397,21 @@ def _inspect_sqlite(path: str, table: str) -> tuple[set[str], Indexes]:
         pk = [row[1] for row in sorted(info, key=lambda r: r[5]) if row[5]]
         if pk:
             indexes.append((pk, True))
+        xinfo = []
         for row in db.execute(f'PRAGMA index_list("{table}")').fetchall():
             cols = [r[2] for r in db.execute(f'PRAGMA index_info("{row[1]}")').fetchall()]
             indexes.append((cols, bool(row[2])))
-        return columns, indexes
+            xinfo.append((str(row[1]), db.execute(f'PRAGMA index_xinfo("{row[1]}")').fetchall()))
+        created = db.execute(TABLE_SQL, (table,)).fetchone()
+        wrong = key_problems(str(created[0] or "") if created else "", xinfo)
+        return columns, indexes, wrong
     finally:
         db.close()
 
 
-async def _inspect_postgres(run: Any, table: str) -> tuple[set[str], Indexes]:
+async def _inspect_postgres(run: Any, table: str) -> tuple[set[str], Indexes, list[str]]:
+    from ..storages.postgres import COLUMNS_QUERY, column_problems
+
     rows = await run(
         "SELECT column_name FROM information_schema.columns "
         "WHERE table_schema = current_schema() AND table_name = $1",
@@ -412,10 +429,13 @@ async def _inspect_postgres(run: Any, table: str) -> tuple[set[str], Indexes]:
         "GROUP BY ix.indexrelid, ix.indisunique",
         (table,),
     )
-    return columns, [(list(r[1]), bool(r[0])) for r in rows]
+    wrong = column_problems(await run(COLUMNS_QUERY, (f'"{table}"',))) if columns else []
+    return columns, [(list(r[1]), bool(r[0])) for r in rows], wrong
 
 
-async def _inspect_mysql(run: Any, table: str) -> tuple[set[str], Indexes]:
+async def _inspect_mysql(run: Any, table: str) -> tuple[set[str], Indexes, list[str]]:
+    from ..storages.mysql import COLUMNS_QUERY, column_problems
+
     rows = await run(
         "SELECT COLUMN_NAME FROM information_schema.COLUMNS "
         "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = %s",
@@ -431,7 +451,8 @@ async def _inspect_mysql(run: Any, table: str) -> tuple[set[str], Indexes]:
     for name, column, non_unique in rows:
         cols, _ = by_name.setdefault(str(name), ([], not int(non_unique)))
         cols.append(str(column))
-    return columns, list(by_name.values())
+    wrong = column_problems(await run(COLUMNS_QUERY, (table,))) if columns else []
+    return columns, list(by_name.values()), wrong
 
 
 async def _check_mongo(url: str, backend: Any, report: CheckReport) -> None:
@@ -444,7 +465,8 @@ async def _check_mongo(url: str, backend: Any, report: CheckReport) -> None:
         where = f"{backend.database}.{name}"
         try:
             await client.admin.command("ping")
-            exists = name in await db.list_collection_names()
+            infos = await (await db.list_collections(filter={"name": name})).to_list()
+            exists = bool(infos)
             indexes = await db[name].index_information() if exists else {}
         except PyMongoError as exc:
             raise _unreachable(url, exc) from exc
@@ -464,3 +486,22 @@ async def _check_mongo(url: str, backend: Any, report: CheckReport) -> None:
         report.ok.append("TTL index on expire")
     else:
         report.problems.append(f"collection {where} has no TTL index on expire; {fix}")
+    from ..storages.mongo import inexact
+
+    # What register_storage refuses too: keys compared by a collation ('User' = 'user').
+    collation = infos[0].get("options", {}).get("collation")
+    inexact_here = []
+    if inexact(collation):
+        inexact_here.append(f"the collection's default collation is {dict(collation)}")
+    inexact_here += [
+        f"index {index!r} on key has the collation {dict(spec['collation'])}"
+        for index, spec in indexes.items()
+        if any(k == "key" for k, _ in spec["key"]) and inexact(spec.get("collation"))
+    ]
+    for problem in inexact_here:
+        report.problems.append(
+            f"collection {where}: {problem}, under which different keys (such as 'User' and "
+            f"'user') are one entry; recreate it without a collation"
+        )
+    if not inexact_here:
+        report.ok.append("keys compared exactly (no collation)")

@@ -6,8 +6,10 @@
 -- key     the full cache key {prefix}:{key}:{version}, as in Redis; keys over 255
 --         characters (or ending in a space, or holding a NUL) are stored as their first
 --         183 characters + ':sha256:' + the SHA-256 hex digest of the whole key, the same
---         on every SQL backend (see cacheme/storages/sql.py)
--- value   the serializer's bytes
+--         on every SQL backend (see cacheme/storages/sql.py). cacheme refuses a key column
+--         of type citext, char(n) or varchar(n) shorter than 255, or with a
+--         nondeterministic collation (under which 'User' and 'user' can be one row).
+-- value   the serializer's bytes (bytea: cacheme refuses another type)
 -- expire  when the entry expires (timestamptz: an instant, shown in the session's time
 --         zone); NULL = never. Reads skip expired rows; the storage deletes them in the
 --         background.

@@ -9,12 +9,13 @@ A tier is either *local* (in-process, holds Python objects, answers synchronousl
   atomic; every shipped backend overrides it with one atomic round trip per batch).
 
 ``RemoteStorage`` does everything else once, for every backend: coalescing the operations
-issued in one event-loop turn into batches of at most ``batch_size``, the timeout (pool
-waits included), the circuit breaker, wrapping driver errors into ``StorageError``, and the
-per-storage counters. The writes, adds and removals of a key land in the order they were
-issued, within one turn too, and a read issued after them reads after them. Keys arrive
-fully built (``{prefix}:{key}:{version}``); TTLs arrive as
-whole milliseconds; values are the node serializer's bytes.
+issued in one event-loop turn into batches of at most ``batch_size`` (every round trip, on
+every path, carries at most ``batch_size`` keys), the timeout (pool waits included), the
+circuit breaker, wrapping driver errors into ``StorageError``, and the per-storage counters.
+The writes, adds and removals of a key land in the order they were issued, within one turn
+too, and a read issued after them reads after them. Keys arrive fully built
+(``{prefix}:{key}:{version}``); TTLs arrive as whole milliseconds; values are the node
+serializer's bytes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import landing, runtime
 from ..errors import (
+    DecodeError,
     StorageError,
     StorageMisconfiguredError,
     StorageTimeoutError,
@@ -70,6 +72,43 @@ class Entry(NamedTuple):
     ttl_ms: int | None
 
 
+class Unreadable(bytes):
+    """What a backend's ``_get_many`` gives for a stored value that is not binary: a row or
+    document written by something else than cacheme (a text or a number in the value column
+    of SQLite, in the value field of MongoDB). The tier reading it counts it as an entry
+    that cannot be decoded, for its key alone: a miss, loaded again and overwritten (see
+    ``binary``).
+
+    Empty bytes, so that whatever reads it as bytes all the same decodes nothing from it (a
+    freshness envelope check, every serializer) and nothing breaks on its type (a tag
+    version compared or recorded); ``reason`` says what was stored instead."""
+
+    reason = "a stored value that is not bytes"  # see binary
+
+    def error(self) -> DecodeError:
+        return DecodeError(self.reason)
+
+    def __repr__(self) -> str:
+        return f"<Unreadable: {self.reason}>"
+
+
+def binary(storage: str, value: Any) -> bytes:
+    """A value read from ``storage`` as bytes: ``bytes`` as is, ``bytearray`` and
+    ``memoryview`` (and bytes subclasses such as PyMongo's ``Binary``) copied; anything
+    else (a foreign row's text or number) as an ``Unreadable``, never converted (``bytes(n)``
+    of an int ``n`` would be ``n`` zero bytes)."""
+    if type(value) is bytes:
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    marker = Unreadable()
+    marker.reason = (
+        f"storage {storage!r} holds a {type(value).__name__} there, not bytes (written by "
+        f"something other than cacheme?)"
+    )
+    return marker
+
+
 class StorageOptions(BaseModel):
     """Options every storage accepts. Backends extend this; unknown options are errors."""
 
@@ -77,11 +116,24 @@ class StorageOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
+# The longest ``timeout``: one day. Drivers refuse much longer ones only when they first
+# connect (pymongo: server selection under 1e9 ms; MySQL: connect_timeout up to a year),
+# which would look like an unreachable server; a cache operation has no use for more.
+MAX_TIMEOUT = 86_400.0
+
+# The most connections a storage's pool may hold (the SQL tiers take the same bound): far
+# above what any server allows, and a bound drivers do not overflow at connect time.
+MAX_POOL_SIZE = 10_000
+
+
 class RemoteOptions(StorageOptions):
     """Options every remote storage accepts."""
 
     timeout: float = Field(
-        default=3.0, gt=0, description="seconds one operation may take, pool wait included"
+        default=3.0,
+        gt=0,
+        le=MAX_TIMEOUT,
+        description="seconds one operation may take, pool wait included (at most a day)",
     )
     fail_open: bool = Field(
         default=True, description="on error or timeout, treat a read as a miss and go on"
@@ -346,7 +398,8 @@ class RemoteStorage(BaseStorage[OptionsT]):
 
     @abstractmethod
     async def _get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
-        """Live (unexpired) values of ``keys``, in one round trip; absent keys left out."""
+        """Live (unexpired) values of ``keys``, in one round trip; absent keys left out. A
+        stored value that is not binary is given as an ``Unreadable`` (see ``binary``)."""
 
     @abstractmethod
     async def _set_many(self, entries: Sequence[Entry]) -> None:
@@ -624,15 +677,21 @@ class RemoteStorage(BaseStorage[OptionsT]):
     ) -> Awaitable[dict[str, bytes]] | None:
         """The read of ``keys``, sent at once from the caller's own task, when this loop's
         driver is idle: no read under way, nothing queued in this turn, no write or removal
-        of these keys under way, every key sendable. ``None`` otherwise: then queue it
-        (``read_many``).
+        of these keys under way, every key sendable, and no more keys than ``batch_size``
+        (one round trip). ``None`` otherwise: then queue it (``read_many``), which splits
+        it into batches.
 
         A lone caller thus pays one round trip and no extra loop turn; under load, reads
         are always under way, so they keep coalescing per turn. Raises like ``get_many``.
         ``rt`` as for ``here``.
         """
         driver = self.here(rt)
-        if driver._reading or driver._reads.calls or not driver._can_go_direct(keys):
+        if (
+            driver._reading
+            or driver._reads.calls
+            or len(keys) > driver.options.batch_size
+            or not driver._can_go_direct(keys)
+        ):
             return None
         return driver._call(driver._get_many, keys, len(keys), "read", True)
 
@@ -662,22 +721,36 @@ class RemoteStorage(BaseStorage[OptionsT]):
             return {}
         if self._key_writes:  # writes or removals of these keys still under way
             await self._after_writes(unique)
-        return await self._call(self._get_many, unique, len(keys), "read")
+        return await self._read_all(self._get_many, unique)
+
+    async def _read_all(
+        self, op: Callable[[Sequence[str]], Awaitable[dict[str, R]]], keys: list[str]
+    ) -> dict[str, R]:
+        """``op`` (a read) of ``keys`` in batches of at most ``batch_size``; raises the
+        first failure."""
+        if len(keys) <= self.options.batch_size:
+            return await self._call(op, keys, len(keys), "read")
+        found: dict[str, R] = {}
+        for _, result in await self._chunked(op, keys, "read"):
+            if isinstance(result, BaseException):
+                raise result
+            found.update(result)
+        return found
 
     async def get(self, key: str) -> bytes | None:
         return (await self.get_many((key,))).get(key)
 
     async def remaining_ttl(self, keys: Sequence[str]) -> dict[str, float]:
         """Seconds each stored entry of ``keys`` has left (``math.inf``: no expiry), in one
-        round trip; keys not stored, or whose lifetime the backend cannot tell, are left
-        out. Raises ``StorageError`` like a read."""
+        round trip per ``batch_size`` keys; keys not stored, or whose lifetime the backend
+        cannot tell, are left out. Raises ``StorageError`` like a read."""
         if not keys:
             return {}
         driver = self.here()
         unique = _unique(_sendable(keys))
         if not unique:
             return {}
-        return await driver._call(driver._ttl_many, unique, len(unique), "read")
+        return await driver._read_all(driver._ttl_many, unique)
 
     async def _ttl_many(self, keys: Sequence[str]) -> dict[str, float]:
         """Backends that can tell an entry's remaining lifetime override this."""
@@ -708,8 +781,8 @@ class RemoteStorage(BaseStorage[OptionsT]):
         op: Callable[[Sequence[Entry]], Awaitable[None]],
         pick: Callable[[Sequence[Entry]], list[Entry]],
     ) -> Awaitable[None]:
-        """A write or add with coalescing off: its own round trip, ordered per key; ``pick``
-        keeps one entry per key (the last write, the first add).
+        """A write or add with coalescing off: its own round trip per ``batch_size`` entries,
+        ordered per key; ``pick`` keeps one entry per key (the last write, the first add).
 
         Registered for ordering when called, not when first awaited: a removal or read of
         its keys issued afterwards (an ``invalidate``) waits for it, whenever its caller
@@ -718,9 +791,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
         unique = pick(_sendable_entries(entries)) if entries else []
         if not unique:
             return _completed(None)
-        task = self._ordered(
-            [e.key for e in unique], lambda: self._call(op, unique, len(unique), "write")
-        )
+        task = self._ordered([e.key for e in unique], lambda: self._write_all(unique, op))
         return asyncio.shield(task)
 
     def write_now(
@@ -751,13 +822,20 @@ class RemoteStorage(BaseStorage[OptionsT]):
     ) -> None:
         self._writing += 1
         try:
-            for _, result in await self._write_isolating(entries, self._set_many):
-                if isinstance(result, BaseException):
-                    raise result
+            await self._write_all(entries, self._set_many)
         finally:
             self._writing -= 1
             _mark_done(marker)
             self._release(keys, marker)
+
+    async def _write_all(
+        self, entries: list[Entry], op: Callable[[Sequence[Entry]], Awaitable[None]]
+    ) -> None:
+        """Write ``entries`` with ``op`` in batches of at most ``batch_size`` (see
+        ``_write_isolating``); raises the first failure once every batch is over."""
+        for _, result in await self._write_isolating(entries, op):
+            if isinstance(result, BaseException):
+                raise result
 
     def _remove_revoked(self, keys: Sequence[str]) -> asyncio.Future[None] | None:
         """A write of ``keys`` landed after an ``invalidate`` or ``refresh`` elsewhere gave
@@ -801,11 +879,14 @@ class RemoteStorage(BaseStorage[OptionsT]):
             unique_keys = _unique(_sendable(keys))
             if not unique_keys:
                 return _completed(None)
-            return driver._ordered(
-                unique_keys,
-                lambda: driver._call(driver._remove_many, unique_keys, len(unique_keys), "remove"),
-            )
+            return driver._ordered(unique_keys, lambda: driver._remove_all(unique_keys))
         return driver._submit(driver._removes, keys)
+
+    async def _remove_all(self, keys: list[str]) -> None:
+        """Remove ``keys`` in batches of at most ``batch_size``; raises the first failure."""
+        for _, result in await self._chunked(self._remove_many, keys, "remove"):
+            if isinstance(result, BaseException):
+                raise result
 
     @property
     def breaker_open(self) -> bool:

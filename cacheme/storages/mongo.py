@@ -15,12 +15,15 @@ in. Expiry times are computed from this process's clock, and reads compare again
 A TTL longer than ``MongoStorage.max_ttl`` (7000 years: dates end with the year 9999) means
 no expiry (``null``).
 
-Round trips: a batch read is one ``find({key: {$in: [...]}, <live>})`` whose first batch holds
-every hit; a batch write is one unordered ``bulk_write`` of ``UpdateOne(..., upsert=True)``;
-a batch add (set-if-absent) is one unordered ``bulk_write`` of two updates per key: one that
+Round trips: a batch read is one ``find({key: {$in: [...]}, <live>})`` whose first batch
+holds every hit (keys are stored whole, so a batch whose keys pass
+``MAX_KEY_BYTES_PER_COMMAND``, 8 MiB, is read with several such commands, one after another:
+a command is one BSON document of at most 16 MiB; ``remaining_ttl`` and removals likewise);
+a batch write is one unordered ``bulk_write`` of ``UpdateOne(..., upsert=True)``; a batch
+add (set-if-absent) is one unordered ``bulk_write`` of two updates per key: one that
 replaces the document only if it has expired (``{key, expire: {$lte: now}}``, no upsert) and
-one ``$setOnInsert`` upsert, which inserts only when no document exists (in either order,
-a live document stays and an expired or missing one takes the new value); a batch remove is
+one ``$setOnInsert`` upsert, which inserts only when no document exists (in either order, a
+live document stays and an expired or missing one takes the new value); a batch remove is
 one ``delete_many({key: {$in: [...]}})``.
 
 Reads return only live entries: ``expire`` is ``null`` (or absent) or later than now. MongoDB's TTL
@@ -35,7 +38,10 @@ The collection needs two indexes, created once by an operator (``sql/mongo.js``)
 Without the unique index every read scans the collection and concurrent upserts of a new key
 can insert it twice; without the TTL index expired documents are never deleted. ``connect``
 logs a warning when either is missing (it does not create them: that needs privileges a cache
-user should not have).
+user should not have), and refuses (``StorageMisconfiguredError``) a collection or a key
+index with a collation other than ``simple``: a case-insensitive one would make 'User' and
+'user' one entry. A document whose ``value`` is not binary (written by something else) is
+an ``Unreadable`` entry: undecodable for its key alone.
 
 Options (besides ``RemoteOptions``): ``database`` (default: the database named in the URL's
 path, else ``"cacheme"``), ``collection`` (default ``"cacheme_data"``), ``pool_size``
@@ -64,7 +70,7 @@ from pymongo.errors import (
 )
 
 from ..errors import ConfigurationError, StorageMisconfiguredError
-from .base import Entry, RemoteOptions, RemoteStorage
+from .base import MAX_POOL_SIZE, Entry, RemoteOptions, RemoteStorage, binary
 from .url import redact
 
 __all__ = ["DEFAULT_DATABASE", "MongoOptions", "MongoStorage"]
@@ -76,6 +82,11 @@ DEFAULT_DATABASE = "cacheme"
 # mongod rejects these in database names (the Windows set, so a name works everywhere).
 _DATABASE_FORBIDDEN = frozenset('/\\. "$*<>:|?\x00')
 _DUPLICATE_KEY = 11000
+# The most key bytes one command carries in its ``$in`` list. A command is one BSON document
+# of at most 16 MiB; keys are stored whole (not hashed as by the SQL tiers), so a batch of
+# long keys is sent as several commands of at most this many bytes each.
+MAX_KEY_BYTES_PER_COMMAND = 8 * 1024 * 1024
+_KEY_OVERHEAD = 16  # per key in the $in array: type byte, index name, length, NUL
 _REFUSED_CODES = (13, 18)  # Unauthorized, AuthenticationFailed
 
 Document = dict[str, Any]
@@ -121,7 +132,10 @@ class MongoOptions(RemoteOptions):
     )
     collection: str = Field(default="cacheme_data", description="collection of the entries")
     pool_size: int = Field(
-        default=50, ge=1, description="most connections open at once (maxPoolSize)"
+        default=50,
+        ge=1,
+        le=MAX_POOL_SIZE,
+        description="most connections open at once (maxPoolSize)",
     )
 
     @field_validator("database")
@@ -179,8 +193,10 @@ class MongoStorage(RemoteStorage[MongoOptions]):
             # The client connects lazily; a ping proves the server is there (and the
             # credentials work).
             await client.admin.command("ping")
-            coll = client[self.database][self.collection]
+            db = client[self.database]
+            coll = db[self.collection]
             await self._check_indexes(coll)
+            await self._check_collation(db)
         except BaseException:
             await client.close()
             raise
@@ -192,6 +208,12 @@ class MongoStorage(RemoteStorage[MongoOptions]):
             indexes = await coll.index_information()
         except OperationFailure:  # e.g. not authorized to list indexes: not our business
             return
+        wrong = [
+            f"index {name!r} on 'key' compares with collation {dict(spec['collation'])}"
+            for name, spec in indexes.items()
+            if any(field == "key" for field, _ in spec["key"]) and inexact(spec.get("collation"))
+        ]
+        self._refuse_collation(wrong)
         by_key = {tuple(spec["key"]): spec for spec in indexes.values()}
         missing = []
         if not by_key.get((("key", 1),), {}).get("unique", False):
@@ -210,6 +232,27 @@ class MongoStorage(RemoteStorage[MongoOptions]):
                 " and ".join(missing),
             )
 
+    async def _check_collation(self, db: Any) -> None:
+        """Refuse a collection whose default collation is not the exact (``simple``) one:
+        with a case-insensitive one, say, a read of 'User' finds the document of 'user'."""
+        try:
+            infos = await (await db.list_collections(filter={"name": self.collection})).to_list()
+        except OperationFailure:  # not authorized to list collections: cannot tell
+            return
+        collation: Any = infos[0].get("options", {}).get("collation") if infos else None
+        if inexact(collation):
+            self._refuse_collation([f"its default collation is {dict(collation)}"])
+
+    def _refuse_collation(self, problems: list[str]) -> None:
+        if problems:
+            raise StorageMisconfiguredError(
+                f"storage {self.name!r} ({redact(self.url)}): collection "
+                f"{self.database}.{self.collection} compares keys inexactly: "
+                f"{'; '.join(problems)}; under such a collation different keys (such as "
+                f"'User' and 'user') are one entry. Create the collection and its indexes "
+                f"without a collation (sql/mongo.js)"
+            )
+
     async def _close(self) -> None:
         client, self._client, self._coll = self._client, None, None
         if client is not None:
@@ -225,33 +268,38 @@ class MongoStorage(RemoteStorage[MongoOptions]):
 
     async def _get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         now = datetime.now(timezone.utc)
-        cursor = self._collection.find(
-            # Live: `expire` null (or absent) or later than now. Written as one `$not` on the
-            # field rather than `$or: [{expire: null}, {expire: {$gt: now}}]`: the same
-            # documents, but SecantusDB answers a query with a top-level `$or` by scanning the
-            # whole collection. MongoDB reads both through the unique index on `key`.
-            {"key": {"$in": list(keys)}, "expire": {"$not": {"$lte": now}}},
-            {"_id": 0, "key": 1, "value": 1},
-            # Every hit in the first reply (up to the server's 16 MiB per batch), and room for
-            # one more: a batch the hits fill exactly would leave the cursor open, costing a
-            # second round trip (a getMore) to learn there is nothing else.
-            batch_size=len(keys) + 1,
-        )
         found: dict[str, bytes] = {}
-        for doc in await cursor.to_list():
-            value = doc["value"]  # bytes for BinData subtype 0; another subtype: a Binary
-            found[doc["key"]] = value if type(value) is bytes else bytes(value)
+        for part in key_groups(keys):
+            cursor = self._collection.find(
+                # Live: `expire` null (or absent) or later than now. Written as one `$not` on
+                # the field rather than `$or: [{expire: null}, {expire: {$gt: now}}]`: the same
+                # documents, but SecantusDB answers a query with a top-level `$or` by scanning
+                # the whole collection. MongoDB reads both through the unique index on `key`.
+                {"key": {"$in": part}, "expire": {"$not": {"$lte": now}}},
+                {"_id": 0, "key": 1, "value": 1},
+                # Every hit in the first reply (up to the server's 16 MiB per batch), and room
+                # for one more: a batch the hits fill exactly would leave the cursor open,
+                # costing a second round trip (a getMore) to learn there is nothing else.
+                batch_size=len(part) + 1,
+            )
+            for doc in await cursor.to_list():
+                # bytes for BinData subtype 0, a Binary for another subtype; a string or a
+                # number in a document written by something else: Unreadable (see binary).
+                found[doc["key"]] = binary(self.name, doc.get("value"))
         return found
 
     async def _ttl_many(self, keys: Sequence[str]) -> dict[str, float]:
         now = datetime.now(timezone.utc)
-        cursor = self._collection.find(
-            {"key": {"$in": list(keys)}, "expire": {"$not": {"$lte": now}}},
-            {"_id": 0, "key": 1, "expire": 1},
-            batch_size=len(keys) + 1,
-        )
+        docs: list[Document] = []
+        for part in key_groups(keys):
+            cursor = self._collection.find(
+                {"key": {"$in": part}, "expire": {"$not": {"$lte": now}}},
+                {"_id": 0, "key": 1, "expire": 1},
+                batch_size=len(part) + 1,
+            )
+            docs += await cursor.to_list()
         left: dict[str, float] = {}
-        for doc in await cursor.to_list():
+        for doc in docs:
             expire = doc.get("expire")
             if expire is None:
                 left[doc["key"]] = math.inf
@@ -333,7 +381,31 @@ class MongoStorage(RemoteStorage[MongoOptions]):
         return []
 
     async def _remove_many(self, keys: Sequence[str]) -> None:
-        await self._collection.delete_many({"key": {"$in": list(keys)}})
+        for part in key_groups(keys):
+            await self._collection.delete_many({"key": {"$in": part}})
+
+
+def inexact(collation: Any) -> bool:
+    """Whether a collation (from ``listCollections`` or an index) compares strings other
+    than byte by byte: any but none at all and ``{locale: "simple"}``."""
+    return bool(collation) and dict(collation).get("locale") != "simple"
+
+
+def key_groups(keys: Sequence[str]) -> list[list[str]]:
+    """``keys`` in groups of at most ``MAX_KEY_BYTES_PER_COMMAND`` bytes of UTF-8 (a single
+    key larger than that makes a group of its own): one command each. The usual batch is
+    one group."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key in keys:
+        length = len(key) if key.isascii() else len(key.encode("utf-8", "surrogatepass"))
+        cost = length + _KEY_OVERHEAD
+        if groups[-1] and size + cost > MAX_KEY_BYTES_PER_COMMAND:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += cost
+    return groups
 
 
 def _check_url_options(name: str, url: str) -> None:

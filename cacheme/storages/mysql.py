@@ -19,7 +19,8 @@ The driver: asyncmy
 
 Statements (each one round trip)
     read    ``SELECT ... WHERE `key` IN (...) AND (expire IS NULL OR
-            expire > UTC_TIMESTAMP(6))``
+            expire > UTC_TIMESTAMP(6))``, several statements on one connection when the
+            keys would pass ``max_allowed_packet`` (removals likewise)
     write   one multi-row ``INSERT ... ON DUPLICATE KEY UPDATE``, rows sorted by key so
             concurrent batches lock rows in the same order. A batch larger than the
             server's ``max_allowed_packet`` (read at connect; 16 MiB on MariaDB 10.11,
@@ -43,7 +44,11 @@ Expiry
     time zone). One clock decides; millisecond TTLs work. Expired rows are purged in the
     background (see ``cacheme.storages.sql``).
 
-Connections run in autocommit. A connection whose statement was interrupted (a timeout,
+Connections run in autocommit, with a strict ``sql_mode`` of their own (``SQL_MODE``): a key
+or value too long for its column is an error for that entry, never cut short in silence.
+The table check refuses a ``key`` column that is not a ``utf8mb4`` string of at least 255
+characters with a binary collation, and a ``value`` column that is not binary (see
+``column_problems``). A connection whose statement was interrupted (a timeout,
 a cancellation, an error) is closed, not returned to the pool, so no later caller can read
 the rest of an old answer.
 """
@@ -61,8 +66,8 @@ import asyncmy
 from asyncmy import errors as mysql_errors
 
 from ..errors import ConfigurationError, StorageMisconfiguredError
-from .base import Entry
-from .sql import SQLOptions, SQLStorage, stored_key, stored_keys
+from .base import Entry, binary
+from .sql import MAX_KEY_LENGTH, SQLOptions, SQLStorage, stored_key, stored_keys
 from .url import redact
 
 # Bytes reserved in each statement for everything but the rows.
@@ -70,6 +75,20 @@ _STATEMENT_OVERHEAD = 4096
 # Per row, besides the escaped value: the escaped key (4 bytes a character, doubled by
 # escaping at worst), the TTL, the _binary prefix, quotes and commas.
 _ROW_OVERHEAD = 96
+# Per key of an IN (...) list, besides the escaped key: quotes, comma and space.
+_KEY_OVERHEAD = 8
+
+# The session's sql_mode, whatever the server's default: strict, so a value or key that does
+# not fit its column is an error for that entry, never silently cut (a key cut to the column's
+# length would be another key's row); and none of the modes that change how statements read
+# (ANSI_QUOTES, NO_BACKSLASH_ESCAPES, PAD_CHAR_TO_FULL_LENGTH...).
+SQL_MODE = "STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION"
+_INIT_COMMAND = f"SET SESSION sql_mode = '{SQL_MODE}'"
+
+# What the key and value columns may be (information_schema.COLUMNS.DATA_TYPE): a BINARY(n)
+# value would come back padded with zero bytes.
+_KEY_TYPES = ("varchar", "char")
+_VALUE_TYPES = ("tinyblob", "blob", "mediumblob", "longblob", "varbinary")
 
 
 class MySQLOptions(SQLOptions):
@@ -100,6 +119,51 @@ def connect_args(url: str) -> dict[str, Any]:
                 f"(supported: unix_socket)"
             )
     return args
+
+
+# The type, length, character set and collation of the key and value columns (%s: the table).
+COLUMNS_QUERY = (
+    "SELECT COLUMN_NAME, DATA_TYPE, CHARACTER_MAXIMUM_LENGTH, CHARACTER_SET_NAME, "
+    "COLLATION_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() "
+    "AND TABLE_NAME = %s AND COLUMN_NAME IN ('key', 'value')"
+)
+
+
+def column_problems(rows: Sequence[Sequence[Any]]) -> list[str]:
+    """What is wrong with the ``key`` and ``value`` columns, from their rows of
+    ``COLUMNS_QUERY`` (name, data type, length, character set, collation): a key column
+    that is not a utf8mb4 string of at least 255 characters compared by a binary collation
+    (``utf8mb4_general_ci`` makes 'User' and 'user' one row), a value column that is not
+    binary."""
+    problems: list[str] = []
+    for name, data_type, length, charset, collation in rows:
+        name, data_type = str(name), str(data_type).lower()
+        if name == "key":
+            fix = "make it VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+            if data_type not in _KEY_TYPES:
+                problems.append(f"column 'key' is {data_type.upper()}; {fix}")
+                continue
+            if length is not None and int(length) < MAX_KEY_LENGTH:
+                problems.append(
+                    f"column 'key' holds at most {int(length)} characters, and cacheme writes "
+                    f"keys of up to {MAX_KEY_LENGTH}; {fix}"
+                )
+            if str(charset).lower() != "utf8mb4":
+                problems.append(
+                    f"column 'key' has the character set {charset}, which cannot hold every "
+                    f"key; {fix}"
+                )
+            if not str(collation).lower().endswith("_bin"):
+                problems.append(
+                    f"column 'key' compares with the collation {collation}, under which "
+                    f"different keys (such as 'User' and 'user') are one row; {fix}"
+                )
+        elif name == "value" and data_type not in _VALUE_TYPES:
+            problems.append(
+                f"column 'value' is {data_type.upper()}, not binary (values are bytes); "
+                f"make it LONGBLOB"
+            )
+    return problems
 
 
 def row_alias_supported(version: str) -> bool:
@@ -158,6 +222,7 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
             autocommit=True,
             binary_prefix=True,
             connect_timeout=max(1, round(self.options.timeout)),
+            init_command=_INIT_COMMAND,
             **self._connect_args,
         )
         rows = await self._run([("SELECT VERSION(), @@max_allowed_packet", ())], fetch=True)
@@ -175,9 +240,11 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
             if exc.args and exc.args[0] in (1054, 1146):  # no such column, no such table
                 raise self._missing_table(exc) from exc
             raise
+        rows = await self._run([(COLUMNS_QUERY, (self.table,))], fetch=True)
+        self._check_columns(column_problems(rows))
 
     async def _shutdown(self) -> None:
-        self._close_stopper()
+        await self._close_stopper()
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
@@ -234,22 +301,44 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
             if not (exc.args and exc.args[0] == 1094):  # unknown thread: gone already
                 raise
 
-    def _stopper_close(self, conn: Any) -> None:
+    async def _stopper_close(self, conn: Any) -> None:
         conn.close()
+
+    def _key_statements(self, head: str, keys: list[str]) -> list[tuple[str, list[str]]]:
+        """``head`` + ``(%s, ...)`` for ``keys``, as several statements when one would be
+        larger than the server's ``max_allowed_packet`` (a batch of many long keys)."""
+        budget = self.max_packet - _STATEMENT_OVERHEAD
+        statements: list[tuple[str, list[str]]] = []
+        chunk: list[str] = []
+        size = 0
+        for key in keys:
+            cost = 8 * len(key) + _KEY_OVERHEAD  # 4 bytes a character, doubled by escaping
+            if chunk and size + cost > budget:
+                statements.append((f"{head}({', '.join(['%s'] * len(chunk))})", chunk))
+                chunk, size = [], 0
+            chunk.append(key)
+            size += cost
+        if chunk:
+            statements.append((f"{head}({', '.join(['%s'] * len(chunk))})", chunk))
+        return statements
 
     async def _get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         wanted = stored_keys(keys)
-        sql = f"{self._select}({', '.join(['%s'] * len(wanted))})"
-        rows = await self._run([(sql, list(wanted))], fetch=True)
-        return {wanted[key]: bytes(value) for key, value in rows}
+        rows = await self._run(self._key_statements(self._select, list(wanted)), fetch=True)
+        found: dict[str, bytes] = {}
+        for key, value in rows:
+            cache_key = wanted.get(key)
+            if cache_key is not None:  # (an exact match, see column_problems)
+                found[cache_key] = binary(self.name, value)
+        return found
 
     async def _ttl_many(self, keys: Sequence[str]) -> dict[str, float]:
         wanted = stored_keys(keys)
-        sql = f"{self._ttl_select}({', '.join(['%s'] * len(wanted))})"
-        rows = await self._run([(sql, list(wanted))], fetch=True)
+        rows = await self._run(self._key_statements(self._ttl_select, list(wanted)), fetch=True)
         return {
             wanted[key]: math.inf if left is None else max(0.0, int(left) / 1e6)
             for key, left in rows
+            if key in wanted
         }
 
     @staticmethod
@@ -314,9 +403,7 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
         return self._insert + values + on_duplicate, [v for r in rows for v in (r[0], r[2])]
 
     async def _remove_many(self, keys: Sequence[str]) -> None:
-        stored = sorted(stored_keys(keys))
-        sql = f"{self._delete}({', '.join(['%s'] * len(stored))})"
-        await self._run([(sql, stored)])
+        await self._run(self._key_statements(self._delete, sorted(stored_keys(keys))))
 
     async def _purge(self, limit: int) -> int:
         counts = await self._run([(self._purge_sql, (limit,))])

@@ -45,8 +45,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 from pydantic import Field
 
-from .base import Entry
-from .sql import SQLOptions, SQLStorage, stored_key, stored_keys
+from .base import Entry, binary
+from .sql import MAX_KEY_LENGTH, SQLOptions, SQLStorage, stored_key, stored_keys
 
 
 class PostgresOptions(SQLOptions):
@@ -76,6 +76,52 @@ _POOL_TAKES_RESET = "reset" in inspect.signature(asyncpg.create_pool).parameters
 
 async def _keep_session(connection: Any) -> None:
     """The pool's reset hook: nothing to undo (see ``_POOL_TAKES_RESET``)."""
+
+
+# The type, length and collation of the key and value columns of the table ($1: its quoted
+# name, found as the storage's statements find it). `collisdeterministic` (PostgreSQL 12+)
+# is read through to_jsonb, which gives NULL on older servers instead of failing.
+COLUMNS_QUERY = (
+    "SELECT a.attname, t.typname, a.atttypmod, c.collname, "
+    "to_jsonb(c) ->> 'collisdeterministic' "
+    "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+    "LEFT JOIN pg_collation c ON c.oid = a.attcollation "
+    "WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped "
+    "AND a.attname IN ('key', 'value')"
+)
+
+
+def column_problems(rows: Sequence[Sequence[Any]]) -> list[str]:
+    """What is wrong with the ``key`` and ``value`` columns, from their rows of ``COLUMNS_QUERY``
+    (name, type, type modifier, collation, whether the collation is deterministic): a key
+    column that is not text (citext compares case-insensitively, char(n) pads), shorter than
+    255 characters or compared by a nondeterministic collation, a value column that is not
+    bytea."""
+    problems: list[str] = []
+    for name, type_name, typmod, collation, deterministic in rows:
+        if name == "key":
+            fix = "make it TEXT"
+            if type_name not in ("text", "varchar"):
+                # citext compares case-insensitively; char(n) pads with spaces.
+                problems.append(f"column 'key' is of type {type_name}; {fix}")
+                continue
+            if type_name == "varchar" and typmod > 0 and typmod - 4 < MAX_KEY_LENGTH:
+                problems.append(
+                    f"column 'key' holds at most {typmod - 4} characters, and cacheme writes "
+                    f"keys of up to {MAX_KEY_LENGTH}; {fix}"
+                )
+            if deterministic == "false":
+                problems.append(
+                    f"column 'key' compares with the nondeterministic collation {collation}, "
+                    f"under which different keys (such as 'User' and 'user') can be one row; "
+                    f"{fix} with a deterministic collation (the default)"
+                )
+        elif name == "value" and type_name != "bytea":
+            problems.append(
+                f"column 'value' is of type {type_name}, not bytea (values are bytes); "
+                f"make it BYTEA"
+            )
+    return problems
 
 
 def dsn_of(url: str) -> str:
@@ -159,9 +205,11 @@ class PostgresStorage(SQLStorage[PostgresOptions]):
             )
         except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as exc:
             raise self._missing_table(exc) from exc
+        rows = await self._using("fetch", COLUMNS_QUERY, f'"{self.table}"')
+        self._check_columns(column_problems(rows))
 
     async def _shutdown(self) -> None:
-        self._close_stopper()
+        await self._close_stopper()
         pool, self._pool = self._pool, None
         if pool is not None:
             try:  # a graceful close talks to the server: bounded, then cut
@@ -211,7 +259,7 @@ class PostgresStorage(SQLStorage[PostgresOptions]):
     async def _stop_on(self, conn: Any, ident: int) -> None:
         await conn.execute("SELECT pg_terminate_backend($1)", ident)
 
-    def _stopper_close(self, conn: Any) -> None:
+    async def _stopper_close(self, conn: Any) -> None:
         conn.terminate()  # nothing left to say to the server
 
     @property
@@ -224,7 +272,7 @@ class PostgresStorage(SQLStorage[PostgresOptions]):
     async def _get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         wanted = stored_keys(keys)
         rows = await self._using("fetch", self._select, list(wanted))
-        return {wanted[key]: value for key, value in rows}
+        return {wanted[key]: binary(self.name, value) for key, value in rows if key in wanted}
 
     async def _ttl_many(self, keys: Sequence[str]) -> dict[str, float]:
         wanted = stored_keys(keys)

@@ -49,7 +49,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from ..errors import ConfigurationError
-from .base import Entry, RemoteOptions, RemoteStorage, describe
+from .base import MAX_POOL_SIZE, Entry, RemoteOptions, RemoteStorage, describe
 from .stops import CutStops
 from .url import redact
 
@@ -119,6 +119,7 @@ class RedisOptions(RemoteOptions):
     pool_size: int = Field(
         default=100,
         ge=1,
+        le=MAX_POOL_SIZE,
         description="most connections open at once (per node on a cluster); "
         "further operations wait for a free one",
     )

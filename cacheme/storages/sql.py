@@ -7,7 +7,12 @@ The table
     cache key ``{prefix}:{key}:{version}``, as in Redis, so an operator can find and delete
     an entry by hand), ``value`` (the serializer's bytes), ``expire`` (UTC; ``NULL`` means
     never) with an index on ``expire``. ``connect`` checks that the table and its columns
-    exist and says which file creates it if not.
+    exist and says which file creates it if not, and refuses (``StorageMisconfiguredError``
+    naming the table, the column and the fix) a ``key`` column that does not compare keys
+    exactly (a case-insensitive collation would serve 'User' the value of 'user'), is
+    shorter than 255 characters, or a ``value`` column that is not binary; ``cacheme check``
+    reports the same. A value of another type in a row someone else wrote (SQLite keeps each
+    value's own type) is an ``Unreadable`` entry: undecodable for its key alone.
 
 The table name
     ``table`` must be a plain SQL identifier: the whole name matches
@@ -58,7 +63,8 @@ from typing import Any, ClassVar, TypeVar
 from pydantic import Field, field_validator
 
 from ..errors import ConfigurationError, StorageError, StorageMisconfiguredError
-from .base import RemoteOptions, RemoteStorage, describe
+from .base import MAX_POOL_SIZE, RemoteOptions, RemoteStorage, describe
+from .stops import CutStops
 from .url import redact
 
 logger = logging.getLogger("cacheme")
@@ -117,7 +123,7 @@ class SQLOptions(RemoteOptions):
     table: str = Field(
         default="cacheme_data", description="the table created from the sql/ schema file"
     )
-    pool_size: int = Field(default=50, ge=1, le=10_000, description="most open connections")
+    pool_size: int = Field(default=50, ge=1, le=MAX_POOL_SIZE, description="most open connections")
     purge_interval: float = Field(
         default=60.0, ge=0, description="seconds between purges of expired rows; 0: never"
     )
@@ -132,18 +138,6 @@ class SQLOptions(RemoteOptions):
 
 
 SO = TypeVar("SO", bound=SQLOptions)
-
-
-class _Stopper:
-    """One loop's means of stopping cut writes (see ``SQLStorage._stop_cut``): a lock that
-    takes them one at a time, and the connection they go through, opened at the first."""
-
-    __slots__ = ("conn", "lock", "loop")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.lock = asyncio.Lock()
-        self.conn: Any = None
 
 
 class SQLStorage(RemoteStorage[SO]):
@@ -167,56 +161,20 @@ class SQLStorage(RemoteStorage[SO]):
         self.purged = 0  # expired rows deleted by purges so far
         self.purge_failures = 0
         self._purge_task: asyncio.Task[None] | None = None
-        # See _stop_cut: of the loop that used it last (a registered storage serves one
-        # loop after another; a lock and a connection belong to one).
-        self._stopper: _Stopper | None = None
+        self._stops = CutStops(name, self._stopper_connect, self._stop_on, self._stopper_close)
 
     async def _stop_cut(self, ident: int, what: str) -> None:
         """Stop the server side of a write cut short (``ident``: its server process or
-        thread), before the write counts as failed: its statement may still be waiting on a
-        row lock, to land after what is ordered behind it. The stops go one after another
-        through one connection of this loop's own, not the pool's (whose callers may all
-        be waiting), opened at the first: each is a statement of about a millisecond, so a
-        storm of cut writes is stopped in time. Bounded by 0.8 x ``timeout`` from here: the
-        storage cancels a cut operation again one ``timeout`` after the cut, and the stop
-        should be over by then. A stop that fails or runs out of time goes on in the
-        background and is logged (the write may still land)."""
-        loop = asyncio.get_running_loop()
-        stopper = self._stopper
-        if stopper is None or stopper.loop is not loop:
-            stopper = self._stopper = _Stopper(loop)
+        thread, ``what`` names it for the log) before the write counts as failed: its
+        statement may still be waiting on a row lock, to land after what is ordered behind
+        it (see ``stops``). Bounded by 0.8 x ``timeout`` from here: the storage cancels a cut
+        operation again one ``timeout`` after the cut, and the stop should be over by then.
+        """
+        await self._stops.stop(ident, what, 0.8 * self.options.timeout)
 
-        async def stop() -> None:
-            async with stopper.lock:
-                conn = stopper.conn
-                if conn is None:
-                    conn = stopper.conn = await self._stopper_connect()
-                try:
-                    await self._stop_on(conn, ident)
-                except BaseException:
-                    stopper.conn = None
-                    self._stopper_close(conn)
-                    raise
-
-        try:
-            await asyncio.wait_for(asyncio.shield(stop()), 0.8 * self.options.timeout)
-        except BaseException as exc:
-            logger.warning(
-                "cacheme: storage %r: could not stop the %s of a write cut short (%r); it "
-                "may still land",
-                self.name,
-                what,
-                exc,
-            )
-            if not isinstance(exc, Exception):
-                raise
-
-    def _close_stopper(self) -> None:
+    async def _close_stopper(self) -> None:
         """Close this loop's stopping connection, if it has one (at shutdown)."""
-        stopper, self._stopper = self._stopper, None
-        if stopper is not None and stopper.conn is not None:
-            with contextlib.suppress(Exception):
-                self._stopper_close(stopper.conn)
+        await self._stops.aclose()
 
     async def _stopper_connect(self) -> Any:
         """A new connection to the server, outside the pool (see ``_stop_cut``)."""
@@ -226,7 +184,7 @@ class SQLStorage(RemoteStorage[SO]):
         """End server process or thread ``ident`` through ``conn``."""
         raise NotImplementedError
 
-    def _stopper_close(self, conn: Any) -> None:
+    async def _stopper_close(self, conn: Any) -> None:
         """Close ``conn`` without waiting for the server."""
         raise NotImplementedError
 
@@ -285,6 +243,22 @@ class SQLStorage(RemoteStorage[SO]):
                     redact(self.url),
                     describe(exc, self.url),
                 )
+
+    def _check_columns(self, problems: list[str]) -> None:
+        """Refuse the table when its ``key`` or ``value`` column cannot hold what cacheme
+        stores faithfully (``problems``: one sentence per column found wrong).
+
+        A ``key`` column whose comparison is not exact (a case-insensitive collation, say)
+        would serve one key's value for another key; one too short would cut keys or refuse
+        their writes; a ``value`` column that is not binary would change values. Such a
+        table is a ``StorageMisconfiguredError`` at registration (and ``cacheme check``),
+        naming the storage, the table, the column and the fix."""
+        if problems:
+            raise StorageMisconfiguredError(
+                f"storage {self.name!r} ({redact(self.url)}): table {self.table!r} cannot "
+                f"hold cache entries faithfully: {'; '.join(problems)}. Create the table "
+                f"from {self.schema_file} (or alter these columns as it says)"
+            )
 
     def _missing_table(self, exc: BaseException) -> StorageError:
         rename = "" if self.table == "cacheme_data" else f" (its table named {self.table})"

@@ -1,7 +1,8 @@
 """The SQLite tier: ``Storage(url="sqlite:///path/to/file", table="cache")``.
 
-URLs follow SQLAlchemy: ``sqlite:///relative/path.db`` (relative to the working directory)
-and ``sqlite:////absolute/path.db``. Create the table first from ``sql/sqlite.sql``. An
+URLs follow SQLAlchemy: ``sqlite:///relative/path.db`` (relative to the working directory
+when the storage is registered: resolved then, once, so every event loop's driver opens the
+same file) and ``sqlite:////absolute/path.db``. Create the table first from ``sql/sqlite.sql``. An
 in-memory database (``sqlite://``, ``:memory:``) is refused: it would start without the
 table, and a cache that lives in the process belongs in a ``local://`` tier anyway.
 
@@ -35,6 +36,8 @@ Expiry
 from __future__ import annotations
 
 import math
+import os
+import re
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -43,8 +46,9 @@ from urllib.parse import unquote, urlsplit
 
 import aiosqlite
 
+from .. import runtime
 from ..errors import ConfigurationError, StorageMisconfiguredError
-from .base import Entry
+from .base import Entry, binary
 from .sql import SQLOptions, SQLStorage, expire_at, stored_key, stored_keys, utc_now
 from .url import redact
 
@@ -81,6 +85,88 @@ def database_of(url: str) -> str:
     return path
 
 
+# The tokens of an SQLite statement: blanks and comments (dropped), quoted names and strings,
+# words, and any other single character.
+_TOKEN = re.compile(
+    r"""\s+|--[^\n]*|/\*.*?(?:\*/|\Z)|'(?:[^']|'')*'|"(?:[^"]|"")*"|`(?:[^`]|``)*`"""
+    r"""|\[[^\]]*\]|\w+|.""",
+    re.DOTALL,
+)
+
+
+def _unquoted(token: str) -> str:
+    """A name token as SQLite reads it: without its quotes (any of the four kinds)."""
+    if token[:1] in ("'", '"', "`"):
+        return token[1:-1].replace(token[0] * 2, token[0])
+    if token[:1] == "[":
+        return token[1:-1]
+    return token
+
+
+def column_collation(create_sql: str, column: str) -> str | None:
+    """The collation ``column`` compares with, from its table's ``CREATE TABLE`` statement
+    (as ``sqlite_master`` keeps it): the name after ``COLLATE`` in its definition, else
+    ``BINARY`` (SQLite's default); ``None`` if the statement defines no such column."""
+    tokens = [
+        t for t in _TOKEN.findall(create_sql) if not (t.isspace() or t.startswith(("--", "/*")))
+    ]
+    if "(" not in tokens:
+        return None
+    parts: list[list[str]] = [[]]
+    depth = 0
+    for token in tokens[tokens.index("(") + 1 :]:
+        if token == "(":
+            depth += 1
+        elif token == ")":
+            if depth == 0:
+                break
+            depth -= 1
+        elif token == "," and depth == 0:
+            parts.append([])
+            continue
+        parts[-1].append(token)
+    for part in parts:
+        if part and _unquoted(part[0]).lower() == column.lower():
+            for i, token in enumerate(part[:-1]):
+                if token.upper() == "COLLATE":
+                    return _unquoted(part[i + 1])
+            return "BINARY"
+    return None
+
+
+# The CREATE TABLE statement of a table (? its name; SQLite's names ignore ASCII case).
+TABLE_SQL = "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ? COLLATE NOCASE"
+
+
+def key_problems(create_sql: str, indexes: list[tuple[str, list[Any]]]) -> list[str]:
+    """What makes a table's ``key`` comparison inexact, from its ``CREATE TABLE`` statement
+    (``TABLE_SQL``) and its indexes (name, rows of ``PRAGMA index_xinfo``): a ``COLLATE``
+    other than ``BINARY`` on the column or in an index on it (``NOCASE``: 'User' and 'user'
+    are one row; ``RTRIM``: 'a' and 'a ' are)."""
+    problems: list[str] = []
+    collation = column_collation(create_sql, "key") or "BINARY"
+    if collation.upper() != "BINARY":
+        problems.append(
+            f"column 'key' compares with COLLATE {collation}, under which different keys "
+            f"(such as 'User' and 'user') are one row; declare it without COLLATE"
+        )
+    for name, rows in indexes:
+        for row in rows:
+            # (seqno, cid, column, desc, collation, key column?); an index with the column's
+            # own collation is covered by the problem above.
+            used = str(row[4]).upper()
+            if (
+                row[5]
+                and str(row[2]).lower() == "key"
+                and used not in ("BINARY", collation.upper())
+            ):
+                problems.append(
+                    f"index {name!r} compares column 'key' with COLLATE {row[4]}, under which "
+                    f"different keys are one entry; drop the index or recreate it without COLLATE"
+                )
+    return problems
+
+
 class SQLiteOptions(SQLOptions):
     """Options of ``sqlite://`` storages (``pool_size`` is accepted and unused)."""
 
@@ -94,7 +180,9 @@ class SQLiteStorage(SQLStorage[SQLiteOptions]):
 
     def __init__(self, name: str, url: str, options: SQLiteOptions) -> None:
         super().__init__(name, url, options)
-        self.database = database_of(url)
+        # Resolved once, here (registration): every event loop's driver opens this file,
+        # whatever the working directory is when that loop first uses the storage.
+        self.database = os.path.abspath(database_of(url))
         self._db: aiosqlite.Connection | None = None
         t = f'"{self.table}"'
         self._select = f'SELECT "key", "value" FROM {t} WHERE ("expire" IS NULL OR "expire" > ?)'
@@ -109,6 +197,12 @@ class SQLiteStorage(SQLStorage[SQLiteOptions]):
         self._purge_sql = (
             f'DELETE FROM {t} WHERE "key" IN (SELECT "key" FROM {t} WHERE "expire" <= ? LIMIT ?)'
         )
+
+    def _attach(self, rt: runtime.Runtime) -> SQLiteStorage:
+        driver = super()._attach(rt)
+        assert isinstance(driver, SQLiteStorage)
+        driver.database = self.database  # not resolved again in another directory
+        return driver
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -136,6 +230,17 @@ class SQLiteStorage(SQLStorage[SQLiteOptions]):
             )
         except sqlite3.OperationalError as exc:
             raise self._missing_table(exc) from exc
+        await self._check_key_collation(db)
+
+    async def _check_key_collation(self, db: aiosqlite.Connection) -> None:
+        """Refuse a ``key`` column, or an index on it, that does not compare with ``BINARY``
+        (see ``key_problems``)."""
+        rows = list(await db.execute_fetchall(TABLE_SQL, (self.table,)))
+        indexes = []
+        for index in await db.execute_fetchall(f'PRAGMA index_list("{self.table}")'):
+            name = str(index[1])
+            indexes.append((name, list(await db.execute_fetchall(f'PRAGMA index_xinfo("{name}")'))))
+        self._check_columns(key_problems(str(rows[0][0] or "") if rows else "", indexes))
 
     async def _shutdown(self) -> None:
         db, self._db = self._db, None
@@ -152,7 +257,9 @@ class SQLiteStorage(SQLStorage[SQLiteOptions]):
             chunk = stored[i : i + step]
             sql = f'{self._select} AND "key" IN ({",".join("?" * len(chunk))})'
             for key, value in await self.db.execute_fetchall(sql, [now, *chunk]):
-                found[wanted[key]] = bytes(value)
+                cache_key = wanted.get(key)
+                if cache_key is not None:  # (an exact match, see _check_key_collation)
+                    found[cache_key] = binary(self.name, value)
         return found
 
     async def _ttl_many(self, keys: Sequence[str]) -> dict[str, float]:

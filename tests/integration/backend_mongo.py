@@ -110,6 +110,6 @@ async def mongo_storage(
 
 @factory("mongo")
 @asynccontextmanager
-async def _mongo(tmp_path: Path, name: str) -> AsyncIterator[RemoteStorage[Any]]:
-    async with mongo_storage(name) as (storage, _):
+async def _mongo(tmp_path: Path, name: str, **options: Any) -> AsyncIterator[RemoteStorage[Any]]:
+    async with mongo_storage(name, **options) as (storage, _):
         yield storage

@@ -86,10 +86,14 @@ async def open_redis(
 
 
 @factory("redis")
-def _redis(tmp_path: Path, name: str) -> AbstractAsyncContextManager[RemoteStorage[Any]]:
-    return open_redis(name)
+def _redis(
+    tmp_path: Path, name: str, **options: Any
+) -> AbstractAsyncContextManager[RemoteStorage[Any]]:
+    return open_redis(name, **options)
 
 
 @factory("redis_cluster")
-def _redis_cluster(tmp_path: Path, name: str) -> AbstractAsyncContextManager[RemoteStorage[Any]]:
-    return open_redis(name, cluster=True)
+def _redis_cluster(
+    tmp_path: Path, name: str, **options: Any
+) -> AbstractAsyncContextManager[RemoteStorage[Any]]:
+    return open_redis(name, cluster=True, **options)

@@ -144,21 +144,23 @@ async def sql_storage(
 
 
 @asynccontextmanager
-async def _contract(backend: str, tmp_path: Path, name: str) -> AsyncIterator[SQLStorage[Any]]:
-    async with sql_storage(backend, tmp_path, name) as (storage, _):
+async def _contract(
+    backend: str, tmp_path: Path, name: str, **options: Any
+) -> AsyncIterator[SQLStorage[Any]]:
+    async with sql_storage(backend, tmp_path, name, **options) as (storage, _):
         yield storage
 
 
 @factory("sqlite")
-def sqlite_storage(tmp_path: Path, name: str) -> Any:
-    return _contract("sqlite", tmp_path, name)
+def sqlite_storage(tmp_path: Path, name: str, **options: Any) -> Any:
+    return _contract("sqlite", tmp_path, name, **options)
 
 
 @factory("postgres")
-def postgres_storage(tmp_path: Path, name: str) -> Any:
-    return _contract("postgres", tmp_path, name)
+def postgres_storage(tmp_path: Path, name: str, **options: Any) -> Any:
+    return _contract("postgres", tmp_path, name, **options)
 
 
 @factory("mysql")
-def mysql_storage(tmp_path: Path, name: str) -> Any:
-    return _contract("mysql", tmp_path, name)
+def mysql_storage(tmp_path: Path, name: str, **options: Any) -> Any:
+    return _contract("mysql", tmp_path, name, **options)

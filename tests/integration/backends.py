@@ -1,8 +1,8 @@
 """One factory per remote backend: a connected, empty storage for a test.
 
-Each factory is an async context manager taking pytest's ``tmp_path`` and a storage name,
-yielding a connected ``RemoteStorage`` whose table/collection is empty, and closing it after.
-Backend modules add themselves to FACTORIES.
+Each factory is an async context manager taking pytest's ``tmp_path``, a storage name and
+storage options (none: the defaults), yielding a connected ``RemoteStorage`` whose
+table/collection is empty, and closing it after. Backend modules add themselves to FACTORIES.
 """
 
 from __future__ import annotations
@@ -10,11 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cacheme.storages.base import RemoteStorage
 
-Factory = Callable[[Path, str], AbstractAsyncContextManager[RemoteStorage[Any]]]
+
+class Factory(Protocol):
+    def __call__(
+        self, tmp_path: Path, name: str, **options: Any
+    ) -> AbstractAsyncContextManager[RemoteStorage[Any]]: ...
+
 
 FACTORIES: dict[str, Factory] = {}
 

@@ -397,3 +397,29 @@ async def test_tlfu_stays_within_its_size() -> None:
     for i in range(2000):
         local.set(f"k{i}", i, None)
     assert len(local) <= 50
+
+
+# -- values a remote storage reads that are not bytes -----------------------------------------
+
+
+def test_binary_takes_bytes_and_marks_anything_else_unreadable() -> None:
+    import copy
+
+    from cacheme.errors import DecodeError
+    from cacheme.serializer import JSONSerializer, MsgPackSerializer, PickleSerializer
+    from cacheme.storages.base import Unreadable, binary
+
+    raw = b"\x00\xffdata"
+    assert binary("s", raw) is raw
+    assert binary("s", bytearray(raw)) == raw and type(binary("s", bytearray(raw))) is bytes
+    assert binary("s", memoryview(raw)) == raw
+    for value in ("text", 10**15, 2.5, None, {"a": 1}):
+        marker = binary("s", value)
+        assert isinstance(marker, Unreadable) and marker == b""
+        assert f"holds a {type(value).__name__}" in marker.reason and "'s'" in marker.reason
+        assert isinstance(marker.error(), DecodeError)
+        # Read as bytes all the same, it decodes to nothing (every serializer refuses it).
+        for serializer in (PickleSerializer(), JSONSerializer(), MsgPackSerializer()):
+            with pytest.raises(DecodeError):
+                serializer.loads(marker)
+        assert copy.copy(marker) == b""
