@@ -56,7 +56,7 @@ from .flight import STALE, Call, Reload, join_all, propagates
 from .serializer import Serializer
 from .serializer import encode as encode_value
 from .storages.base import MISS, Entry, utf8_encodable
-from .tiers import RemoteTier, Tier, deliver_to, undecodable, warn
+from .tiers import RemoteTier, Tier, deliver_to, undecodable, unstorable, warn
 
 if TYPE_CHECKING:
     from .node import Cache, Config, Node
@@ -700,6 +700,9 @@ class Pass:
         serializer = tier.serializer
         for key, st in values.items():
             if st.stale:
+                continue
+            if not key.isascii() and not utf8_encodable(key):
+                unstorable(self.cfg.name, tier.name, key)
                 continue
             recorded = None
             if tagged:

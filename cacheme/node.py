@@ -27,6 +27,7 @@ from .freshness import Policy, policy
 from .serializer import Serializer, adopt
 from .stats import Recorder
 from .storages import registry
+from .storages.base import utf8_encodable
 from .tiers import Tier, make_tier
 
 logger = logging.getLogger("cacheme")
@@ -47,6 +48,11 @@ def set_prefix(prefix: str) -> None:
     global _prefix
     if not isinstance(prefix, str) or not prefix:
         raise ConfigurationError(f"set_prefix takes a non-empty string, got {prefix!r}")
+    if not utf8_encodable(prefix):
+        raise ConfigurationError(
+            f"set_prefix takes a string that encodes as UTF-8 (no lone surrogate: no remote "
+            f"tier could store a key), got {prefix!r}"
+        )
     _prefix = prefix
     registry.generation += 1  # node configurations take it up (Config.key_head) at next use
 
@@ -124,6 +130,11 @@ class Config:
     def __init__(self, name: str, meta: type, owner: type[Node] | None = None) -> None:
         self.name = name
         self.version: str = _option(name, meta, "version", "", str)
+        if not utf8_encodable(self.version):
+            raise ConfigurationError(
+                f"{name}.Meta.version must encode as UTF-8 (no lone surrogate: no remote "
+                f"tier could store a key), got {self.version!r}"
+            )
         caches = _option(name, meta, "caches", [], (list, tuple))
         seen: dict[str, int] = {}
         for i, cache in enumerate(caches):

@@ -33,7 +33,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ConfigurationError, EncodeError, StorageError, StorageTimeoutError
 from .serializer import Serializer, encode
-from .storages.base import MISS, BaseStorage, Entry, LocalStorage, RemoteStorage, Unreadable
+from .storages.base import (
+    MISS,
+    BaseStorage,
+    Entry,
+    LocalStorage,
+    RemoteStorage,
+    Unreadable,
+    utf8_encodable,
+)
 
 if TYPE_CHECKING:
     from .node import Cache, Config
@@ -268,6 +276,9 @@ class RemoteTier(Tier):
         # down to 0 (straight from seconds: a timedelta would overflow near timedelta.max).
         ttl_ms = None if self.ttl is None else max(1, round(self.ttl * 1000))
         for key, value in values.items():
+            if not key.isascii() and not utf8_encodable(key):
+                unstorable(self.cfg.name, self.name, key)
+                continue
             try:
                 entries.append(Entry(key, encode(serializer, value), ttl_ms))
             except EncodeError as exc:
@@ -384,6 +395,18 @@ def count_failure(cfg: Config, exc: StorageError) -> None:
 
 
 _last_warned: dict[tuple[str, str, str], float] = {}
+
+
+def unstorable(node: str, storage: str, key: str) -> None:
+    """Say (see ``warn``) that ``key`` cannot be stored in ``storage``: it is not UTF-8."""
+    warn(
+        storage,
+        node,
+        "key",
+        f"cacheme: node {node}: key {key!r} is not valid UTF-8 (a lone surrogate, as "
+        f"os.fsdecode gives for undecodable bytes), so storage {storage!r} cannot store it: "
+        "it is loaded again on every get that misses the local tiers",
+    )
 
 
 def warn(storage: str, node: str, op: str, message: str) -> None:

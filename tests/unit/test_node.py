@@ -468,3 +468,16 @@ def test_full_key_is_the_key_every_tier_stores() -> None:
         cacheme.set_prefix("cacheme")
     with pytest.raises(ConfigurationError, match=r"Versioned\.key\(\) must return str, got int"):
         Versioned(3).full_key()
+
+
+def test_a_prefix_or_version_no_tier_could_store_is_refused() -> None:
+    """A lone surrogate (what ``os.fsdecode`` gives for undecodable bytes) in the prefix or
+    ``Meta.version`` would make every key unstorable in every remote tier: refused at once
+    (review 41 found every get loading again, with no word said)."""
+    with pytest.raises(ConfigurationError, match="set_prefix takes a string that encodes"):
+        cacheme.set_prefix("app\udc80")
+    with pytest.raises(ConfigurationError, match=r"Surrogate\.Meta\.version must encode"):
+
+        class Surrogate(Node):
+            class Meta(Node.Meta):
+                version = "v\ud800"

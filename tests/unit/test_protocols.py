@@ -186,3 +186,16 @@ async def test_an_annotation_pydantic_cannot_build_decodes_to_plain_data(
     assert cacheme.stats(Annotated).decode_error_count() == 0
     warnings = [r for r in caplog.records if "cannot decode into the annotation" in r.message]
     assert len(warnings) == 1 and "NotAModel" in warnings[0].message
+
+
+async def test_a_key_no_remote_tier_can_store_is_said_once(
+    sqlite: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key holding a lone surrogate cannot be sent to any remote tier: it is loaded on
+    every get, as before, but a warning now says why (review 41: no word, no counter)."""
+    item = node_class(JSONSerializer(), "Unstorable")
+    for _ in range(3):
+        assert await cacheme.get(item("k\udc80")) == {"n": "k\udc80"}
+    assert item.loads == ["k\udc80"] * 3  # type: ignore[attr-defined]
+    said = [r for r in caplog.records if "is not valid UTF-8" in r.message]
+    assert len(said) == 1 and "Unstorable" in said[0].message and "'sqlite'" in said[0].message
