@@ -436,13 +436,13 @@ async def reload(node: Node, cfg: Config, loader: Loader | None) -> Any:
         rt.spawn(reload_after_writes())
     else:
         Walk(cfg, rt, {key: node}, {key: call}, loader).reload()
-    value, source = await latest(rt, call, await waiter, node, cfg, loader)
+    (value, source), final = await latest(rt, call, await waiter, node, cfg, loader)
     if source == STALE:
         cfg.stats.stale += 1
     # For the other processes' repairs: a write of theirs that landed before this refresh
     # wrote is overwritten by it (see repair).
     backplane.publish((key,), kind="i", since=_written_at(call, began))
-    raise_missed_write(call)
+    raise_missed_write(final)
     return value
 
 
@@ -465,8 +465,9 @@ async def latest(
     node: Node,
     cfg: Config,
     loader: Loader | None,
-) -> Outcome:
-    """A refresh's outcome, or a newer one when the refresh was overtaken.
+) -> tuple[Outcome, Call]:
+    """A refresh's outcome, or a newer one when the refresh was overtaken, with the call
+    that gave it (a later refresh's, whose ``write_error`` is then this refresh's too).
 
     A later ``refresh``, an ``invalidate`` or an ``invalidate_tag`` detaches a refresh's
     call: it writes nothing, so its own value may be older than what a ``get`` sees next.
@@ -487,7 +488,7 @@ async def latest(
             await landing.wait(call.key, landing.of(call.key), wait_bound(cfg))
         call, waiter = _read_flight(rt, call.key, node, cfg, loader)
         outcome = await waiter
-    return outcome
+    return outcome, call
 
 
 def _read_flight(

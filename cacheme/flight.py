@@ -67,16 +67,44 @@ def loading(calls: Iterable[Call]) -> None:
     _inside.set(_inside.get() + tuple(calls))
 
 
+_SETTLED: tuple[Call, ...] = ()  # Call.awaits of a settled call
+
+
 def refuse_cycle(call: Call) -> None:
-    """Raise ``LoadError`` when the running code is part of ``call``'s own load: a ``load()``
-    that awaits ``get`` of its own key (directly, or through the loads of other keys) would
-    wait for itself forever, and the key with it."""
+    """Raise ``LoadError`` when waiting for ``call`` from the running code would never end,
+    else note that the loads under way here wait for it.
+
+    It never ends when the running code is part of ``call``'s own load (a ``load()`` that
+    gets its own key, directly or through the loads of the keys it gets; a node of the same
+    ``get_all`` batch, loaded together), or when ``call``'s load waits, through the calls
+    its own loads wait for (``Call.awaits``), for a load under way here: A's load gets B
+    while B's load, begun by another caller, gets A.
+    """
     inside = _inside.get()
-    if inside and call in inside:
+    if call in inside:
         raise LoadError(
-            f"node {call.owner}: the load of {call.key!r} awaits a get of that same key "
-            "(itself, or through the loads of other keys): it would wait for itself forever"
+            f"node {call.owner}: a load awaits a get of {call.key!r}, which is being loaded "
+            "by it or for it (its own key, a node of the same get_all batch, or a key whose "
+            "load led to this one): it would wait for itself forever"
         )
+    seen = {id(call)}
+    stack = [call]
+    while stack:
+        for waited in stack.pop().awaits or ():
+            if waited in inside:
+                raise LoadError(
+                    f"node {call.owner}: a load awaits a get of {call.key!r}, whose load waits "
+                    f"(through the keys it gets) for this one: a cycle, which would never end"
+                )
+            if id(waited) not in seen:
+                seen.add(id(waited))
+                stack.append(waited)
+    for loader in inside:
+        awaits = loader.awaits
+        if awaits is None:
+            loader.awaits = [call]
+        elif isinstance(awaits, list):  # not settled
+            awaits.append(call)
 
 
 # A waiter: a caller's own future, or the group of a get_all.
@@ -86,11 +114,13 @@ Waiter = Union["asyncio.Future[Outcome]", Group]
 class Call:
     """One in-flight fetch of one key, and its waiters."""
 
-    __slots__ = ("detached", "first", "key", "others", "owner", "stale")
+    __slots__ = ("awaits", "detached", "first", "key", "others", "owner", "stale")
 
     def __init__(self, key: str, owner: str = "", first: Waiter | None = None) -> None:
         self.key = key
         self.owner = owner  # the node's name (Config.name): what invalidate_node reaches
+        # The calls this call's load waits for (see refuse_cycle); _SETTLED once settled.
+        self.awaits: list[Call] | tuple[Call, ...] | None = None
         # The first waiter, and a list only when more join (most calls have one).
         self.first: Waiter | None = first
         self.others: list[Waiter] | None = None
@@ -132,6 +162,7 @@ class Call:
         return waiters
 
     def resolve(self, outcome: Outcome) -> None:
+        self.awaits = _SETTLED
         first = self.first
         if self.others is None:  # the common case: one waiter
             self.first = None
@@ -148,6 +179,7 @@ class Call:
                 waiter.set_result(outcome)
 
     def reject(self, error: BaseException) -> None:
+        self.awaits = _SETTLED
         cancelled = isinstance(error, asyncio.CancelledError)
         for waiter in self._take():
             if isinstance(waiter, Group):
@@ -216,6 +248,7 @@ class Flights:
             group = call.first
             if call.others is None and type(group) is Group:  # resolve() inlined: get_all
                 call.first = None
+                call.awaits = _SETTLED
                 group.outcomes[key] = (values[key], sources[key])
                 group.left -= 1
                 if not group.left and not group.future.done():

@@ -973,9 +973,9 @@ async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> An
                 raise
 
     rt.spawn(versions_then_reload())
-    st, source = await latest(rt, call, await waiter, node, cfg, loader)
+    (st, source), final = await latest(rt, call, await waiter, node, cfg, loader)
     if source == STALE:
         cfg.stats.stale += 1
     backplane.publish((key,), kind="i", since=_written_at(call, began))
-    raise_missed_write(call)
+    raise_missed_write(final)
     return unwrap(cfg, st)

@@ -10,13 +10,14 @@ may return an instance of that class or a plain ``DynamicNode(key=...)``; ``.nod
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 from .api import fetch, invalidate, reload
-from .errors import ConfigurationError
+from .errors import ConfigurationError, LoadError
 from .node import Config, DynamicNode, Node
 
 P = ParamSpec("P")
@@ -122,33 +123,22 @@ class Memoized(Generic[P, R]):
 
     def _bound_node(self, node: Node, args: Any, kwargs: Any) -> Node:
         """``node`` (an instance of the class, from ``to_node``) as a node of this function:
-        the same object, its class switched to a subclass that carries this function's
-        configuration and loads through it, so that ``cacheme.get`` of it decodes to this
-        function's type and never copies another type's value into a local tier. A node
-        without ``__dict__`` (``__slots__``) is returned as it is."""
+        a copy of it whose class is a subclass that carries this function's configuration
+        and loads through it, so that ``cacheme.get`` of it decodes to this function's type
+        and never copies another type's value into a local tier. It equals ``node``, hashes
+        and pickles as ``node`` does; ``node`` itself is left as it is. A node without
+        ``__dict__`` (``__slots__`` only) is returned as it is."""
         cls = type(node)
         if cls._cacheme_config is self._config or not hasattr(node, "__dict__"):
             return node
         bound = self._bound.get(cls)
         if bound is None:
-            # load_all too: a batch of these nodes loads each through the function.
-            attrs = {
-                "_cacheme_abstract": True,
-                "load": _load_through,
-                "load_all": Node.__dict__["load_all"],
-                # Equal to the class's own instances as before (a dataclass's __eq__ wants
-                # the very same class), and hashed the same.
-                "__eq__": _equal_as(cls),
-                "__hash__": cls.__hash__,
-            }
-            bound = type(cls.__name__, (cls,), attrs)
-            bound.__qualname__ = cls.__qualname__
-            bound.__module__ = cls.__module__
-            bound._cacheme_config = self._config
+            bound = _bound_class(cls, self._config)
             self._bound[cls] = bound
-        node.__class__ = bound
-        node._cacheme_call = (self._fn, args, kwargs)  # type: ignore[attr-defined]
-        return node
+        twin = copy.copy(node)
+        object.__setattr__(twin, "__class__", bound)  # a frozen dataclass's refuses it
+        twin.__dict__["_cacheme_call"] = (self._fn, args, kwargs)
+        return twin
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         node = self.node(*args, **kwargs)
@@ -200,24 +190,67 @@ class _Bound(functools.partial):  # type: ignore[type-arg]
 
 async def _load_through(node: Any) -> Any:
     """``load()`` of a node from ``Memoized.node``: the function, with its arguments."""
-    fn, args, kwargs = node._cacheme_call
+    call = getattr(node, "_cacheme_call", None)
+    if call is None:  # e.g. made by dataclasses.replace from one
+        raise LoadError(
+            f"{type(node).__qualname__} {node!r} is a node of a memoized function that was "
+            "not made by its .node(...), so the function's arguments are unknown: make it "
+            "with .node(...)"
+        )
+    fn, args, kwargs = call
     return await fn(*args, **kwargs)
+
+
+def _bound_class(cls: type[Node], config: Config) -> type[Node]:
+    """The subclass of ``cls`` for the nodes of one memoized function (see
+    ``Memoized._bound_node``)."""
+
+    def reduce_ex(self: Any, protocol: Any) -> Any:
+        return _rebuild, (cls, _as_cls(cls, self).__dict__)  # unpickled as the class's own
+
+    attrs = {
+        "__slots__": (),  # the layout of cls: its instances can take this class
+        "_cacheme_abstract": True,
+        "load": _load_through,
+        # load_all too: a batch of these nodes loads each through the function.
+        "load_all": Node.__dict__["load_all"],
+        # Equal to the class's own instances (a dataclass's __eq__ wants the very same
+        # class), and hashed the same.
+        "__eq__": _equal_as(cls),
+        "__hash__": cls.__hash__,
+        "__reduce_ex__": reduce_ex,
+    }
+    bound: type[Node] = type(cls.__name__, (cls,), attrs)
+    bound.__qualname__ = cls.__qualname__
+    bound.__module__ = cls.__module__
+    bound._cacheme_config = config
+    return bound
+
+
+def _rebuild(cls: type[Node], state: dict[str, Any]) -> Node:
+    """Unpickle a node of a memoized function as an instance of its class."""
+    node: Node = object.__new__(cls)
+    node.__dict__.update(state)
+    return node
+
+
+def _as_cls(cls: type[Node], node: Any) -> Any:
+    """``node`` as a plain instance of ``cls`` (a copy, without its function's arguments)."""
+    if type(node) is cls or not isinstance(node, cls):
+        return node
+    plain = object.__new__(cls)
+    plain.__dict__.update(node.__dict__)
+    plain.__dict__.pop("_cacheme_call", None)
+    return plain
 
 
 def _equal_as(cls: type[Node]) -> Callable[[Any, Any], Any]:
     """``__eq__`` for ``Memoized._bound_node``'s subclass of ``cls``: compare as ``cls``."""
 
-    def as_cls(node: Any) -> Any:
-        if type(node) is cls or not isinstance(node, cls):
-            return node
-        plain = object.__new__(cls)
-        plain.__dict__.update(node.__dict__)
-        return plain
-
     def eq(self: Any, other: Any) -> Any:
         if not isinstance(other, cls):
             return NotImplemented
-        return cls.__eq__(as_cls(self), as_cls(other))
+        return cls.__eq__(_as_cls(cls, self), _as_cls(cls, other))
 
     return eq
 

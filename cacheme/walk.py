@@ -632,6 +632,10 @@ class Walk:
                 for j in range(len(cfg.tiers)):
                     if j not in self.failed:
                         self.backfill.setdefault(j, []).extend(admitted)
+                    elif announce and not cfg.tiers[j].immediate:
+                        # Failed before the write (a stamped node's tag versions could not
+                        # be read): the refresh did not reach it either.
+                        self._missed_write(cfg.tiers[j], admitted, None)
             pending, write_errors = self._writes(announce)
             errors.update(write_errors)
             published: list[str] = []

@@ -88,7 +88,9 @@ _INIT_COMMAND = f"SET SESSION sql_mode = '{SQL_MODE}'"
 # What the key and value columns may be (information_schema.COLUMNS.DATA_TYPE): a BINARY(n)
 # value would come back padded with zero bytes.
 _KEY_TYPES = ("varchar", "char")
-_VALUE_TYPES = ("tinyblob", "blob", "mediumblob", "longblob", "varbinary")
+# TINYBLOB (255 bytes) and VARBINARY(n) hold too little for cache values: every larger write
+# would fail (review 43: VARBINARY(50) passed the check, then every write failed).
+_VALUE_TYPES = ("blob", "mediumblob", "longblob")
 
 
 class MySQLOptions(SQLOptions):
@@ -160,8 +162,8 @@ def column_problems(rows: Sequence[Sequence[Any]]) -> list[str]:
                 )
         elif name == "value" and data_type not in _VALUE_TYPES:
             problems.append(
-                f"column 'value' is {data_type.upper()}, not binary (values are bytes); "
-                f"make it LONGBLOB"
+                f"column 'value' is {data_type.upper()}, not a BLOB large enough for cache "
+                f"values (bytes); make it LONGBLOB"
             )
     return problems
 

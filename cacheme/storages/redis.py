@@ -25,10 +25,9 @@ gets no stops.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from contextvars import ContextVar
 from functools import cache
 from typing import Any
@@ -239,19 +238,15 @@ class RedisStorage(RemoteStorage[RedisOptions]):
 
     # -- writes cut short -------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _stopping_cuts(self) -> AsyncIterator[None]:
-        """Around a standalone write: the connections it lost in the middle (cut by the
-        storage timeout, or broken) are closed on the server before it ends (see the
-        module docstring), within 0.8 x ``timeout``."""
-        cut: list[int] = []
-        token = _cut_ids.set(cut)
-        try:
-            yield
-        finally:
-            _cut_ids.reset(token)
-            for ident in cut:
-                await self._stops.stop(ident, "connection", 0.8 * self.options.timeout)
+    async def _stop_cuts(self, cut: list[int]) -> None:
+        """Close on the server the connections a standalone write lost in the middle (cut by
+        the storage timeout, or broken), before the write ends (see the module docstring),
+        within 0.8 x ``timeout``; not when the storage is being closed (``close_storages``
+        releases its callers at once)."""
+        if self._closed or self._dead:
+            return
+        for ident in cut:
+            await self._stops.stop(ident, "connection", 0.8 * self.options.timeout)
 
     async def _stopper_connect(self) -> redis.asyncio.Redis:
         pool = ConnectionPool(max_connections=1, **self._params)
@@ -320,7 +315,9 @@ class RedisStorage(RemoteStorage[RedisOptions]):
                 await cpipe.execute()
             return
         client = self._standalone()
-        async with self._stopping_cuts():
+        cut: list[int] = []  # see _stop_cuts
+        token = _cut_ids.set(cut)
+        try:
             if len(entries) == 1:
                 key, value, ttl_ms = entries[0]
                 await client.set(key, value, px=ttl_ms)
@@ -332,6 +329,10 @@ class RedisStorage(RemoteStorage[RedisOptions]):
             for _, value, ttl_ms in entries:
                 args += (value, ttl_ms or 0)
             await self._set_script(keys=[e.key for e in entries], args=args, client=client)
+        finally:
+            _cut_ids.reset(token)
+            if cut:
+                await self._stop_cuts(cut)
 
     async def _add_many(self, entries: Sequence[Entry]) -> None:
         # SET ... NX: atomic per key on the server; an expired key counts as absent.
@@ -343,7 +344,9 @@ class RedisStorage(RemoteStorage[RedisOptions]):
                 await cpipe.execute()
             return
         client = self._standalone()
-        async with self._stopping_cuts():
+        cut: list[int] = []  # see _stop_cuts
+        token = _cut_ids.set(cut)
+        try:
             if len(entries) == 1:
                 key, value, ttl_ms = entries[0]
                 await client.set(key, value, px=ttl_ms, nx=True)
@@ -354,6 +357,10 @@ class RedisStorage(RemoteStorage[RedisOptions]):
             for _, value, ttl_ms in entries:
                 args += (value, ttl_ms or 0)
             await self._add_script(keys=[e.key for e in entries], args=args, client=client)
+        finally:
+            _cut_ids.reset(token)
+            if cut:
+                await self._stop_cuts(cut)
 
     async def _remove_many(self, keys: Sequence[str]) -> None:
         # UNLINK: the keys disappear at once, their memory is reclaimed in the background

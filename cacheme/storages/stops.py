@@ -32,7 +32,7 @@ class CutStops:
     ``close(conn)`` closes it without waiting for the server.
     """
 
-    __slots__ = ("_close", "_conn", "_connect", "_lock", "_loop", "_stop_on", "name")
+    __slots__ = ("_close", "_conn", "_connect", "_lock", "_loop", "_stop_on", "_tasks", "name")
 
     def __init__(
         self,
@@ -50,6 +50,7 @@ class CutStops:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
         self._conn: Any = None
+        self._tasks: set[asyncio.Future[None]] = set()  # stops under way
 
     async def stop(self, ident: Any, what: str, bound: float) -> None:
         """End the server side ``ident`` of a write cut short (``what`` names it for the log),
@@ -79,6 +80,7 @@ class CutStops:
         # asyncio.shield stops watching it, and asyncio would log a later failure as "Task
         # exception was never retrieved" (the warning below already says it).
         task = asyncio.ensure_future(stop())
+        self._tasks.add(task)
         task.add_done_callback(self._late)
         try:
             await asyncio.wait_for(asyncio.shield(task), bound)
@@ -94,6 +96,7 @@ class CutStops:
                 raise
 
     def _late(self, task: asyncio.Future[None]) -> None:
+        self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.debug(
                 "cacheme: storage %r: a stop of a write cut short ended with %r",
@@ -102,8 +105,10 @@ class CutStops:
             )
 
     async def aclose(self) -> None:
-        """Close the stopping connection of the loop that stopped last, if open (at shutdown;
-        never raises)."""
+        """Close the stopping connection of the loop that stopped last, if open, and cancel
+        the stops under way (at shutdown; never raises)."""
+        for task in list(self._tasks):
+            task.cancel()
         conn, self._conn = self._conn, None
         self._loop = self._lock = None
         if conn is not None:

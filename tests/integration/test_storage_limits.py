@@ -457,6 +457,12 @@ MYSQL_TABLES = {
         "`value` LONGTEXT NOT NULL",
         ["column 'value'", "LONGTEXT"],
     ),
+    # Review 43: it passed, then every write of more than 50 bytes failed.
+    "small binary value": (
+        "`key` VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL",
+        "`value` VARBINARY(50) NOT NULL",
+        ["column 'value'", "VARBINARY", "LONGBLOB"],
+    ),
 }
 
 

@@ -513,7 +513,7 @@ async def test_a_load_that_awaits_its_own_key_fails_instead_of_hanging(
     it waited for itself forever, and every later get of the key with it."""
     monkeypatch.setattr(Cyclic, "batch", batch)
     for _ in range(2):  # the key is not left stuck
-        with pytest.raises(cacheme.LoadError, match=rf"load of 'cacheme:cyclic:{n}:' awaits"):
+        with pytest.raises(cacheme.LoadError, match=rf"awaits a get of 'cacheme:cyclic:{n}:'"):
             await asyncio.wait_for(cacheme.get(Cyclic(n)), 2)
     monkeypatch.setitem(Cyclic.deps, n, [])
     assert await asyncio.wait_for(cacheme.get(Cyclic(n)), 2) == n
@@ -541,3 +541,20 @@ async def test_concurrent_gets_of_one_key_are_not_a_cycle() -> None:
     gate.set()
     assert await asyncio.gather(*callers) == [7, 7, 7]
     assert LOADED == [1]
+
+
+async def test_a_cycle_begun_by_two_callers_fails_instead_of_hanging() -> None:
+    """Review 43: 2's load gets 3 while 3's load, begun by another caller, gets 2. Neither
+    load is part of the other, yet each waits for the other: both callers now get a
+    ``LoadError`` at once (they waited forever, and every later get of either key too)."""
+    results = await asyncio.wait_for(
+        asyncio.gather(cacheme.get(Cyclic(2)), cacheme.get(Cyclic(3)), return_exceptions=True),
+        2,
+    )
+    assert all(isinstance(r, cacheme.LoadError) for r in results), results
+    assert any("a cycle, which would never end" in str(r) for r in results), results
+    results = await asyncio.wait_for(
+        asyncio.gather(cacheme.get(Cyclic(3)), cacheme.get(Cyclic(2)), return_exceptions=True),
+        2,
+    )
+    assert all(isinstance(r, cacheme.LoadError) for r in results), results

@@ -310,3 +310,43 @@ async def test_get_of_fn_node_decodes_to_the_function_type(tmp_path: Any) -> Non
     await cacheme.invalidate(point.node(1))
     assert await point(1) == Point(1)
     assert loads == [1, 2, 1]
+
+
+@dataclass(frozen=True)
+class FrozenNode(Node):
+    uid: int
+
+    def key(self) -> str:
+        return f"frozen:{self.uid}"
+
+    class Meta(Node.Meta):
+        caches = [Cache(storage="local", ttl=None)]
+
+
+async def test_fn_node_leaves_the_node_of_to_node_alone() -> None:
+    """Review 43 broke the first version of ``fn.node(...)`` (it switched the class of the
+    object ``to_node`` returned): a frozen dataclass raised ``FrozenInstanceError`` on every
+    call, a node the app kept changed class for good, and the node did not pickle. It is a
+    copy now; one made by ``dataclasses.replace`` says what is wrong when it must load."""
+    import dataclasses
+    import pickle
+
+    kept: dict[int, FrozenNode] = {}
+
+    @Memoize(FrozenNode)
+    async def name(uid: int) -> str:
+        return f"name {uid}"
+
+    @name.to_node
+    def _(uid: int) -> FrozenNode:
+        return kept.setdefault(uid, FrozenNode(uid))
+
+    assert await name(1) == "name 1"
+    node = name.node(1)
+    assert type(kept[1]) is FrozenNode and node is not kept[1]
+    assert node == FrozenNode(1) and hash(node) == hash(FrozenNode(1))
+    back = pickle.loads(pickle.dumps(node))
+    assert type(back) is FrozenNode and back == FrozenNode(1)
+    assert await cacheme.get(node) == "name 1"
+    with pytest.raises(cacheme.LoadError, match=r"not made by its \.node\(\.\.\.\)"):
+        await cacheme.get(dataclasses.replace(node, uid=5))
