@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from contextvars import ContextVar
+from contextvars import Context, ContextVar, copy_context
 from typing import Any, Union
 
 from .errors import LoadError
@@ -65,6 +65,14 @@ _inside: ContextVar[tuple[Call, ...]] = ContextVar("cacheme_inside_load", defaul
 def loading(calls: Iterable[Call]) -> None:
     """Mark the running task as the load of ``calls`` (see ``refuse_cycle``)."""
     _inside.set(_inside.get() + tuple(calls))
+
+
+def outside_loads() -> Context:
+    """A copy of the running code's context in which no load is under way: for a task that
+    no load waits for (a background reload), even when a load started it."""
+    context = copy_context()
+    context.run(_inside.set, ())
+    return context
 
 
 _SETTLED: tuple[Call, ...] = ()  # Call.awaits of a settled call
@@ -316,7 +324,8 @@ def join_all(
     """
     keys = list(keys)
     table = flights._calls  # the loops below run once per key of a get_all: no calls in them
-    if _inside.get():
+    inside = bool(_inside.get())
+    if inside:
         for key in keys:
             call = table.get(key)
             if call is not None and not call.detached:
@@ -327,6 +336,8 @@ def join_all(
         call = table.get(key)
         if call is None or call.detached:
             started[key] = table[key] = Call(key, owner, group)
+            if inside:
+                refuse_cycle(started[key])  # never refused: notes that the loads wait for it
         else:
             call._add(group)
     return started, group.future

@@ -52,7 +52,7 @@ import msgpack
 
 from . import backplane, landing, runtime, tags
 from .errors import ConfigurationError, DecodeError, EncodeError, LoadError, StorageError
-from .flight import STALE, Call, Reload, join_all, propagates
+from .flight import STALE, Call, Reload, join_all, outside_loads, propagates
 from .serializer import Serializer
 from .serializer import encode as encode_value
 from .storages.base import MISS, Entry, utf8_encodable
@@ -760,7 +760,8 @@ def trigger(
     calls = {k: Call(k, cfg.name) for k in todo}
     table.update(calls)
     cfg.stats.refreshes += len(todo)
-    task = rt.spawn(_refresh(cfg, rt, todo, calls, names, loader))
+    # No load waits for it, even when a load's get triggered it (see flight.refuse_cycle).
+    task = rt.spawn(_refresh(cfg, rt, todo, calls, names, loader), outside_loads())
     # Also when the task is cancelled before its first step (its finally never runs): the
     # keys would stay marked as being reloaded, and never be reloaded again in this loop.
     task.add_done_callback(lambda _: _leave(rt, calls))

@@ -126,10 +126,9 @@ class Memoized(Generic[P, R]):
         a copy of it whose class is a subclass that carries this function's configuration
         and loads through it, so that ``cacheme.get`` of it decodes to this function's type
         and never copies another type's value into a local tier. It equals ``node``, hashes
-        and pickles as ``node`` does; ``node`` itself is left as it is. A node without
-        ``__dict__`` (``__slots__`` only) is returned as it is."""
+        and pickles as ``node`` does; ``node`` itself is left as it is."""
         cls = type(node)
-        if cls._cacheme_config is self._config or not hasattr(node, "__dict__"):
+        if cls._cacheme_config is self._config:
             return node
         bound = self._bound.get(cls)
         if bound is None:
@@ -205,8 +204,8 @@ def _bound_class(cls: type[Node], config: Config) -> type[Node]:
     """The subclass of ``cls`` for the nodes of one memoized function (see
     ``Memoized._bound_node``)."""
 
-    def reduce_ex(self: Any, protocol: Any) -> Any:
-        return _rebuild, (cls, _as_cls(cls, self).__dict__)  # unpickled as the class's own
+    def reduce_ex(self: Any, protocol: Any) -> Any:  # unpickled as the class's own
+        return _rebuild, (cls, object.__reduce_ex__(_as_cls(cls, self), 2)[2])
 
     attrs = {
         "__slots__": (),  # the layout of cls: its instances can take this class
@@ -227,21 +226,26 @@ def _bound_class(cls: type[Node], config: Config) -> type[Node]:
     return bound
 
 
-def _rebuild(cls: type[Node], state: dict[str, Any]) -> Node:
+def _rebuild(cls: type[Node], state: Any) -> Node:
     """Unpickle a node of a memoized function as an instance of its class."""
     node: Node = object.__new__(cls)
-    node.__dict__.update(state)
+    attrs, slots = state if isinstance(state, tuple) else (state, None)
+    if attrs:
+        node.__dict__.update(attrs)
+    for name, value in (slots or {}).items():
+        object.__setattr__(node, name, value)  # a frozen dataclass's refuses it
     return node
 
 
 def _as_cls(cls: type[Node], node: Any) -> Any:
-    """``node`` as a plain instance of ``cls`` (a copy, without its function's arguments)."""
+    """``node`` as a plain instance of ``cls`` (a copy, without its function's arguments),
+    its ``__dict__`` and ``__slots__`` values both (as pickle sees them)."""
     if type(node) is cls or not isinstance(node, cls):
         return node
-    plain = object.__new__(cls)
-    plain.__dict__.update(node.__dict__)
-    plain.__dict__.pop("_cacheme_call", None)
-    return plain
+    state = object.__reduce_ex__(node, 2)[2]
+    attrs, slots = state if isinstance(state, tuple) else (state, None)
+    attrs = {k: v for k, v in (attrs or {}).items() if k != "_cacheme_call"}
+    return _rebuild(cls, (attrs, slots))
 
 
 def _equal_as(cls: type[Node]) -> Callable[[Any, Any], Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import threading
@@ -72,9 +73,15 @@ class Runtime:
         self.thread = threading.get_ident()  # the loop's thread: runtimes are made in it
         self.pid = os.getpid()  # a forked child inherits this runtime but not its loop
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        """Run ``coro`` in a task of this loop, kept alive until it is done."""
-        task = self.loop.create_task(coro)
+    def spawn(
+        self, coro: Coroutine[Any, Any, Any], context: contextvars.Context | None = None
+    ) -> asyncio.Task[Any]:
+        """Run ``coro`` in a task of this loop, kept alive until it is done; in a copy of
+        ``context`` when given, else of the running code's context."""
+        if context is None:
+            task = self.loop.create_task(coro)
+        else:  # Python 3.10's create_task takes no context: the task copies the current one
+            task = context.run(self.loop.create_task, coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task

@@ -23,6 +23,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextvars import copy_context
 from types import CoroutineType
 from typing import Any
 
@@ -46,7 +47,7 @@ class KeyWalk(Call):
     is the common case, and every object it keeps alive while the load runs is work for the
     garbage collector)."""
 
-    __slots__ = ("cfg", "failed", "index", "loader", "mark", "node", "rt")
+    __slots__ = ("cfg", "context", "failed", "index", "loader", "mark", "node", "rt")
 
     def __init__(
         self, key: str, cfg: Config, rt: Runtime, node: Node, loader: Loader | None
@@ -59,6 +60,10 @@ class KeyWalk(Call):
         self.index = 0
         self.failed = 0  # bit i: tier i failed (open) during this walk
         self.mark = backplane.sequence()  # see backplane.changed_since
+        # The load runs in the context of the caller that began the flight (its context
+        # variables; the loads it is part of: see flight.refuse_cycle), not in that of
+        # whatever task delivers the read: a batch of some other caller's.
+        self.context = copy_context()
 
     def begin(self, skip: int) -> Awaitable[Outcome]:
         """Start the walk for the caller that registered it, past the first ``skip`` tiers
@@ -124,7 +129,7 @@ class KeyWalk(Call):
         if self.index < len(tiers):
             tiers[self.index].read_into((self.key,), self, self.rt)
         else:
-            self.rt.spawn(self._load())
+            self.rt.spawn(self._load(), self.context)
 
     def delivered(self, raw: Any) -> None:
         """A remote tier's storage answered (see ``Tier.read_into``)."""
@@ -324,6 +329,7 @@ class Walk:
         "backfill",
         "calls",
         "cfg",
+        "context",
         "failed",
         "fresh",
         "index",
@@ -358,6 +364,7 @@ class Walk:
         self.mark = backplane.sequence()  # see backplane.changed_since
         # A stamped node's reads and writes (freshness.Pass); None: the tiers' own.
         self.fresh: Any = None
+        self.context = copy_context()  # see KeyWalk.context
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -414,7 +421,7 @@ class Walk:
         awaits needs it, a background refresh-ahead does not (the older value it replaces
         was still being served anyway).
         """
-        self.rt.spawn(self._load_and_finish(admit=False, announce=announce))
+        self.rt.spawn(self._load_and_finish(admit=False, announce=announce), self.context)
 
     def _next(self) -> None:
         tiers = self.cfg.tiers
@@ -424,7 +431,7 @@ class Walk:
             else:
                 self.fresh.read(tiers[self.index], self.missing, self._arrived)
         elif self.missing:
-            self.rt.spawn(self._load_and_finish(admit=True))
+            self.rt.spawn(self._load_and_finish(admit=True), self.context)
         else:
             self._write_then_settle()
 

@@ -350,3 +350,36 @@ async def test_fn_node_leaves_the_node_of_to_node_alone() -> None:
     assert await cacheme.get(node) == "name 1"
     with pytest.raises(cacheme.LoadError, match=r"not made by its \.node\(\.\.\.\)"):
         await cacheme.get(dataclasses.replace(node, uid=5))
+
+
+@dataclass(slots=True)
+class Slotted(Node):
+    uid: int
+
+    def key(self) -> str:
+        return f"slotted:{self.uid}"
+
+    class Meta(Node.Meta):
+        caches = [Cache(storage="local", ttl=None)]
+
+
+async def test_fn_node_of_a_slots_dataclass() -> None:
+    """Review 44: with ``@dataclass(slots=True)`` the node of ``fn.node(...)`` lost its
+    fields when compared, copied or pickled (only ``__dict__`` was carried)."""
+    import copy
+    import pickle
+
+    @Memoize(Slotted)
+    async def user(uid: int) -> str:
+        return f"user{uid}"
+
+    @user.to_node
+    def _(uid: int) -> Slotted:
+        return Slotted(uid)
+
+    node = user.node(1)
+    assert node == Slotted(1) and Slotted(1) == node and node != Slotted(2)
+    back = pickle.loads(pickle.dumps(node))
+    assert type(back) is Slotted and back.key() == "slotted:1"
+    assert copy.copy(node).key() == copy.deepcopy(node).key() == "slotted:1"
+    assert await cacheme.get(node) == "user1"
