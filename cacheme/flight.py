@@ -14,6 +14,7 @@ A table belongs to one event loop (``runtime.Runtime``): futures never cross loo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterable
 from contextvars import Context, ContextVar, copy_context
 from typing import Any, Union
@@ -58,7 +59,9 @@ class Group:
 
 
 # The calls whose load the running code is part of: a load sets it in its own task, and the
-# tasks it starts inherit it (a context variable: per task, never shared between loops).
+# tasks it starts inherit it (a context variable: per task, never shared between loops). A
+# flight's load starts without it (see outside_loads): what a load waits for is told by the
+# calls it joined (Call.awaits), while it waits for them.
 _inside: ContextVar[tuple[Call, ...]] = ContextVar("cacheme_inside_load", default=())
 
 
@@ -67,33 +70,34 @@ def loading(calls: Iterable[Call]) -> None:
     _inside.set(_inside.get() + tuple(calls))
 
 
-def outside_loads() -> Context:
-    """A copy of the running code's context in which no load is under way: for a task that
-    no load waits for (a background reload), even when a load started it."""
-    context = copy_context()
-    context.run(_inside.set, ())
-    return context
+def outside_loads(context: Context | None = None) -> Context:
+    """A copy of ``context`` (else of the running code's) in which no load is under way: for
+    the task of a flight's load, or of a background reload, even when a load began it (that
+    load waits for it only while it awaits it: ``Call.awaits``)."""
+    copy = copy_context() if context is None else context.copy()
+    copy.run(_inside.set, ())
+    return copy
 
 
 _SETTLED: tuple[Call, ...] = ()  # Call.awaits of a settled call
 
 
-def refuse_cycle(call: Call) -> None:
-    """Raise ``LoadError`` when waiting for ``call`` from the running code would never end,
-    else note that the loads under way here wait for it.
+def refuse_cycle(call: Call) -> list[Call]:
+    """Raise ``LoadError`` when waiting for ``call`` from the running code would never end;
+    else note that the loads under way here wait for it, and return them (``unnote`` them
+    once the wait is over).
 
     It never ends when the running code is part of ``call``'s own load (a ``load()`` that
-    gets its own key, directly or through the loads of the keys it gets; a node of the same
-    ``get_all`` batch, loaded together), or when ``call``'s load waits, through the calls
-    its own loads wait for (``Call.awaits``), for a load under way here: A's load gets B
-    while B's load, begun by another caller, gets A.
+    gets its own key; a node of the same ``get_all`` batch, loaded and settled together),
+    or when ``call``'s load waits, through the calls its own loads wait for
+    (``Call.awaits``), for a load under way here: A's load gets B while B's load gets A.
     """
-    inside = _inside.get()
+    inside = [c for c in _inside.get() if c.awaits is not _SETTLED]
     if call in inside:
         raise LoadError(
             f"node {call.owner}: a load awaits a get of {call.key!r}, which is being loaded "
-            "by it or for it (its own key, a node of the same get_all batch, or a key whose "
-            "load led to this one): it would wait for itself forever"
+            "by it or with it (its own key, or a node of the same get_all batch): it would "
+            "wait for itself forever"
         )
     seen = {id(call)}
     stack = [call]
@@ -113,6 +117,16 @@ def refuse_cycle(call: Call) -> None:
             loader.awaits = [call]
         elif isinstance(awaits, list):  # not settled
             awaits.append(call)
+    return inside
+
+
+def unnote(loaders: list[Call], call: Call) -> None:
+    """The loads ``loaders`` no longer wait for ``call`` (their wait ended, or gave up)."""
+    for loader in loaders:
+        awaits = loader.awaits
+        if isinstance(awaits, list):
+            with contextlib.suppress(ValueError):
+                awaits.remove(call)
 
 
 # A waiter: a caller's own future, or the group of a get_all.
@@ -150,11 +164,13 @@ class Call:
         ``loop``: the running loop, when the caller has it at hand (finding it costs a
         system call, ``getpid``, in CPython's ``asyncio.get_running_loop``).
         """
-        if _inside.get():
-            refuse_cycle(self)
         if loop is None:
             loop = asyncio.get_running_loop()
         fut: asyncio.Future[Outcome] = loop.create_future()
+        if _inside.get():
+            loaders = refuse_cycle(self)
+            if loaders:
+                fut.add_done_callback(lambda _: unnote(loaders, self))
         self._add(fut)
         return fut
 
@@ -329,17 +345,25 @@ def join_all(
         for key in keys:
             call = table.get(key)
             if call is not None and not call.detached:
-                refuse_cycle(call)
+                unnote(refuse_cycle(call), call)  # only the check here: noted below
     group = Group(len(keys), loop)
     started: dict[str, Call] = {}
+    waited: list[tuple[list[Call], Call]] = []
     for key in keys:
         call = table.get(key)
         if call is None or call.detached:
-            started[key] = table[key] = Call(key, owner, group)
-            if inside:
-                refuse_cycle(started[key])  # never refused: notes that the loads wait for it
+            call = started[key] = table[key] = Call(key, owner, group)
         else:
             call._add(group)
+        if inside:
+            waited.append((refuse_cycle(call), call))  # checked above: notes the wait
+    if waited:
+
+        def over(_: object) -> None:
+            for loaders, call in waited:
+                unnote(loaders, call)
+
+        group.future.add_done_callback(over)
     return started, group.future
 
 

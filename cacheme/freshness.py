@@ -45,6 +45,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextvars import Context
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -609,7 +610,9 @@ class Pass:
     def _due(self, due: list[str]) -> None:
         if due and not self.refreshing:
             walk = self.walk
-            trigger(self.cfg, {k: walk.nodes[k] for k in due}, self.names, walk.loader)
+            nodes = {k: walk.nodes[k] for k in due}
+            # The walk's context: this runs in whatever task delivered the read.
+            trigger(self.cfg, nodes, self.names, walk.loader, walk.context)
 
     async def read_versions(self) -> None:
         """Read the current tag versions of every remote tier (a reload reads no entry)."""
@@ -750,8 +753,11 @@ def trigger(
     nodes: dict[str, Node],
     names: dict[str, tuple[str, ...]] | None,
     loader: Loader | None,
+    context: Context | None = None,
 ) -> None:
-    """Start one background reload of ``nodes`` (by key) that are not being reloaded."""
+    """Start one background reload of ``nodes`` (by key) that are not being reloaded, in a
+    copy of ``context`` (the context of the caller whose get found them due; by default the
+    running code's), outside any load."""
     rt = runtime.current()
     table = rt.refreshing
     todo = {k: n for k, n in nodes.items() if k not in table}
@@ -761,7 +767,7 @@ def trigger(
     table.update(calls)
     cfg.stats.refreshes += len(todo)
     # No load waits for it, even when a load's get triggered it (see flight.refuse_cycle).
-    task = rt.spawn(_refresh(cfg, rt, todo, calls, names, loader), outside_loads())
+    task = rt.spawn(_refresh(cfg, rt, todo, calls, names, loader), outside_loads(context))
     # Also when the task is cancelled before its first step (its finally never runs): the
     # keys would stay marked as being reloaded, and never be reloaded again in this loop.
     task.add_done_callback(lambda _: _leave(rt, calls))

@@ -227,8 +227,13 @@ def _bound_class(cls: type[Node], config: Config) -> type[Node]:
 
 
 def _rebuild(cls: type[Node], state: Any) -> Node:
-    """Unpickle a node of a memoized function as an instance of its class."""
+    """Unpickle a node of a memoized function as an instance of its class: ``state`` is
+    what pickle took of it (its ``__getstate__``), given back as pickle would."""
     node: Node = object.__new__(cls)
+    setstate = getattr(node, "__setstate__", None)
+    if setstate is not None:  # the class's own (a slots dataclass has one)
+        setstate(state)
+        return node
     attrs, slots = state if isinstance(state, tuple) else (state, None)
     if attrs:
         node.__dict__.update(attrs)
@@ -238,14 +243,15 @@ def _rebuild(cls: type[Node], state: Any) -> Node:
 
 
 def _as_cls(cls: type[Node], node: Any) -> Any:
-    """``node`` as a plain instance of ``cls`` (a copy, without its function's arguments),
-    its ``__dict__`` and ``__slots__`` values both (as pickle sees them)."""
+    """``node`` as a plain instance of ``cls`` (a copy, without its function's arguments)."""
     if type(node) is cls or not isinstance(node, cls):
         return node
     state = object.__reduce_ex__(node, 2)[2]
-    attrs, slots = state if isinstance(state, tuple) else (state, None)
-    attrs = {k: v for k, v in (attrs or {}).items() if k != "_cacheme_call"}
-    return _rebuild(cls, (attrs, slots))
+    if isinstance(state, dict):
+        state = {k: v for k, v in state.items() if k != "_cacheme_call"}
+    elif isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
+        state = ({k: v for k, v in state[0].items() if k != "_cacheme_call"}, state[1])
+    return _rebuild(cls, state)
 
 
 def _equal_as(cls: type[Node]) -> Callable[[Any, Any], Any]:

@@ -23,13 +23,12 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from contextvars import copy_context
 from types import CoroutineType
 from typing import Any
 
 from . import backplane, lease
 from .errors import LoadError, LoadTimeoutError, StorageError
-from .flight import LOADED, STALE, Call, Outcome, Reload, loading, propagates
+from .flight import LOADED, STALE, Call, Outcome, Reload, loading, outside_loads, propagates
 from .node import Config, Node
 from .runtime import Runtime
 from .tiers import Tier, deliver_to
@@ -61,9 +60,9 @@ class KeyWalk(Call):
         self.failed = 0  # bit i: tier i failed (open) during this walk
         self.mark = backplane.sequence()  # see backplane.changed_since
         # The load runs in the context of the caller that began the flight (its context
-        # variables; the loads it is part of: see flight.refuse_cycle), not in that of
-        # whatever task delivers the read: a batch of some other caller's.
-        self.context = copy_context()
+        # variables), not in that of whatever task delivers the read (a batch of some other
+        # caller's), and outside the loads of that caller (see flight.refuse_cycle).
+        self.context = outside_loads()
 
     def begin(self, skip: int) -> Awaitable[Outcome]:
         """Start the walk for the caller that registered it, past the first ``skip`` tiers
@@ -364,7 +363,7 @@ class Walk:
         self.mark = backplane.sequence()  # see backplane.changed_since
         # A stamped node's reads and writes (freshness.Pass); None: the tiers' own.
         self.fresh: Any = None
-        self.context = copy_context()  # see KeyWalk.context
+        self.context = outside_loads()  # see KeyWalk.context
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -618,7 +617,9 @@ class Walk:
         try:
             cfg = self.cfg
             missing = {k: self.nodes[k] for k in self.missing}
-            loading(self.calls[k] for k in missing)
+            # Every call of the walk, the keys found in a tier too: they are settled with
+            # the loaded ones, so a load that gets one would wait for itself.
+            loading(self.calls.values())
             if self.fresh is not None:
                 self.fresh.loading(missing)
             loaded, stale, errors = await self._load(missing, leased=admit)

@@ -8,6 +8,7 @@ the storage, shared by the callers of one event-loop turn."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 from datetime import timedelta
 from pathlib import Path
@@ -157,3 +158,103 @@ async def test_a_diamond_is_not_a_cycle() -> None:
             return sum(await asyncio.gather(cacheme.get(B()), cacheme.get(C()), cacheme.get(D())))
 
     assert await asyncio.wait_for(cacheme.get(A()), 3) == 11 + 101 + 1
+
+
+async def test_a_load_that_gets_a_found_node_of_its_batch_fails() -> None:
+    """Review 45: ``get_all([B(1), B(2)])`` where B(1) is in the remote tier and B(2)'s load
+    gets B(1). The batch settles B(1) with B(2), so that get would wait for itself: it hung,
+    and every later get of both keys with it. It fails now; the keys are free after."""
+
+    class B(Base):
+        async def load(self) -> int:
+            if self.n == 1:
+                return 1
+            return await cacheme.get(B(1)) + 100
+
+    assert await cacheme.get(B(1)) == 1  # stored in the remote tier
+    with pytest.raises(LoadError, match="same get_all batch"):
+        await asyncio.wait_for(cacheme.get_all([B(1), B(2)]), 3)
+    assert await asyncio.wait_for(cacheme.get(B(2)), 3) == 101
+
+
+async def test_a_load_that_stopped_waiting_is_no_cycle() -> None:
+    """Review 45: A's load gives up waiting for B (a timeout) and goes on; B's load then gets
+    A. Nothing waits in a loop any more: B gets A's value (it got ``LoadError``)."""
+
+    class A(Base):
+        async def load(self) -> str:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(cacheme.get(B()), 0.02)
+            await asyncio.sleep(0.1)
+            return "a"
+
+    class B(Base):
+        async def load(self) -> str:
+            await asyncio.sleep(0.05)
+            return "b+" + await cacheme.get(A())
+
+    a = outside(cacheme.get(A()))
+    await asyncio.sleep(0.01)
+    b = outside(cacheme.get(B()))
+    assert await asyncio.wait_for(a, 3) == "a"
+    assert await asyncio.wait_for(b, 3) == "b+a"
+
+
+async def test_a_task_that_outlives_its_load_is_not_part_of_it() -> None:
+    """Review 45: a task A's load started gets Y after A's load ended, while Y's load had
+    joined A before: no cycle (it was refused as one)."""
+    later: list[asyncio.Future[Any]] = []
+
+    class A(Base):
+        async def load(self) -> str:
+            async def after() -> str:
+                await asyncio.sleep(0.1)
+                return await cacheme.get(Y())
+
+            later.append(asyncio.ensure_future(after()))
+            await asyncio.sleep(0.03)
+            return "a"
+
+    class Y(Base):
+        async def load(self) -> str:
+            return "y+" + await cacheme.get(A())
+
+    a = outside(cacheme.get(A()))
+    await asyncio.sleep(0.01)
+    assert await asyncio.wait_for(outside(cacheme.get(Y())), 3) == "y+a"
+    assert await asyncio.wait_for(a, 3) == "a"
+    assert await asyncio.wait_for(later[0], 3) == "y+a"
+
+
+REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="-")
+
+
+async def test_a_background_reload_runs_in_the_context_of_the_get_that_found_it_due() -> None:
+    """Review 45: the refresh-ahead reloads found due in one read batch all ran in the
+    context of the caller that had begun the batch; each runs in its own caller's now."""
+    seen: dict[int, list[str]] = {}
+
+    class Due(Base):
+        async def load(self) -> int:
+            seen.setdefault(self.n, []).append(REQUEST.get())
+            return self.n
+
+        class Meta(Node.Meta):
+            caches = [Cache(storage="sqlite", ttl=None)]
+            serializer = MsgPackSerializer()
+            refresh_after = timedelta(milliseconds=20)
+
+    assert await cacheme.get_all([Due(i) for i in range(4)]) == [0, 1, 2, 3]
+    await asyncio.sleep(0.03)  # all due for refresh-ahead
+
+    def caller(i: int) -> asyncio.Future[Any]:
+        context = contextvars.Context()
+        context.run(REQUEST.set, f"r{i}")
+        return context.run(asyncio.ensure_future, cacheme.get(Due(i)))
+
+    assert await asyncio.gather(*(caller(i) for i in range(4))) == [0, 1, 2, 3]
+    for _ in range(100):
+        if all(len(seen[i]) == 2 for i in range(4)):
+            break
+        await asyncio.sleep(0.01)
+    assert {i: seen[i][1] for i in range(4)} == {i: f"r{i}" for i in range(4)}

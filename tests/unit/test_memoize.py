@@ -383,3 +383,36 @@ async def test_fn_node_of_a_slots_dataclass() -> None:
     assert type(back) is Slotted and back.key() == "slotted:1"
     assert copy.copy(node).key() == copy.deepcopy(node).key() == "slotted:1"
     assert await cacheme.get(node) == "user1"
+
+
+@dataclass(frozen=True, slots=True)
+class FrozenSlotted(Node):
+    uid: int
+
+    def key(self) -> str:
+        return f"frozen-slotted:{self.uid}"
+
+    class Meta(Node.Meta):
+        caches = [Cache(storage="local", ttl=None)]
+
+
+async def test_fn_node_of_a_frozen_slots_dataclass() -> None:
+    """Review 45: a frozen slots dataclass pickles its fields as a list (its own
+    ``__getstate__``), which the copy did not take: equality, copies and pickling raised."""
+    import copy
+    import pickle
+
+    @Memoize(FrozenSlotted)
+    async def user(uid: int) -> str:
+        return f"user{uid}"
+
+    @user.to_node
+    def _(uid: int) -> FrozenSlotted:
+        return FrozenSlotted(uid)
+
+    node = user.node(1)
+    assert node == FrozenSlotted(1) and FrozenSlotted(1) == node
+    assert hash(node) == hash(FrozenSlotted(1)) and node in {FrozenSlotted(1)}
+    assert pickle.loads(pickle.dumps(node)) == FrozenSlotted(1)
+    assert copy.copy(node) == FrozenSlotted(1)
+    assert await cacheme.get(node) == "user1"
