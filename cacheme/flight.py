@@ -70,6 +70,13 @@ def loading(calls: Iterable[Call]) -> None:
     _inside.set(_inside.get() + tuple(calls))
 
 
+def done_loading(calls: Iterable[Call]) -> None:
+    """The loads of ``calls`` returned: what remains (writing the values) waits for no
+    other flight, so they are in no cycle any more (a task they started may live on)."""
+    for call in calls:
+        call.awaits = _SETTLED
+
+
 def outside_loads(context: Context | None = None) -> Context:
     """A copy of ``context`` (else of the running code's) in which no load is under way: for
     the task of a flight's load, or of a background reload, even when a load began it (that
@@ -79,7 +86,7 @@ def outside_loads(context: Context | None = None) -> Context:
     return copy
 
 
-_SETTLED: tuple[Call, ...] = ()  # Call.awaits of a settled call
+_SETTLED: tuple[Call, ...] = ()  # Call.awaits of a call settled, or whose load returned
 
 
 def refuse_cycle(call: Call) -> list[Call]:

@@ -28,7 +28,17 @@ from typing import Any
 
 from . import backplane, lease
 from .errors import LoadError, LoadTimeoutError, StorageError
-from .flight import LOADED, STALE, Call, Outcome, Reload, loading, outside_loads, propagates
+from .flight import (
+    LOADED,
+    STALE,
+    Call,
+    Outcome,
+    Reload,
+    done_loading,
+    loading,
+    outside_loads,
+    propagates,
+)
 from .node import Config, Node
 from .runtime import Runtime
 from .tiers import Tier, deliver_to
@@ -265,6 +275,7 @@ class KeyWalk(Call):
                 else:
                     rec.load_successes += 1
                 rec.load_time_ns += time.perf_counter_ns() - started
+            done_loading((self,))
             source = LOADED
             if isinstance(outcome, BaseException):
                 kept = cfg.last_good.get(key)
@@ -623,6 +634,7 @@ class Walk:
             if self.fresh is not None:
                 self.fresh.loading(missing)
             loaded, stale, errors = await self._load(missing, leased=admit)
+            done_loading(self.calls.values())
             # Keys this walk loaded under a lease: other processes wait for their values in
             # the shared tier, so the doorkeeper does not hold them back.
             held = [k for k in loaded if lease.holds(k)] if admit and cfg.lease else []

@@ -258,3 +258,29 @@ async def test_a_background_reload_runs_in_the_context_of_the_get_that_found_it_
             break
         await asyncio.sleep(0.01)
     assert {i: seen[i][1] for i in range(4)} == {i: f"r{i}" for i in range(4)}
+
+
+async def test_a_task_that_outlives_its_load_while_the_value_is_written() -> None:
+    """Review 46: A's load starts a task and returns; while A's value is written to the
+    remote tier (its flight not settled yet), the task gets B, whose load gets A. A's load
+    is over, so nothing waits in a loop: the task gets B's value (it got ``LoadError``)."""
+    helpers: list[asyncio.Future[Any]] = []
+
+    class A(Base):
+        async def load(self) -> str:
+            async def helper() -> str:
+                await asyncio.sleep(0)
+                return await cacheme.get(B())
+
+            helpers.append(asyncio.ensure_future(helper()))
+            return "a"
+
+    class B(Base):
+        async def load(self) -> str:
+            return "b+" + await cacheme.get(A())
+
+        class Meta(Node.Meta):
+            caches = [Cache(storage="local", ttl=None)]
+
+    assert await asyncio.wait_for(cacheme.get(A()), 3) == "a"
+    assert await asyncio.wait_for(helpers[0], 3) == "b+a"
