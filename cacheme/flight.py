@@ -82,7 +82,8 @@ def outside_loads(context: Context | None = None) -> Context:
     the task of a flight's load, or of a background reload, even when a load began it (that
     load waits for it only while it awaits it: ``Call.awaits``)."""
     copy = copy_context() if context is None else context.copy()
-    copy.run(_inside.set, ())
+    if copy.get(_inside):  # rarely: a load's own task begins the flight
+        copy.run(_inside.set, ())
     return copy
 
 

@@ -231,9 +231,17 @@ def encode(serializer: Serializer, value: Any) -> bytes:
     except EncodeError:
         raise
     except Exception as exc:
-        raise EncodeError(f"{serializer!r} cannot encode {type(value).__name__}: {exc!r}") from exc
-    if type(data) is bytes:
-        return data
+        raise dumps_failed(serializer, value, exc) from exc
+    return data if type(data) is bytes else as_bytes(serializer, data)
+
+
+def dumps_failed(serializer: Serializer, value: Any, exc: Exception) -> EncodeError:
+    """The ``EncodeError`` of a ``dumps`` that raised ``exc``, another exception."""
+    return EncodeError(f"{serializer!r} cannot encode {type(value).__name__}: {exc!r}")
+
+
+def as_bytes(serializer: Serializer, data: Any) -> bytes:
+    """``data``, what ``serializer.dumps`` returned, as bytes; ``EncodeError`` if not bytes."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         return bytes(data)
     raise EncodeError(

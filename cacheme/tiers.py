@@ -32,7 +32,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ConfigurationError, EncodeError, StorageError, StorageTimeoutError
-from .serializer import Serializer, encode
+from .serializer import Serializer, as_bytes, dumps_failed
 from .storages.base import (
     MISS,
     BaseStorage,
@@ -272,6 +272,7 @@ class RemoteTier(Tier):
         errors: dict[str, Exception] = {}
         entries = []
         serializer = self.serializer
+        dumps = serializer.dumps
         # What the storage contract takes: whole milliseconds, a positive TTL never rounded
         # down to 0 (straight from seconds: a timedelta would overflow near timedelta.max).
         ttl_ms = None if self.ttl is None else max(1, round(self.ttl * 1000))
@@ -279,8 +280,16 @@ class RemoteTier(Tier):
             if not key.isascii() and not utf8_encodable(key):
                 unstorable(self.cfg.name, self.name, key)
                 continue
-            try:
-                entries.append(Entry(key, encode(serializer, value), ttl_ms))
+            try:  # serializer.encode, inlined: this runs for every value written
+                try:
+                    data = dumps(value)
+                except EncodeError:
+                    raise
+                except Exception as exc:
+                    raise dumps_failed(serializer, value, exc) from exc
+                if type(data) is not bytes:
+                    data = as_bytes(serializer, data)
+                entries.append(Entry(key, data, ttl_ms))
             except EncodeError as exc:
                 errors[key] = EncodeError(f"node {self.cfg.name}: {exc}")
         if not entries:

@@ -22,7 +22,8 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from contextvars import Context
 from types import CoroutineType
 from typing import Any
 
@@ -72,7 +73,7 @@ class KeyWalk(Call):
         # The load runs in the context of the caller that began the flight (its context
         # variables), not in that of whatever task delivers the read (a batch of some other
         # caller's), and outside the loads of that caller (see flight.refuse_cycle).
-        self.context = outside_loads()
+        self.context: Context | None = outside_loads()
 
     def begin(self, skip: int) -> Awaitable[Outcome]:
         """Start the walk for the caller that registered it, past the first ``skip`` tiers
@@ -138,7 +139,10 @@ class KeyWalk(Call):
         if self.index < len(tiers):
             tiers[self.index].read_into((self.key,), self, self.rt)
         else:
-            self.rt.spawn(self._load(), self.context)
+            context, self.context = self.context, None  # not kept while the load runs
+            if context is None:  # a second load of this walk: cannot happen
+                context = outside_loads()
+            spawn_load(self.rt, self._load(), context, (self,))
 
     def delivered(self, raw: Any) -> None:
         """A remote tier's storage answered (see ``Tier.read_into``)."""
@@ -256,7 +260,6 @@ class KeyWalk(Call):
         cfg = self.cfg
         key = self.key
         call = self
-        loading((self,))
         try:
             if self.loader is None and _load_all_only(type(self.node)):
                 self.loader = _by_load_all(cfg, key, self.node)
@@ -431,7 +434,8 @@ class Walk:
         awaits needs it, a background refresh-ahead does not (the older value it replaces
         was still being served anyway).
         """
-        self.rt.spawn(self._load_and_finish(admit=False, announce=announce), self.context)
+        coro = self._load_and_finish(admit=False, announce=announce)
+        spawn_load(self.rt, coro, self.context, self.calls.values())
 
     def _next(self) -> None:
         tiers = self.cfg.tiers
@@ -441,7 +445,8 @@ class Walk:
             else:
                 self.fresh.read(tiers[self.index], self.missing, self._arrived)
         elif self.missing:
-            self.rt.spawn(self._load_and_finish(admit=True), self.context)
+            coro = self._load_and_finish(admit=True)
+            spawn_load(self.rt, coro, self.context, self.calls.values())
         else:
             self._write_then_settle()
 
@@ -628,9 +633,6 @@ class Walk:
         try:
             cfg = self.cfg
             missing = {k: self.nodes[k] for k in self.missing}
-            # Every call of the walk, the keys found in a tier too: they are settled with
-            # the loaded ones, so a load that gets one would wait for itself.
-            loading(self.calls.values())
             if self.fresh is not None:
                 self.fresh.loading(missing)
             loaded, stale, errors = await self._load(missing, leased=admit)
@@ -821,6 +823,20 @@ def _remember(cfg: Config, key: str, value: Any, now: float, mark: int) -> None:
         kept.move_to_end(key)
         if len(kept) > _STALE_KEEP:
             kept.popitem(last=False)
+
+
+def spawn_load(
+    rt: Runtime, coro: Coroutine[Any, Any, None], context: Context, calls: Iterable[Call]
+) -> None:
+    """Run the load ``coro`` of ``calls`` in a task started in a copy of ``context`` (see
+    ``KeyWalk.context``), marked as their load (``flight.loading``): every call of a walk,
+    the keys found in a tier too, since they are settled with the loaded ones."""
+    context.run(_start_load, rt, coro, tuple(calls))
+
+
+def _start_load(rt: Runtime, coro: Coroutine[Any, Any, None], calls: tuple[Call, ...]) -> None:
+    loading(calls)
+    rt.spawn(coro)
 
 
 def _match(
