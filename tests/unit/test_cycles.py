@@ -20,6 +20,9 @@ import cacheme
 from cacheme import Cache, LoadError, Node, Storage, schemas
 from cacheme.serializer import MsgPackSerializer
 
+# The remote tier is SQLite: its driver is optional (scripts/minimal leaves it out).
+pytestmark = pytest.mark.needs_dev
+
 
 @pytest.fixture(autouse=True)
 async def _sqlite(tmp_path: Path) -> None:

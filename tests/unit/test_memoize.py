@@ -259,6 +259,7 @@ class Point:
     x: int
 
 
+@pytest.mark.needs_dev  # the remote tier is SQLite, an optional driver
 async def test_get_of_fn_node_decodes_to_the_function_type(tmp_path: Any) -> None:
     """``cacheme.get(fn.node(...))`` where ``to_node`` returns an instance of a class with no
     ``load()``: the value decodes to the function's type, and the local tier it is copied

@@ -15,6 +15,9 @@ import cacheme
 from cacheme import BloomFilter, Cache, EncodeError, Node, Storage, schemas
 from cacheme.serializer import JSONSerializer, MsgPackSerializer, Serializer
 
+# The remote tier is SQLite: its driver is optional (scripts/minimal leaves it out).
+pytestmark = pytest.mark.needs_dev
+
 
 @pytest.fixture
 async def sqlite(tmp_path: Path) -> str:
