@@ -263,6 +263,7 @@ def _log(kind: str, message: str, *args: Any) -> None:
 
 _seq = 0  # changes noted so far (messages applied, this process's invalidations)
 _floor = 0  # every key counts as changed at or below... this sequence number
+_forgotten = 0  # ...of which the last time the table of changes overflowed (not a clear)
 _changed: dict[str, int] = {}
 
 
@@ -281,6 +282,15 @@ def changed_since(key: str, mark: int) -> bool:
     return _floor > mark or _changed.get(key, 0) > mark
 
 
+def invalidated_since(key: str, mark: int) -> bool:
+    """Whether ``key`` itself was reported invalidated after ``mark`` (or may have been: the
+    table of changes overflowed), not counting the clears of every key after a new
+    subscription: what a ``refresh`` asks before writing a shared tier. Such a clear says
+    that messages may have been missed, and a refresh that wrote nothing then would leave
+    the shared tier with the value it was refreshing."""
+    return _forgotten > mark or _changed.get(key, 0) > mark
+
+
 _changes_lock = threading.Lock()
 # Held around "has the key changed since this walk began? then write it back" and around
 # "note an invalidation, then drop the key from the local tiers", so that, across threads,
@@ -290,12 +300,14 @@ write_guard = threading.Lock()
 
 def _record_changes(keys: Sequence[str] | None) -> None:
     """Note a change of ``keys`` (``None``: of everything), from any thread."""
-    global _seq, _floor
+    global _seq, _floor, _forgotten
     with _changes_lock:
         seq = _seq + 1
         if keys is None or len(_changed) + len(keys) > _CHANGED_MAX:
             _changed.clear()
             _floor = seq
+            if keys is not None:
+                _forgotten = seq
         else:
             for key in keys:
                 _changed[key] = seq
@@ -838,7 +850,7 @@ def add_listener(listener: Listener) -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _instance, _own_prefix, _counters, _seq, _floor, _sync_lock, _changes_lock
+    global _instance, _own_prefix, _counters, _seq, _floor, _forgotten, _sync_lock, _changes_lock
     global write_guard
     _instance = uuid.uuid4().hex
     _own_prefix = f"{_VERSION}|{_instance}|".encode()
@@ -850,7 +862,7 @@ def _after_fork_in_child() -> None:
     _counters = _Counters()
     _sync_clients.clear()
     _changed.clear()
-    _seq = _floor = 0
+    _seq = _floor = _forgotten = 0
     bp = _active
     if bp is not None:
         bp.after_fork()

@@ -489,9 +489,16 @@ class Walk:
                 self._note_own([k for k in self.values if self._current(k)])
             return result
 
-    def _current(self, key: str) -> bool:
-        """Whether nothing detached ``key``'s call or changed the key since ``mark``."""
-        return not self.calls[key].stale and not backplane.changed_since(key, self.mark)
+    def _current(self, key: str, local: bool = True) -> bool:
+        """Whether nothing detached ``key``'s call or changed the key since ``mark``; for a
+        ``refresh``'s write to a shared tier (``local`` false), whether nothing invalidated
+        the key itself (see ``backplane.invalidated_since``)."""
+        call = self.calls[key]
+        if call.stale:
+            return False
+        if not local and type(call) is Reload:
+            return not backplane.invalidated_since(key, self.mark)
+        return not backplane.changed_since(key, self.mark)
 
     def _note_own(self, keys: list[str]) -> None:
         """Note ``keys`` (current: see ``_current``) as changed by this walk, and take the mark
@@ -538,8 +545,12 @@ class Walk:
         for j, keys in sorted(self.backfill.items(), key=lambda item: tiers[item[0]].immediate):
             # A call forgotten by invalidate()/refresh() must not write back, nor one whose
             # key another process invalidated since this walk began (see KeyWalk._write).
-            live = {k: self.values[k] for k in keys if k not in errors and self._current(k)}
             tier = tiers[j]
+            live = {
+                k: self.values[k]
+                for k in keys
+                if k not in errors and self._current(k, tier.immediate)
+            }
             if not live:
                 continue
             if not tier.immediate:
