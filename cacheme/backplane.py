@@ -303,11 +303,11 @@ def _record_changes(keys: Sequence[str] | None) -> None:
     global _seq, _floor, _forgotten
     with _changes_lock:
         seq = _seq + 1
-        if keys is None or len(_changed) + len(keys) > _CHANGED_MAX:
-            _changed.clear()
+        if keys is None:  # kept: invalidated_since still tells the keys changed before
             _floor = seq
-            if keys is not None:
-                _forgotten = seq
+        elif len(_changed) + len(keys) > _CHANGED_MAX:
+            _changed.clear()
+            _floor = _forgotten = seq
         else:
             for key in keys:
                 _changed[key] = seq

@@ -56,3 +56,14 @@ async def test_a_refresh_during_a_clear_of_every_key_writes_the_shared_tier(
     assert await cacheme.refresh(Refreshed()) == 2
     assert await cacheme.get(SharedOnly()) == 2
     assert await cacheme.get(Refreshed()) == 2  # the cleared local tier reads it back
+
+
+def test_a_clear_keeps_what_was_invalidated_before_it() -> None:
+    """A key invalidated after a mark, then a clear of every key: the key still counts as
+    invalidated (the clear must not hide it from a refresh's write to a shared tier)."""
+    mark = backplane.sequence()
+    backplane.note_invalidated(["k1"])
+    backplane._clear_local()
+    assert backplane.invalidated_since("k1", mark)
+    assert not backplane.invalidated_since("k2", mark)
+    assert backplane.changed_since("k2", mark)  # the local tiers' view: everything changed
