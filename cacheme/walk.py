@@ -873,29 +873,25 @@ def _match(
             cfg.stats.load_successes -= len(nodes)
             cfg.stats.load_failures += len(nodes)
         return dict.fromkeys(nodes, error)
-    left_out = [k for k in nodes if k not in out]
-    if left_out:
+
+    def fail(keys: Sequence[str], what: str) -> None:
         error = LoadError(
-            f"{cls.__qualname__}.load_all returned no value for {len(left_out)} node(s), "
-            f"e.g. key {left_out[0]!r}"
+            f"{cls.__qualname__}.load_all returned {what} for {len(keys)} node(s), "
+            f"e.g. key {keys[0]!r}"
         )
         if count:
-            cfg.stats.load_successes -= len(left_out)
-            cfg.stats.load_failures += len(left_out)
-        for key in left_out:
+            cfg.stats.load_successes -= len(keys)
+            cfg.stats.load_failures += len(keys)
+        for key in keys:
             out[key] = error
+
+    left_out = [k for k in nodes if k not in out]
+    if left_out:
+        fail(left_out, "no value")
     twice &= nodes.keys()
     if twice:
         # Which of the values is the node's own is unknown: none is served or cached.
-        error = LoadError(
-            f"{cls.__qualname__}.load_all returned more than one value for "
-            f"{len(twice)} node(s), e.g. key {min(twice)!r}"
-        )
-        if count:
-            cfg.stats.load_successes -= len(twice)
-            cfg.stats.load_failures += len(twice)
-        for key in twice:
-            out[key] = error
+        fail(sorted(twice), "more than one value")
     return {k: out[k] for k in nodes}
 
 

@@ -314,25 +314,7 @@ class RedisStorage(RemoteStorage[RedisOptions]):
                         cpipe.set(key, value, px=ttl_ms)
                 await cpipe.execute()
             return
-        client = self._standalone()
-        cut: list[int] = []  # see _stop_cuts
-        token = _cut_ids.set(cut)
-        try:
-            if len(entries) == 1:
-                key, value, ttl_ms = entries[0]
-                await client.set(key, value, px=ttl_ms)
-                return
-            # One EVALSHA for the whole batch: one command to pack and one reply to parse,
-            # where a pipeline costs a SET and a reply per key (the client's CPU, not the
-            # server's, is what limits a busy asyncio process).
-            args: list[bytes | int] = []
-            for _, value, ttl_ms in entries:
-                args += (value, ttl_ms or 0)
-            await self._set_script(keys=[e.key for e in entries], args=args, client=client)
-        finally:
-            _cut_ids.reset(token)
-            if cut:
-                await self._stop_cuts(cut)
+        await self._write_standalone(entries, nx=False)
 
     async def _add_many(self, entries: Sequence[Entry]) -> None:
         # SET ... NX: atomic per key on the server; an expired key counts as absent.
@@ -343,20 +325,32 @@ class RedisStorage(RemoteStorage[RedisOptions]):
                     cpipe.set(key, value, px=ttl_ms, nx=True)
                 await cpipe.execute()
             return
+        await self._write_standalone(entries, nx=True)
+
+    async def _write_standalone(self, entries: Sequence[Entry], nx: bool) -> None:
+        """``SET key value [PX ms] [NX]`` of ``entries`` on a standalone server; a write cut
+        short has its connections stopped first (see ``_stop_cuts``)."""
         client = self._standalone()
         cut: list[int] = []  # see _stop_cuts
         token = _cut_ids.set(cut)
         try:
             if len(entries) == 1:
                 key, value, ttl_ms = entries[0]
-                await client.set(key, value, px=ttl_ms, nx=True)
+                await client.set(key, value, px=ttl_ms, nx=nx)
                 return
-            if self._add_script is None:
-                self._add_script = client.register_script(_ADD_MANY)
+            # One EVALSHA for the whole batch: one command to pack and one reply to parse,
+            # where a pipeline costs a SET and a reply per key (the client's CPU, not the
+            # server's, is what limits a busy asyncio process).
+            if nx:
+                if self._add_script is None:
+                    self._add_script = client.register_script(_ADD_MANY)
+                script = self._add_script
+            else:
+                script = self._set_script
             args: list[bytes | int] = []
             for _, value, ttl_ms in entries:
                 args += (value, ttl_ms or 0)
-            await self._add_script(keys=[e.key for e in entries], args=args, client=client)
+            await script(keys=[e.key for e in entries], args=args, client=client)
         finally:
             _cut_ids.reset(token)
             if cut:
