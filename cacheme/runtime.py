@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import sys
 import threading
 import weakref
 from collections.abc import AsyncGenerator, Coroutine
@@ -76,10 +77,13 @@ class Runtime:
     def spawn(
         self, coro: Coroutine[Any, Any, Any], context: contextvars.Context | None = None
     ) -> asyncio.Task[Any]:
-        """Run ``coro`` in a task of this loop, kept alive until it is done; in a copy of
-        ``context`` when given, else of the running code's context."""
+        """Run ``coro`` in a task of this loop, kept alive until it is done: in ``context``
+        when given (a context made for this task alone, such as ``flight.outside_loads``
+        returns: the task may change it), else in a copy of the running code's context."""
         if context is None:
             task = self.loop.create_task(coro)
+        elif sys.version_info >= (3, 11):  # the task runs in ``context`` itself, no copy
+            task = self.loop.create_task(coro, context=context)
         else:  # Python 3.10's create_task takes no context: the task copies the current one
             task = context.run(self.loop.create_task, coro)
         self.tasks.add(task)

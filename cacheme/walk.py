@@ -839,15 +839,11 @@ def _remember(cfg: Config, key: str, value: Any, now: float, mark: int) -> None:
 def spawn_load(
     rt: Runtime, coro: Coroutine[Any, Any, None], context: Context, calls: Iterable[Call]
 ) -> None:
-    """Run the load ``coro`` of ``calls`` in a task started in a copy of ``context`` (see
+    """Run the load ``coro`` of ``calls`` in a task started in ``context`` (made for it: see
     ``KeyWalk.context``), marked as their load (``flight.loading``): every call of a walk,
     the keys found in a tier too, since they are settled with the loaded ones."""
-    context.run(_start_load, rt, coro, tuple(calls))
-
-
-def _start_load(rt: Runtime, coro: Coroutine[Any, Any, None], calls: tuple[Call, ...]) -> None:
-    loading(calls)
-    rt.spawn(coro)
+    context.run(loading, tuple(calls))
+    rt.spawn(coro, context)
 
 
 def _match(
