@@ -35,20 +35,32 @@ class Memoize:
         self.node_cls = node_cls
 
     def __call__(self, fn: Callable[P, Awaitable[R]]) -> Memoized[P, R]:
+        """Memoize ``fn``: an async function or method, or a ``classmethod`` or
+        ``staticmethod`` of one (``@Memoize`` above ``@classmethod``: its ``to_node`` then
+        takes the class first, as the method does). ``ConfigurationError`` otherwise."""
+        kind: type[Any] | None = None
+        if isinstance(fn, (classmethod, staticmethod)):
+            kind, fn = type(fn), fn.__func__
         if not _is_async(fn):
             raise ConfigurationError(
                 f"Memoize({self.node_cls.__qualname__}) decorates async functions; "
                 f"{getattr(fn, '__qualname__', fn)!r} is not one (define it with async def)"
             )
-        return Memoized(fn, self.node_cls)
+        return Memoized(fn, self.node_cls, kind)
 
 
 class Memoized(Generic[P, R]):
     """A memoized async function; call ``to_node`` once before calling it."""
 
-    def __init__(self, fn: Callable[P, Awaitable[R]], node_cls: type[Node]) -> None:
+    def __init__(
+        self,
+        fn: Callable[P, Awaitable[R]],
+        node_cls: type[Node],
+        kind: type[Any] | None = None,
+    ) -> None:
         self._fn = fn
         self._node_cls = node_cls
+        self._kind = kind  # classmethod, staticmethod, or None: a function or method
         self._to_node: Callable[P, Node] | None = None
         # Our own view of the node class's configuration: its value type is this function's.
         self._config: Config = node_cls._cacheme_config.for_function(fn)
@@ -83,14 +95,24 @@ class Memoized(Generic[P, R]):
                 "has no .to_node yet; decorate a function with @"
                 f"{self._fn.__name__}.to_node"
             )
-        node = to_node(*args, **kwargs)
+        try:
+            node = to_node(*args, **kwargs)
+        except TypeError as exc:
+            try:
+                inspect.signature(to_node).bind(*args, **kwargs)
+            except TypeError:  # not the function's arguments: name both functions
+                raise ConfigurationError(
+                    f"the .to_node of {self._fn.__qualname__} ({to_node.__qualname__}) does "
+                    f"not take the arguments of {self._fn.__qualname__}: {exc}"
+                ) from exc
+            raise
         if isinstance(node, self._node_cls):
             return self._bound_node(node, args, kwargs)
         if type(node) is DynamicNode:
             return self._keyed_node(node.key(), args, kwargs)
         raise ConfigurationError(
-            f"{to_node.__qualname__} must return a {self._node_cls.__qualname__} or a "
-            f"DynamicNode, got {type(node).__qualname__}"
+            f"the .to_node of {self._fn.__qualname__} ({to_node.__qualname__}) must return a "
+            f"{self._node_cls.__qualname__} or a DynamicNode, got {type(node).__qualname__}"
         )
 
     def _keyed_node(self, key: str, args: Any, kwargs: Any) -> DynamicNode:
@@ -164,8 +186,11 @@ class Memoized(Generic[P, R]):
     ) -> Callable[Q, Coroutine[Any, Any, R]]: ...
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
-        """On a class: a method whose ``self`` is passed to the function and to ``to_node``."""
-        if obj is None:
+        """On a class: a method whose ``self`` is passed to the function and to ``to_node``
+        (the class, for a ``classmethod``; nothing, for a ``staticmethod``)."""
+        if self._kind is classmethod:
+            return _Bound(self.__call__, objtype if objtype is not None else type(obj))
+        if obj is None or self._kind is staticmethod:
             return self
         return _Bound(self.__call__, obj)
 

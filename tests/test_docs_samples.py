@@ -9,8 +9,9 @@ The convention (also written down in docs/writing-docs.md):
   without top-level ``await`` runs outside that loop, so it may call ``asyncio.run()``.
 - Each group runs in a fresh interpreter (no state leaks between pages, or into the other
   tests), in an empty temporary working directory: files a sample creates (``cache.db``) go
-  there. It holds a copy of the repository's ``sql/`` folder, as a checkout would, so a
-  sample can create its SQLite table from ``sql/sqlite.sql``. At the end of a group the
+  there. It holds no copy of the repository's ``sql/`` folder: a sample creates its tables
+  as a user who installed the package does (``cacheme.schemas.create``, ``cacheme schema
+  create``). At the end of a group the
   harness awaits ``cacheme.close_storages()``.
 - An HTML comment right before a block (blank lines between are fine) steers it. Comments
   are invisible on GitHub and on the site. Clauses are separated by ``;``:
@@ -53,7 +54,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import types
@@ -391,7 +391,7 @@ def run_group(group: Group, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     spec.write_text(json.dumps(blocks))
     work = tmp_path / "work"
     work.mkdir()
-    shutil.copytree(SCHEMAS, work / "sql")  # as if run from a checkout: sql/sqlite.sql...
+    # No copy of sql/ here: a sample runs where a pip user runs it (schemas.create, the CLI).
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)])),

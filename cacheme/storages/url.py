@@ -80,8 +80,24 @@ def redact(url: str) -> str:
     return f"{head}{path}{question}{query}{hash_}{fragment}"
 
 
+# A secret shorter than this is scrubbed only where it stands as a credential (":pw@",
+# "=pw"): alone, "e" or "127" is as likely to be part of the message ("127.0.0.1") as an echo
+# of the password, and cutting it out would garble the text and show where it occurs.
+_SHORT_SECRET = 6
+
+
 def scrub(text: str, url: str) -> str:
-    """``text`` with every credential of ``url`` replaced by ``***``."""
+    """``text`` with every credential of ``url`` replaced by ``***``: the URL itself where
+    it appears whole (as ``redact`` prints it); each secret where it stands as a credential
+    (``:secret@``, ``=secret``); and a secret of 6 characters or more wherever it stands on
+    its own, not inside a longer run of letters and digits. A password such as ``e`` or
+    ``Error`` is never cut out of the words around it ("ConnectionError" stays whole)."""
+    if url in text:
+        text = text.replace(url, redact(url))
     for secret in sorted(secrets_of(url), key=len, reverse=True):
-        text = text.replace(secret, "***")
+        quoted = re.escape(secret)
+        if len(secret) >= _SHORT_SECRET:
+            text = re.sub(rf"(?<![^\W_]){quoted}(?![^\W_])", "***", text)
+        else:
+            text = re.sub(rf"(?<=:){quoted}(?=@)|(?<==){quoted}(?![^\W_])", "***", text)
     return text

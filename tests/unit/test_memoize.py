@@ -167,8 +167,76 @@ async def test_to_node_returning_another_node_class_raises() -> None:
     def _(a: int) -> Node:
         return Elsewhere()
 
-    with pytest.raises(ConfigurationError, match=r"must return a UserInfoNode.*got .*Elsewhere"):
+    with pytest.raises(
+        ConfigurationError, match=r"to_node of .*fn \(.*_\) must return a UserInfoNode.*Elsewhere"
+    ):
         await fn(1)
+
+
+async def test_to_node_not_taking_the_arguments_names_both_functions() -> None:
+    @Memoize(UserInfoNode)
+    async def mismatched(a: int, b: int) -> int:
+        return a + b
+
+    @mismatched.to_node
+    def _(a: int) -> UserInfoNode:
+        return UserInfoNode(a)
+
+    with pytest.raises(ConfigurationError, match=r"to_node of .*mismatched \(.*_\) does not take"):
+        await mismatched(1, 2)
+
+    @Memoize(UserInfoNode)
+    async def broken(a: int) -> int:
+        return a
+
+    @broken.to_node
+    def _(a: int) -> UserInfoNode:
+        raise TypeError("a bug inside to_node")
+
+    with pytest.raises(TypeError, match="a bug inside to_node"):  # its own error, as it is
+        await broken(1)
+
+
+async def test_memoized_classmethod_and_staticmethod() -> None:
+    calls: list[Any] = []
+
+    class Repo:
+        @Memoize(UserInfoNode)
+        @classmethod
+        async def by_class(cls, x: int) -> str:
+            calls.append((cls.__name__, x))
+            return f"{cls.__name__}:{x}"
+
+        @by_class.to_node
+        def _(cls, x: int) -> DynamicNode:
+            return DynamicNode(key=f"by_class:{cls.__name__}:{x}")
+
+        @Memoize(UserInfoNode)
+        @staticmethod
+        async def plain(x: int) -> int:
+            calls.append(x)
+            return x * 2
+
+        @plain.to_node
+        def _plain(x: int) -> DynamicNode:
+            return DynamicNode(key=f"plain:{x}")
+
+    class Sub(Repo):
+        pass
+
+    # Through the class and an instance alike; a subclass is its own key.
+    assert [await Repo.by_class(1), await Repo().by_class(1), await Sub.by_class(1)] == [
+        "Repo:1",
+        "Repo:1",
+        "Sub:1",
+    ]
+    assert [await Repo.plain(3), await Repo().plain(3)] == [6, 6]
+    assert calls == [("Repo", 1), ("Sub", 1), 3]
+    assert Repo.by_class.node(2).key() == "by_class:Repo:2"
+    assert Repo.plain.node(4).key() == "plain:4"
+    await Repo.by_class.invalidate(1)
+    assert await Repo.by_class(1) == "Repo:1"
+    assert calls[-1] == ("Repo", 1)
 
 
 async def test_calling_before_to_node_raises() -> None:

@@ -72,6 +72,29 @@ def test_percent_encoded_password_is_scrubbed_in_both_forms() -> None:
     assert scrub("auth p@ss/w and p%40ss%2Fw refused", url) == "auth *** and *** refused"
 
 
+@pytest.mark.parametrize("password", ["p", "e", "o", "Error", "YES", "6379", "127"])
+def test_a_password_found_inside_words_leaves_them_whole(password: str) -> None:
+    # Cutting every occurrence out garbled the driver's text ("O***erationalError") and
+    # showed, letter by letter, where the password occurs.
+    url = f"redis://app:{password}@127.0.0.1:6379/11"
+    message = (
+        "OperationalError: AuthenticationError: invalid username-password pair "
+        "(using password: YES) on 127.0.0.1:6379"
+    )
+    assert scrub(message, url) == message
+    echoed = f"connecting {url} as app, then :{password}@ and ?password={password}&db=1"
+    assert scrub(echoed, url) == (
+        "connecting redis://app:***@127.0.0.1:6379/11 as app, then :***@ and ?password=***&db=1"
+    )
+
+
+def test_a_long_password_is_scrubbed_wherever_it_stands_alone() -> None:
+    url = "postgresql://app:hunter22@db/app"
+    assert scrub("auth hunter22 refused; hunter222 and xhunter22 are others", url) == (
+        "auth *** refused; hunter222 and xhunter22 are others"
+    )
+
+
 @pytest.mark.parametrize(
     ("url", "scheme"),
     [
