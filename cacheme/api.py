@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar, overload
 
-from . import backplane, freshness, landing, runtime
+from . import backplane, freshness, landing, runtime, tags
 from . import node as _node
 from .errors import ConfigurationError, StorageError
 from .flight import STALE, Call, Outcome, Reload, forgettable, join_all, propagates
@@ -142,7 +142,7 @@ def _join(
         walk = KeyWalk(key, cfg, rt, node, loader)
         flights.put(key, walk)
         return walk.begin(len(cfg.front))
-    call = flights.start(key, cfg.name)
+    call = flights.start(key, cfg.tag_space)
     waiter = call.join(rt.loop)
     Walk(cfg, rt, {key: node}, {key: call}, loader).start()
     return waiter
@@ -238,7 +238,7 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
         by_key = dict(zip(keys, nodes, strict=True))
     else:
         by_key = {keys[i]: nodes[i] for i in missed}
-    calls, outcome = join_all(rt.flights, by_key, cfg.name, rt.loop)
+    calls, outcome = join_all(rt.flights, by_key, cfg.tag_space, rt.loop)
     # Every request that missed the front tiers joined a flight, except one per flight begun.
     rec.coalesced += len(missed) - len(calls)
     if calls:
@@ -354,12 +354,25 @@ def wait_bound(cfg: Config) -> float:
     return 2 * max((t.op_timeout() for t in cfg.tiers), default=0.0)
 
 
-def _forget_everywhere(key: str, readers_only: bool = False) -> None:
+def _forget_everywhere(key: str, readers_only: bool = False) -> Call | None:
     """Detach ``key``'s flight in this loop and in the loops of other threads
-    (``readers_only``: see ``flight.forgettable``)."""
+    (``readers_only``: see ``flight.forgettable``); the call detached in this loop, if any."""
     here = runtime.current()
-    here.flights.forget(key, readers_only)
+    forgotten = here.flights.forget(key, readers_only)
     _forget_elsewhere(key, here, readers_only)
+    return forgotten
+
+
+def start_refresh(rt: runtime.Runtime, key: str, cfg: Config) -> Reload:
+    """Register a ``refresh`` of ``key``: detach its flights in every loop (their values
+    are not written) and start its ``Reload``, which a get from now on joins; a refresh
+    of this loop it overtakes learns its outcome (``latest``)."""
+    overtaken = _forget_everywhere(key)
+    call = rt.flights.start(key, cfg.tag_space, Reload)
+    assert isinstance(call, Reload)
+    if isinstance(overtaken, Reload):
+        overtaken.overtaken_by = call
+    return call
 
 
 def detach_node_everywhere(owner: str) -> None:
@@ -417,9 +430,8 @@ async def reload(node: Node, cfg: Config, loader: Loader | None) -> Any:
     if cfg.stamped:
         return await freshness.reload(node, cfg, loader, key)
     began = time.time()
-    _forget_everywhere(key)
     rt = runtime.current()
-    call = rt.flights.start(key, cfg.name, Reload)  # a get from now on joins this refresh
+    call = start_refresh(rt, key, cfg)
     waiter = call.join()
     writes = note_changed(key)
     if writes:  # wait in a task of the loop: a cancelled caller cancels only its own wait
@@ -469,17 +481,33 @@ async def latest(
     """A refresh's outcome, or a newer one when the refresh was overtaken, with the call
     that gave it (a later refresh's, whose ``write_error`` is then this refresh's too).
 
-    A later ``refresh``, an ``invalidate`` or an ``invalidate_tag`` detaches a refresh's
-    call: it writes nothing, so its own value may be older than what a ``get`` sees next.
-    Such a refresh returns what the key's newer flight gets, or, with none under way, what a
-    new read of every tier gets once the remote writes of the key under way in any loop
-    have landed (the later refresh's value, or a new load after an invalidation); it
+    A later ``refresh`` or an ``invalidate`` of the key makes a refresh's call stale: it
+    writes nothing, so its own value may be older than what a ``get`` sees next. Such a
+    refresh returns the outcome of the refresh of this loop that overtook it (waiting for
+    it, or as it ended: its value, or its error raised); else of the key's newer flight;
+    else of a new read of every tier once the remote writes of the key under way in any
+    loop have landed (the later refresh's value, or a new load after an invalidation). It
     raises what that flight raises (its own value, written nowhere, would be newer than
     what a ``get`` then serves). After three rounds, the third flight's outcome stands.
+
+    A refresh only detached (``invalidate_tag``, ``invalidate_node``: no new get joins it)
+    wrote its value all the same, and returns it, unless it wrote it nowhere (another
+    process changed the key meanwhile).
     """
     for _ in range(3):  # each round waits for a flight begun after the previous one
-        if not (call.stale or call.detached):
+        if not (call.stale or (call.detached and not _wrote(call))):
             break
+        successor = call.overtaken_by if isinstance(call, Reload) else None
+        if successor is not None:
+            result = successor.result
+            if result is None:  # under way: wait for it
+                call, outcome = successor, await successor.join(rt.loop)
+                continue
+            if not isinstance(result, asyncio.CancelledError):
+                if isinstance(result, BaseException):
+                    raise result
+                call, outcome = successor, result
+                continue
         newer = rt.flights.get(call.key)
         if newer is None or newer.detached:
             # What overtook it may be a refresh in another thread's loop: read after its
@@ -491,6 +519,16 @@ async def latest(
     return outcome, call
 
 
+def _wrote(call: Call) -> bool:
+    """A detached refresh's value went to a tier and none of its tags was invalidated since
+    it began to load (in this process, or in another that said so on the backplane): what
+    it wrote is what a get reads next."""
+    if not isinstance(call, Reload) or not call.wrote:
+        return False
+    versions = call.tag_versions
+    return tags.local_valid(tuple(versions), tuple(versions.values()))
+
+
 def _read_flight(
     rt: runtime.Runtime, key: str, node: Node, cfg: Config, loader: Loader | None
 ) -> tuple[Call, Awaitable[Outcome]]:
@@ -498,7 +536,7 @@ def _read_flight(
     call = rt.flights.get(key)
     if call is not None and not call.detached:
         return call, call.join(rt.loop)
-    call = rt.flights.start(key, cfg.name)
+    call = rt.flights.start(key, cfg.tag_space)
     waiter = call.join(rt.loop)
     walk = Walk(cfg, rt, {key: node}, {key: call}, loader)
     if cfg.stamped:

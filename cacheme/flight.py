@@ -228,14 +228,30 @@ class Reload(Call):
     when it began can have been read by it (``Flights.forget``'s ``readers_only``).
     ``written_at``: the wall-clock time its writes were issued (0.0 before).
     ``write_error``: set when a shared tier did not take the new value (the refresh raises
-    it; the callers who joined get the value)."""
+    it; the callers who joined get the value). ``wrote``: its value went to a tier (a
+    refresh detached by ``invalidate_tag`` still writes it), with ``tag_versions``, this
+    process's versions of its tags when it began to load. ``overtaken_by``: the refresh
+    of this loop that made this one stale (``api.latest``), and ``result``: its outcome or
+    error once settled, kept for a refresh it overtook that ends later."""
 
-    __slots__ = ("write_error", "written_at")
+    __slots__ = ("overtaken_by", "result", "tag_versions", "write_error", "written_at", "wrote")
 
     def __init__(self, key: str, owner: str = "", first: Waiter | None = None) -> None:
         super().__init__(key, owner, first)
         self.written_at = 0.0
         self.write_error: BaseException | None = None
+        self.wrote = False
+        self.tag_versions: dict[str, int] = {}
+        self.overtaken_by: Reload | None = None
+        self.result: Outcome | BaseException | None = None
+
+    def resolve(self, outcome: Outcome) -> None:
+        self.result = outcome
+        super().resolve(outcome)
+
+    def reject(self, error: BaseException) -> None:
+        self.result = error
+        super().reject(error)
 
 
 class Flights:
@@ -278,7 +294,8 @@ class Flights:
         table = self._calls
         for key, call in calls.items():
             group = call.first
-            if call.others is None and type(group) is Group:  # resolve() inlined: get_all
+            # resolve() inlined (get_all); a Reload's own resolve keeps its result.
+            if call.others is None and type(group) is Group and type(call) is Call:
                 call.first = None
                 call.awaits = _SETTLED
                 group.outcomes[key] = (values[key], sources[key])
@@ -303,8 +320,9 @@ class Flights:
                 call.detached = True
                 self.drop(key, call)
 
-    def forget(self, key: str, readers_only: bool = False) -> None:
+    def forget(self, key: str, readers_only: bool = False) -> Call | None:
         """Detach ``key``'s call: new callers start afresh; its result is not written back.
+        Returns the call detached, if any.
 
         ``readers_only``: leave a ``Reload`` (see ``forgettable``).
         """
@@ -312,6 +330,8 @@ class Flights:
         if call is not None and forgettable(call, readers_only):
             del self._calls[key]
             call.stale = call.detached = True
+            return call
+        return None
 
     def abandon(self) -> None:
         """The loop is shutting down: cancel every waiter and empty the table."""

@@ -53,7 +53,7 @@ import msgpack
 
 from . import backplane, landing, runtime, tags
 from .errors import ConfigurationError, DecodeError, EncodeError, LoadError, StorageError
-from .flight import STALE, Call, Reload, join_all, outside_loads, propagates
+from .flight import STALE, Call, join_all, outside_loads, propagates
 from .serializer import Serializer
 from .serializer import encode as encode_value
 from .storages.base import MISS, Entry, utf8_encodable
@@ -508,7 +508,7 @@ class Pass:
         self.local_versions: dict[str, int] = {}
         if self.policy.tagged:
             for key, names_ in self.names.items():
-                keys = self.tagkeys[key] = tuple(tags.tag_key(cfg.name, n) for n in names_)
+                keys = self.tagkeys[key] = tuple(tags.tag_key(cfg.tag_space, n) for n in names_)
                 for k in keys:
                     if k not in self.local_versions:
                         self.local_versions[k] = tags.local_version(k)
@@ -763,7 +763,7 @@ def trigger(
     todo = {k: n for k, n in nodes.items() if k not in table}
     if not todo:
         return
-    calls = {k: Call(k, cfg.name) for k in todo}
+    calls = {k: Call(k, cfg.tag_space) for k in todo}
     table.update(calls)
     cfg.stats.refreshes += len(todo)
     # No load waits for it, even when a load's get triggered it (see flight.refuse_cycle).
@@ -875,7 +875,7 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None, key: str) -> Any
     call = flights.get(key)
     if call is None or call.detached:  # e.g. by another thread's invalidate
         names = tag_names(cfg, {key: node})
-        call = flights.start(key, cfg.name)
+        call = flights.start(key, cfg.tag_space)
         waiter = call.join()
         walk = Walk(cfg, rt, {key: node}, {key: call}, loader)
         walk.fresh = Pass(cfg, walk, names)
@@ -922,7 +922,7 @@ async def get_all(nodes: list[Node], cfg: Config, keys: list[str]) -> list[Any]:
     if pending:
         rt = runtime.current()
         names = tag_names(cfg, {k: nodes[where[0]] for k, where in pending.items()})
-        calls, outcome = join_all(rt.flights, pending, cfg.name, rt.loop)
+        calls, outcome = join_all(rt.flights, pending, cfg.tag_space, rt.loop)
         rec.coalesced += sum(len(where) for where in pending.values()) - len(calls)
         if calls:
             started = {k: nodes[pending[k][0]] for k in calls}
@@ -947,21 +947,20 @@ async def get_all(nodes: list[Node], cfg: Config, keys: list[str]) -> list[Any]:
 async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> Any:
     """``api.reload`` (``refresh``) for a stamped node: load, write every tier, return."""
     from .api import (
-        _forget_everywhere,
         _written_at,
         latest,
         note_changed,
         raise_missed_write,
+        start_refresh,
         wait_bound,
     )
     from .walk import Walk
 
     names = tag_names(cfg, {key: node})
     began = time.time()
-    _forget_everywhere(key)
-    forget(key)
     rt = runtime.current()
-    call = rt.flights.start(key, cfg.name, Reload)  # a get from now on joins this refresh
+    call = start_refresh(rt, key, cfg)  # a get from now on joins this refresh
+    forget(key)
     waiter = call.join()
     writes = note_changed(key)
 
@@ -972,6 +971,7 @@ async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> An
             await landing.wait(key, writes, wait_bound(cfg))
             walk = Walk(cfg, rt, {key: node}, {key: call}, loader)  # its mark follows the note
             state = walk.fresh = Pass(cfg, walk, names)
+            call.tag_versions = dict(state.local_versions)  # see api.latest
             await state.read_versions()
             walk.reload()
         except BaseException as exc:

@@ -127,8 +127,14 @@ _META_OPTIONS = (
 class Config:
     """The checked ``Meta`` of one node class, its stats, and its resolved tiers."""
 
-    def __init__(self, name: str, meta: type, owner: type[Node] | None = None) -> None:
+    def __init__(
+        self, name: str, meta: type, owner: type[Node] | None = None, tag_space: str = ""
+    ) -> None:
         self.name = name
+        # Whose tags and flights invalidate_tag and invalidate_node reach: the class that
+        # declared the Meta (a subclass without one shares its parent's entries, so its tags
+        # too), else this one.
+        self.tag_space = tag_space or name
         self.version: str = _option(name, meta, "version", "", str)
         if not utf8_encodable(self.version):
             raise ConfigurationError(
@@ -360,9 +366,15 @@ class Node:
         meta = cls.__dict__.get("Meta")
         if meta is not None and not isinstance(meta, type):
             raise ConfigurationError(f"{name}.Meta must be a class, got {meta!r}")
+        space = name
         if meta is None:
-            meta = cls.Meta  # inherited: same settings, own stats
-        cls._cacheme_config = Config(name, meta, cls)
+            meta = cls.Meta  # inherited: same settings, own stats, the parent's tags
+            for base in cls.__mro__[1:]:
+                declared: Config | None = base.__dict__.get("_cacheme_config")
+                if "Meta" in base.__dict__ and declared is not None:
+                    space = declared.tag_space
+                    break
+        cls._cacheme_config = Config(name, meta, cls, space)
         if not cls.__dict__.get("_cacheme_abstract", False):
             _registry.append(cls)
 

@@ -138,11 +138,11 @@ async def invalidate_node(node_cls: type[Node]) -> None:
 async def _invalidate(cfg: Config, tag: str) -> None:
     from .api import detach_node_everywhere
 
-    key = tag_key(cfg.name, tag)
+    key = tag_key(cfg.tag_space, tag)
     # Which keys carry the tag is known only once loaded: no request made after this
     # returns joins a flight of the node begun before (their own callers still get their
     # values, and what they write carries the tag versions read before the bump).
-    detach_node_everywhere(cfg.name)
+    detach_node_everywhere(cfg.tag_space)
     bump_local((key,))
     writes = []
     for tier in cfg.tiers:
@@ -155,7 +155,7 @@ async def _invalidate(cfg: Config, tag: str) -> None:
     # Again: a walk that started after the first bump may have read a remote entry before
     # the new remote version landed, and copied it to a local tier under the new version.
     bump_local((key,))
-    detach_node_everywhere(cfg.name)  # flights begun while the new version was being written
+    detach_node_everywhere(cfg.tag_space)  # flights begun while the new version was being written
     backplane.publish((key,))
     if failed:
         name, error = failed[0]

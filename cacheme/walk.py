@@ -62,7 +62,7 @@ class KeyWalk(Call):
     def __init__(
         self, key: str, cfg: Config, rt: Runtime, node: Node, loader: Loader | None
     ) -> None:
-        super().__init__(key, cfg.name)
+        super().__init__(key, cfg.tag_space)
         self.cfg = cfg
         self.rt = rt
         self.node = node
@@ -553,13 +553,15 @@ class Walk:
             }
             if not live:
                 continue
-            if not tier.immediate:
-                # When a refresh wrote a shared tier: other processes' repairs compare with
-                # it (see repair). A refresh that writes nothing leaves 0: its start counts.
-                issued = time.time()
-                for k in live:
-                    call = calls[k]
-                    if type(call) is Reload:
+            issued = time.time()
+            for k in live:
+                call = calls[k]
+                if type(call) is Reload:
+                    call.wrote = True
+                    if not tier.immediate:
+                        # When a refresh wrote a shared tier: other processes' repairs
+                        # compare with it (see repair). A refresh that writes nothing
+                        # leaves 0: its start counts.
                         call.written_at = issued
             if self.fresh is None:
                 write, failed = tier.write(live, False, self.rt)

@@ -316,6 +316,31 @@ async def test_tags_local(local: Any, clock: Clock) -> None:
     assert source.calls[-1] == 2
 
 
+@pytest.mark.parametrize("through", ["parent", "child"])
+async def test_a_subclass_without_meta_shares_its_parents_tags(local: Any, through: str) -> None:
+    """A subclass without a Meta of its own shares its parent's entries (same keys), so its
+    tags too: invalidate_tag and invalidate_node of either class reach the entries either
+    one stored. The child's local entry outlived the parent's invalidate_tag (review 48)."""
+    source = Source()
+    source.data[1] = "v1"
+    Item = make(source, tagged=True)
+
+    class Child(Item):  # type: ignore[valid-type,misc]
+        pass
+
+    assert Child._cacheme_config.tag_space == Item._cacheme_config.tag_space
+    other, invalidated = (Item, Child) if through == "parent" else (Child, Item)
+    assert await cacheme.get(invalidated(1)) == "v1"
+    source.data[1] = "v2"
+    await cacheme.invalidate_tag(other, "a")
+    assert await cacheme.get(other(1)) == "v2"
+    assert await cacheme.get(invalidated(1)) == "v2"
+    source.data[1] = "v3"
+    await cacheme.invalidate_node(other)
+    assert await cacheme.get(invalidated(1)) == "v3"
+    assert source.calls == [1, 1, 1]
+
+
 async def test_tag_invalidation_during_a_load_wins(local: Any) -> None:
     source = Source()
     source.data[1] = "old"
@@ -582,6 +607,31 @@ async def test_a_refresh_overtaken_by_invalidate_tag_of_its_own_tag_returns_a_ne
     source.gates[1].set()
     assert await refreshing == "new"
     assert await cacheme.get(Item(1)) == "new"
+
+
+async def test_a_refresh_detached_by_invalidate_tag_of_another_tag_returns_its_value(
+    local: Any, clock: Clock
+) -> None:
+    """``invalidate_tag`` of a tag the node does not carry detaches the node's flights (no
+    new get joins them) but leaves its entries valid: the refresh's written value stands,
+    and the refresh returns it. It returned the outcome of whatever flight of the key began
+    meanwhile instead: with Redis, a get whose read went out before the refresh's write
+    landed, so the value from before the refresh (review 48). Here that flight is a held
+    load, which the refresh no longer waits for."""
+    source = Gated(0, 1)
+    source.data[1] = "new"
+    Item = make(source, tagged=True)
+    refreshing = asyncio.ensure_future(cacheme.refresh(Item(1, tag="a")))
+    await settle()
+    await cacheme.invalidate_tag(Item, "b")  # not a tag of Item(1)
+    source.data[1] = "got"
+    getting = asyncio.ensure_future(cacheme.get(Item(1, tag="a")))  # a flight of its own
+    await settle()
+    source.gates[0].set()
+    assert await asyncio.wait_for(refreshing, 2) == "new"
+    source.gates[1].set()
+    assert await getting == "got"
+    assert source.calls == [1, 1]
 
 
 @pytest.mark.parametrize("info", [5, "x", [None, 1], []])

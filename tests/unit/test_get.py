@@ -304,6 +304,25 @@ async def test_a_refresh_overtaken_by_a_refresh_that_ended_first_returns_its_val
     assert await cacheme.get(Queued()) == "second"
 
 
+async def test_a_refresh_overtaken_by_one_that_failed_first_raises_its_error() -> None:
+    """Refresh B overtakes A and fails before A's load ends: A wrote nothing, B wrote
+    nothing, so A raises B's error. It returned the value from before both refreshes, as
+    if it had been refreshed (review 48)."""
+    tier("l1").set("cacheme:queued:", "old", None)
+    first_gate, second_gate = gates("first", RuntimeError("the source is down"))
+    first = asyncio.ensure_future(cacheme.refresh(Queued()))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(cacheme.refresh(Queued()))
+    await asyncio.sleep(0)
+    second_gate.set()
+    with pytest.raises(RuntimeError, match="the source is down"):
+        await second
+    first_gate.set()
+    with pytest.raises(RuntimeError, match="the source is down"):
+        await first
+    assert stored("l1", "cacheme:queued:") == ("old", True)  # nothing was written
+
+
 async def test_overlapping_refreshes_of_a_node_without_tiers() -> None:
     """A node with ``Meta.caches = []`` caches nothing, but ``refresh`` works, and one
     refresh overtaken by another does too (no tier to wait for: no error)."""
