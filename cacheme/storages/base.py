@@ -350,6 +350,9 @@ class RemoteStorage(BaseStorage[OptionsT]):
         self._breaker = Breaker()
         self._dead = False  # closed for good (close_storages / replaced)
         self._home: weakref.ref[runtime.Runtime] | None = None  # the loop this driver serves
+        # Held to take the registered object as a loop's driver, or to let it go: two
+        # threads' loops attaching at once must not both take it.
+        self._claim = threading.Lock()
         self._connected = False
         self._connecting: asyncio.Future[None] | None = None
         # Made once: landing keeps it with each write not landed yet (no method object each).
@@ -450,8 +453,12 @@ class RemoteStorage(BaseStorage[OptionsT]):
     def _attach(self, rt: runtime.Runtime) -> RemoteStorage[OptionsT]:
         if self._dead:
             raise StorageError(f"storage {self.name!r} is closed")
-        if self._home is None and self._origin is None:
-            driver = self  # free: the registered object serves this loop
+        with self._claim:
+            free = self._home is None and self._origin is None
+            if free:  # the registered object serves this loop
+                self._home = weakref.ref(rt)
+        if free:
+            driver = self
             self._reset_loop_state()
         else:
             options: Any = self.options  # narrowed to RemoteOptions above; the same object
@@ -459,7 +466,7 @@ class RemoteStorage(BaseStorage[OptionsT]):
             driver._origin = self
             driver._breaker = self._breaker
             driver.stats = self.stats
-        driver._home = weakref.ref(rt)
+            driver._home = weakref.ref(rt)
         rt.instances[self] = driver
         return driver
 
@@ -620,12 +627,13 @@ class RemoteStorage(BaseStorage[OptionsT]):
 
     def drop_loop(self) -> None:
         """Forget the loop this driver served (its connections are closed or abandoned)."""
-        home = self._home() if self._home is not None else None
-        self._home = None
-        self._connected = False
-        if home is not None:
-            origin = self._origin if self._origin is not None else self
-            if home.instances.get(origin) is self:
+        origin = self._origin if self._origin is not None else self
+        with origin._claim:
+            home = self._home() if self._home is not None else None
+            self._connected = False
+            self._home = None  # last: from here another loop may take it (see _attach)
+        if home is not None and home.instances.get(origin) is self:
+            with contextlib.suppress(KeyError):  # another thread's drop_loop of it
                 del home.instances[origin]
 
     def _abandon(self, pending: _Pending[Any, Any]) -> None:

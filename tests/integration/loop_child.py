@@ -189,6 +189,44 @@ def threads(cfg: dict[str, Any], out: dict[str, Any]) -> None:
     out["loads"] = LOADS.get("shared", 0)
 
 
+def threads_attach_at_once(cfg: dict[str, Any], out: dict[str, Any]) -> None:
+    """Four threads, each with its own loop, use the storage for the first time at once,
+    after the registering loop ended (its driver is free). Taking a loop's driver is made
+    slow here (20 ms) to hold open the window in which two loops could both take the free
+    one, which the GIL may otherwise switch threads in: errors and hangs (review 47)."""
+    from cacheme.storages.base import RemoteStorage
+
+    out["first"] = asyncio.run(register_and_use(cfg, ["warm"]))
+    reset = RemoteStorage._reset_loop_state
+
+    def slow_reset(self: Any) -> None:
+        time.sleep(0.02)
+        reset(self)
+
+    RemoteStorage._reset_loop_state = slow_reset  # type: ignore[method-assign]
+    barrier = threading.Barrier(4)
+    results: list[Any] = [None] * 4
+
+    def worker(i: int) -> None:
+        async def go() -> list[dict[str, Any]]:
+            barrier.wait(timeout=BOUND)
+            return [await timed_get(f"attach-{n}") for n in range(5)]
+
+        try:
+            results[i] = asyncio.run(go())
+        except Exception as exc:
+            results[i] = [{"ok": False, "error": describe(exc)}]
+
+    workers = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=3 * BOUND)
+    out["alive"] = [t.is_alive() for t in workers]
+    out["threads"] = [r for rs in results if rs for r in rs]
+    out["total"] = stats()
+
+
 def closed_mid_load(cfg: dict[str, Any], out: dict[str, Any]) -> None:
     """A loop ends while a load is in flight; a later loop gets the key within BOUND."""
     SLOW["by-run"] = SLOW["by-close"] = 30.0
@@ -569,6 +607,7 @@ SCENARIOS: dict[str, Callable[[dict[str, Any], dict[str, Any]], None]] = {
     for f in (
         two_runs,
         threads,
+        threads_attach_at_once,
         closed_mid_load,
         stopped_before_flush,
         fork,

@@ -399,6 +399,19 @@ def test_threads(children: Children, backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", backends(BACKENDS))
+def test_threads_attach_at_once(children: Children, backend: str) -> None:
+    """Four threads' loops take their drivers at once: each gets one of its own (they all
+    took the registered one: 'attached to a different loop' errors, and hangs)."""
+    child = children.get("threads_attach_at_once", backend)
+    r = child.data()
+    child.expect_reads(r["first"], "registering loop")
+    child.expect(not any(r["alive"]), f"threads still running: {r['alive']}")
+    child.expect(len(r["threads"]) == 20, f"{len(r['threads'])} gets answered of 20")
+    child.expect_reads(r["threads"], "the four threads")
+    child.expect_no_storage_errors(r["total"], "the four threads")
+
+
+@pytest.mark.parametrize("backend", backends(BACKENDS))
 def test_closed_mid_load(children: Children, backend: str) -> None:
     """A loop ends while a load is in flight: a new loop gets the key within 5 s."""
     child = children.get("closed_mid_load", backend)
