@@ -105,12 +105,13 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None) -> Any:
             rec.peek_hits += 1  # a request, and a hit of tier 0
             return value
         rec.requests += 1
+        mark = backplane.sequence()  # before the reads: see _copy_forward
         for tier in cfg.front[1:]:
             value = tier.peek(key)
             if value is not MISS:
                 rec.hits += 1
                 rec.tier_hits[tier.index] += 1
-                _copy_forward(cfg, tier.index, key, value)
+                _copy_forward(cfg, tier.index, key, value, mark)
                 return value
     else:
         rec.requests += 1
@@ -174,10 +175,15 @@ async def _by_class(nodes: Sequence[Node]) -> list[Any]:
     return results
 
 
-def _copy_forward(cfg: Config, index: int, key: str, value: Any) -> None:
-    """A front tier after the first had ``key``: copy it into the ones before."""
-    for tier in cfg.front[:index]:
-        tier.write({key: value})
+def _copy_forward(cfg: Config, index: int, key: str, value: Any, mark: int) -> None:
+    """A front tier after the first had ``key``: copy it into the ones before, unless the
+    key changed since ``mark`` (taken before the read: an ``invalidate``, ``refresh`` or
+    backplane drop, in another thread, may have come between the read and this copy)."""
+    with backplane.write_guard:  # see its comment
+        if backplane.changed_since(key, mark):
+            return
+        for tier in cfg.front[:index]:
+            tier.write({key: value})
 
 
 async def get_all(nodes: Sequence[N]) -> list[Any]:
@@ -217,6 +223,7 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
         missed = list(range(len(keys)))
     else:
         missed = []  # positions the front tiers did not answer
+        mark = backplane.sequence()  # before the reads: see _copy_forward
         for i, key in enumerate(keys):
             for tier in front:
                 value = tier.peek(key)
@@ -224,7 +231,7 @@ async def get_all(nodes: Sequence[N]) -> list[Any]:
                     rec.hits += 1
                     rec.tier_hits[tier.index] += 1
                     if tier.index:
-                        _copy_forward(cfg, tier.index, key, value)
+                        _copy_forward(cfg, tier.index, key, value, mark)
                     results[i] = value
                     break
             else:

@@ -446,6 +446,7 @@ def front(cfg: Config, key: str, now: int, due: list[str]) -> tuple[Stamp, int] 
     p = cfg.fresh
     assert p is not None
     tiers = cfg.front
+    mark = backplane.sequence() if len(tiers) > 1 else 0  # see api._copy_forward
     for tier in tiers:
         st = tier.storage.get(key)  # type: ignore[attr-defined]
         if st is MISS:
@@ -465,8 +466,10 @@ def front(cfg: Config, key: str, now: int, due: list[str]) -> tuple[Stamp, int] 
             got = Stamp(st.value, st.written, False, st.tags, st.versions, expires, True)
             due.append(key)
         if tier.index and not got.stale:
-            for earlier in tiers[: tier.index]:
-                _put_local(earlier, p.rule(earlier), key, got, got.versions, now)
+            with backplane.write_guard:  # see its comment
+                if not backplane.changed_since(key, mark):
+                    for earlier in tiers[: tier.index]:
+                        _put_local(earlier, p.rule(earlier), key, got, got.versions, now)
         return got, tier.index
     return None
 

@@ -321,3 +321,80 @@ async def test_quiesce_returns_when_what_is_left_is_done() -> None:
         await asyncio.wait_for(rt.quiesce(5), 10)
     finally:
         rt.tasks.discard(finished)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("stamped", [False, True], ids=["plain", "stamped"])
+@pytest.mark.parametrize("call", ["get", "get_all"])
+def test_a_copy_between_local_tiers_never_undoes_an_invalidate(stamped: bool, call: str) -> None:
+    """Chain [small local, local]: thread B's get misses the first tier, finds the key in the
+    second and copies it forward. Thread A's invalidate between that read and the copy was
+    undone: the old value went back into the first tier, served after invalidate returned
+    (review 47). B is paused right after the second tier answered (a GIL switch there)."""
+
+    async def setup() -> None:
+        await cacheme.register_storage("front", cacheme.Storage(url="local://lru", size=2))
+        await cacheme.register_storage("back", cacheme.Storage(url="local://lru", size=100))
+
+    asyncio.run(setup())
+    source = {"v": 0}
+    extra: dict[str, Any] = {"negative_ttl": timedelta(seconds=5)} if stamped else {}
+
+    class Item(Node):
+        def __init__(self, i: int) -> None:
+            self.i = i
+
+        def key(self) -> str:
+            return f"copy-forward:{self.i}"
+
+        async def load(self) -> int:
+            return source["v"] if self.i == 0 else -1
+
+        Meta = type(
+            "Meta",
+            (Node.Meta,),
+            {
+                "caches": [
+                    Cache(storage="front", ttl=timedelta(seconds=30)),
+                    Cache(storage="back", ttl=timedelta(seconds=60)),
+                ],
+                **extra,
+            },
+        )
+
+    async def warm() -> None:
+        assert await cacheme.get(Item(0)) == 0
+        await cacheme.get(Item(1))
+        await cacheme.get(Item(2))  # the front tier (size 2) lets key 0 go
+
+    asyncio.run(warm())
+    back = cacheme.storages()["back"]
+    read, invalidated = threading.Event(), threading.Event()
+    real_get = back.get  # type: ignore[attr-defined]
+
+    def paused_get(key: str) -> Any:
+        value = real_get(key)
+        if threading.current_thread().name == "B" and key.startswith("cacheme:copy-forward:0"):
+            read.set()
+            invalidated.wait(5)
+        return value
+
+    back.get = paused_get  # type: ignore[attr-defined]
+    try:
+
+        def thread_b() -> None:
+            if call == "get":
+                asyncio.run(cacheme.get(Item(0)))
+            else:
+                asyncio.run(cacheme.get_all([Item(0)]))
+
+        b = threading.Thread(target=thread_b, name="B", daemon=True)
+        b.start()
+        assert read.wait(5)
+        source["v"] = 1
+        asyncio.run(cacheme.invalidate(Item(0)))
+        invalidated.set()
+        b.join(5)
+        assert not b.is_alive()
+    finally:
+        del back.get  # type: ignore[attr-defined]
+    assert asyncio.run(cacheme.get(Item(0))) == 1
