@@ -293,20 +293,35 @@ async def invalidate(node: Node, cfg: Config | None = None) -> None:
         )
     key = full_key(cfg, node)
     _forget_everywhere(key)
-    writes = note_changed(key)
+    # Until the removals landed, no walk writes the key back (see backplane.removing); the
+    # bound holds should _remove never end (its loop closed): its waits and round trips.
+    removal = backplane.begin_removal(key, 1.0 + 3 * max(wait_bound(cfg), 1.0))
+    try:
+        writes = note_changed(key)
+    except BaseException:
+        backplane.end_removal(key, removal)
+        raise
     if not writes:
-        await _remove(cfg, key, writes)  # the removals are queued before this first awaits
+        await _remove(cfg, key, writes, removal)  # the removals are queued before it awaits
         return
     # In a task of the loop, shielded: a caller cancelled while this waits for other loops'
     # writes (a request's timeout) does not call the invalidation off.
-    task = runtime.current().spawn(_remove(cfg, key, writes))
+    task = runtime.current().spawn(_remove(cfg, key, writes, removal))
     # Its error reaches the caller if it still waits (its tier logged it anyway).
     task.add_done_callback(retrieve_outcome)
     await asyncio.shield(task)
 
 
-async def _remove(cfg: Config, key: str, writes: list[landing.Write]) -> None:
-    """``invalidate`` of ``key``, once noted: wait for ``writes``, then remove it everywhere."""
+async def _remove(cfg: Config, key: str, writes: list[landing.Write], removal: float) -> None:
+    """``invalidate`` of ``key``, once noted (``removal``: ``backplane.begin_removal``'s):
+    wait for ``writes``, then remove it everywhere."""
+    try:
+        await _remove_noted(cfg, key, writes)
+    finally:
+        backplane.end_removal(key, removal)
+
+
+async def _remove_noted(cfg: Config, key: str, writes: list[landing.Write]) -> None:
     if writes:
         await landing.wait(key, writes, wait_bound(cfg))
     if cfg.stamped:

@@ -291,6 +291,43 @@ def invalidated_since(key: str, mark: int) -> bool:
     return _forgotten > mark or _changed.get(key, 0) > mark
 
 
+# full key -> the deadlines (time.monotonic()) of this process's invalidations of it under
+# way: see removing.
+_removing: dict[str, list[float]] = {}
+
+
+def begin_removal(key: str, bound: float) -> float:
+    """Note an ``invalidate`` of ``key`` under way, for at most ``bound`` seconds (should it
+    never end: its loop closed); returns the note, for ``end_removal``."""
+    deadline = time.monotonic() + bound
+    with _changes_lock:
+        _removing.setdefault(key, []).append(deadline)
+    return deadline
+
+
+def end_removal(key: str, deadline: float) -> None:
+    """The ``invalidate`` noted by ``begin_removal`` ended."""
+    with _changes_lock:
+        notes = _removing.get(key)
+        if notes is not None:
+            with contextlib.suppress(ValueError):
+                notes.remove(deadline)
+            if not notes:
+                del _removing[key]
+
+
+def removing(key: str) -> bool:
+    """Whether an ``invalidate`` of ``key`` is under way in this process. A walk, of any
+    loop, writes nothing back meanwhile: it may have read a tier whose removal had not landed
+    yet (through its own loop's connection, which the removal's does not order), and its
+    write could land in a tier already emptied (an invalidation made before it began is
+    ``changed_since``'s)."""
+    if not _removing:
+        return False
+    notes = _removing.get(key)
+    return notes is not None and max(notes, default=0.0) > time.monotonic()
+
+
 _changes_lock = threading.Lock()
 # Held around "has the key changed since this walk began? then write it back" and around
 # "note an invalidation, then drop the key from the local tiers", so that, across threads,

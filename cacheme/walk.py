@@ -213,7 +213,7 @@ class KeyWalk(Call):
         # Forgotten by invalidate()/refresh(), or another process invalidated the key since
         # this walk began (the backplane said so): what it read or loaded may be the old
         # value, so it is written nowhere.
-        if self.stale or backplane.changed_since(key, self.mark):
+        if self.stale or backplane.changed_since(key, self.mark) or backplane.removing(key):
             return None, None
         pending: list[tuple[Tier, Awaitable[Any]]] = []
         tiers = self.cfg.tiers
@@ -490,15 +490,18 @@ class Walk:
             return result
 
     def _current(self, key: str, local: bool = True) -> bool:
-        """Whether nothing detached ``key``'s call or changed the key since ``mark``; for a
-        ``refresh``'s write to a shared tier (``local`` false), whether nothing invalidated
-        the key itself (see ``backplane.invalidated_since``)."""
+        """Whether nothing detached ``key``'s call or changed the key since ``mark``, and no
+        ``invalidate`` of it is under way (``backplane.removing``); for a ``refresh``'s write
+        to a shared tier (``local`` false), whether nothing invalidated the key itself (see
+        ``backplane.invalidated_since``)."""
         call = self.calls[key]
         if call.stale:
             return False
-        if not local and type(call) is Reload:
-            return not backplane.invalidated_since(key, self.mark)
-        return not backplane.changed_since(key, self.mark)
+        if type(call) is Reload:  # a refresh begun during an invalidate writes all the same
+            if not local:
+                return not backplane.invalidated_since(key, self.mark)
+            return not backplane.changed_since(key, self.mark)
+        return not (backplane.changed_since(key, self.mark) or backplane.removing(key))
 
     def _note_own(self, keys: list[str]) -> None:
         """Note ``keys`` (current: see ``_current``) as changed by this walk, and take the mark

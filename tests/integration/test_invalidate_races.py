@@ -34,6 +34,7 @@ from tests.services import REDIS_URL, unavailable
 from .backends import BACKENDS, FACTORIES
 
 SOURCE: dict[str, int] = {}
+SQL_AND_MONGO = ["sqlite", "postgres", "mysql", "mongo"]
 every_backend = pytest.mark.parametrize(
     "backend", [pytest.param(b, marks=getattr(pytest.mark, b)) for b in BACKENDS]
 )
@@ -780,5 +781,97 @@ async def test_a_refresh_overtaken_by_one_that_fails_raises_its_error(
             assert await cacheme.get(node_cls()) == 1  # what every tier still holds
             assert await cacheme.refresh(node_cls()) == 2
             assert await cacheme.get(node_cls()) == 2
+        finally:
+            await cacheme.close_storages()
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [pytest.param(b, marks=[pytest.mark.redis, getattr(pytest.mark, b)]) for b in SQL_AND_MONGO],
+)
+async def test_an_invalidate_of_two_remote_tiers_survives_another_threads_get(
+    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chain [redis, backend]: the key is in the backend, no longer in Redis (its shorter TTL
+    ran out). Thread B's get, begun while thread A's invalidate is under way, reads the old
+    value from the backend before A's removal there lands (B's loop has connections of its
+    own, which A's do not order) and wrote it back into Redis after A's removal there: the
+    old value was served for Redis's whole TTL after invalidate returned (review 47). No
+    walk now writes a key back while an invalidate of it is under way in the process.
+
+    The interleaving is fixed: A's backend removal is held 0.3 s, and B's backend read is
+    answered once A's Redis removal landed."""
+    async with (
+        FACTORIES["redis"](tmp_path, "two-remote-front") as front_raw,
+        FACTORIES[backend](tmp_path, f"two-remote-{backend}") as back_raw,
+    ):
+        for name, raw in (("front", front_raw), ("back", back_raw)):
+            options = raw.options.model_dump(exclude_defaults=True)
+            await cacheme.register_storage(name, cacheme.Storage(raw.url, **options))
+        meta = type(
+            "Meta",
+            (Node.Meta,),
+            {
+                "caches": [
+                    Cache(storage="front", ttl=timedelta(minutes=10)),
+                    Cache(storage="back", ttl=timedelta(days=1)),
+                ],
+                "serializer": MsgPackSerializer(),
+            },
+        )
+        node_cls = type("TwoRemote", (Item,), {"Meta": meta, "__module__": __name__})
+        k = f"two-remote-{uuid.uuid4().hex[:8]}"
+        full = f"cacheme:race:{k}:"
+        try:
+            SOURCE[k] = 0
+            assert await cacheme.get(node_cls(k)) == 0
+            await front_raw.remove_many([full])  # Redis's copy expired; the backend has it
+            front_removed = threading.Event()
+            back_cls, front_cls = type(storages()["back"]), type(storages()["front"])
+            real_get, real_remove = back_cls._get_many, back_cls._remove_many
+            real_front_remove = front_cls._remove_many
+
+            async def get_many(self: Any, keys: Any) -> Any:
+                found = await real_get(self, keys)
+                if threading.current_thread().name == "B":
+                    loop = asyncio.get_running_loop()
+                    await loop.run_in_executor(None, front_removed.wait, 3)
+                return found
+
+            async def remove_many(self: Any, keys: Any) -> None:
+                if threading.current_thread().name == "A":
+                    await asyncio.sleep(0.3)
+                await real_remove(self, keys)
+
+            async def front_remove_many(self: Any, keys: Any) -> None:
+                await real_front_remove(self, keys)
+                if threading.current_thread().name == "A":
+                    front_removed.set()
+
+            monkeypatch.setattr(back_cls, "_get_many", get_many)
+            monkeypatch.setattr(back_cls, "_remove_many", remove_many)
+            monkeypatch.setattr(front_cls, "_remove_many", front_remove_many)
+
+            def thread_a() -> None:
+                SOURCE[k] = 1
+                asyncio.run(cacheme.invalidate(node_cls(k)))
+
+            def thread_b() -> None:
+                time.sleep(0.05)  # begins while A's invalidate is under way
+                asyncio.run(cacheme.get(node_cls(k)))
+
+            threads = [
+                threading.Thread(target=thread_a, name="A", daemon=True),
+                threading.Thread(target=thread_b, name="B", daemon=True),
+            ]
+            for t in threads:
+                t.start()
+            loop = asyncio.get_running_loop()
+            for t in threads:
+                await loop.run_in_executor(None, t.join, 10)
+            front_removed.set()
+            assert not any(t.is_alive() for t in threads)
+            monkeypatch.undo()
+            assert await cacheme.get(node_cls(k)) == 1
         finally:
             await cacheme.close_storages()
