@@ -488,6 +488,7 @@ class Pass:
         "policy",
         "refreshing",
         "remote_versions",
+        "revalidating",
         "tagkeys",
         "walk",
     )
@@ -498,12 +499,17 @@ class Pass:
         walk: Walk,
         names: dict[str, tuple[str, ...]] | None,
         refreshing: bool = False,
+        revalidating: bool = False,
     ) -> None:
         assert cfg.fresh is not None
         self.cfg = cfg
         self.policy = cfg.fresh
         self.walk = walk
         self.refreshing = refreshing  # a background reload: failures are not served stale
+        # A background reload of entries found expired (within stale_while_revalidate) in
+        # an earlier tier: a later tier's entry counts only if it is neither expired nor due
+        # for refresh-ahead (see trigger).
+        self.revalidating = revalidating
         self.fallback: dict[str, Stamp] = {}
         self.remote_versions: dict[int, dict[str, Any]] = {}
         self.names = names or {}
@@ -536,8 +542,7 @@ class Pass:
             if st is MISS or (st.tags and not tags.local_valid(st.tags, st.versions)):
                 continue
             _classify(p, rule, key, st, now, found, due, self.fallback)
-        self._due(due)
-        done(found)
+        done(self._served(tier, found, due))
 
     def _read_remote(
         self, tier: RemoteTier, keys: Sequence[str], done: Callable[[Any], None]
@@ -607,15 +612,20 @@ class Pass:
                 if not valid:
                     continue
             _classify(p, rule, key, st, now, found, due, self.fallback)
-        self._due(due)
-        return found
+        return self._served(tier, found, due)
 
-    def _due(self, due: list[str]) -> None:
+    def _served(self, tier: Tier, found: dict[str, Stamp], due: list[str]) -> dict[str, Stamp]:
+        """What of ``found`` (read from ``tier``) the walk takes; starts the background
+        reloads of ``due`` (see ``trigger``)."""
+        if self.revalidating:
+            return {k: st for k, st in found.items() if not st.stale and k not in due}
         if due and not self.refreshing:
             walk = self.walk
-            nodes = {k: walk.nodes[k] for k in due}
             # The walk's context: this runs in whatever task delivered the read.
-            trigger(self.cfg, nodes, self.names, walk.loader, walk.context)
+            for revalidate_from, keys in _by_start(self.cfg, tier.index, found, due).items():
+                nodes = {k: walk.nodes[k] for k in keys}
+                trigger(self.cfg, nodes, self.names, walk.loader, walk.context, revalidate_from)
+        return found
 
     async def read_versions(self) -> None:
         """Read the current tag versions of every remote tier (a reload reads no entry)."""
@@ -751,16 +761,36 @@ class Pass:
 # -- refresh-ahead ---------------------------------------------------------------------------
 
 
+def _by_start(
+    cfg: Config, index: int, found: dict[str, Stamp], due: Iterable[str]
+) -> dict[int | None, list[str]]:
+    """``due`` keys (found in tier ``index``) by where their background reload starts
+    (``trigger``'s ``revalidate_from``)."""
+    out: dict[int | None, list[str]] = {}
+    for key in due:
+        start = index + 1 if found[key].stale and index + 1 < len(cfg.tiers) else None
+        out.setdefault(start, []).append(key)
+    return out
+
+
 def trigger(
     cfg: Config,
     nodes: dict[str, Node],
     names: dict[str, tuple[str, ...]] | None,
     loader: Loader | None,
     context: Context | None = None,
+    revalidate_from: int | None = None,
 ) -> None:
     """Start one background reload of ``nodes`` (by key) that are not being reloaded, in a
     copy of ``context`` (the context of the caller whose get found them due; by default the
-    running code's), outside any load."""
+    running code's), outside any load.
+
+    ``revalidate_from``: the entries were found expired (within ``stale_while_revalidate``)
+    in a tier before this one: the reload first reads the tiers from there on, and takes an
+    entry neither expired nor due for refresh-ahead (copying it into the tiers before, as a
+    get would) instead of loading, since a later tier often keeps a fresh copy longer (a
+    local tier of 30 s before Redis). Otherwise, and for what those tiers lack, it loads.
+    """
     rt = runtime.current()
     table = rt.refreshing
     todo = {k: n for k, n in nodes.items() if k not in table}
@@ -770,7 +800,9 @@ def trigger(
     table.update(calls)
     cfg.stats.refreshes += len(todo)
     # No load waits for it, even when a load's get triggered it (see flight.refuse_cycle).
-    task = rt.spawn(_refresh(cfg, rt, todo, calls, names, loader), outside_loads(context))
+    task = rt.spawn(
+        _refresh(cfg, rt, todo, calls, names, loader, revalidate_from), outside_loads(context)
+    )
     # Also when the task is cancelled before its first step (its finally never runs): the
     # keys would stay marked as being reloaded, and never be reloaded again in this loop.
     task.add_done_callback(lambda _: _leave(rt, calls))
@@ -790,6 +822,7 @@ async def _refresh(
     calls: dict[str, Call],
     names: dict[str, tuple[str, ...]] | None,
     loader: Loader | None,
+    revalidate_from: int | None,
 ) -> None:
     from .walk import Walk
 
@@ -799,9 +832,14 @@ async def _refresh(
         walk = Walk(cfg, rt, nodes, calls, loader)
         if names is not None:
             names = {k: names[k] for k in nodes if k in names}
-        state = walk.fresh = Pass(cfg, walk, names, refreshing=True)
+        revalidating = revalidate_from is not None
+        state = walk.fresh = Pass(cfg, walk, names, refreshing=True, revalidating=revalidating)
         await state.read_versions()
-        walk.reload(announce=False)
+        if revalidate_from is None:
+            walk.reload(announce=False)
+        else:  # read the later tiers first; load what they do not have fresh
+            walk.index = revalidate_from
+            walk.start()
         outcomes = await asyncio.gather(*waiters, return_exceptions=True)
         failed = [o for o in outcomes if isinstance(o, BaseException)]
         written = [k for k, c in calls.items() if not c.stale]
@@ -871,7 +909,8 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None, key: str) -> Any
         if st.negative:
             rec.negative_hits += 1
         if due:
-            trigger(cfg, {key: node}, tag_names(cfg, {key: node}), loader)
+            start = index + 1 if st.stale and index + 1 < len(cfg.tiers) else None
+            trigger(cfg, {key: node}, tag_names(cfg, {key: node}), loader, None, start)
         return unwrap(cfg, st)
     rt = runtime.current()
     flights = rt.flights
@@ -906,8 +945,10 @@ async def get_all(nodes: list[Node], cfg: Config, keys: list[str]) -> list[Any]:
     stamps: list[Any] = [None] * len(nodes)
     pending: dict[str, list[int]] = {}
     due: list[str] = []
+    starts: dict[int | None, list[str]] = {}  # the due keys, by trigger's revalidate_from
     now = now_ms()
     for i, key in enumerate(keys):
+        seen = len(due)
         hit = front(cfg, key, now, due)
         if hit is None:
             pending.setdefault(key, []).append(i)
@@ -918,10 +959,13 @@ async def get_all(nodes: list[Node], cfg: Config, keys: list[str]) -> list[Any]:
         if st.negative:
             rec.negative_hits += 1
         stamps[i] = st
-    if due:
-        wanted = set(due)
+        if len(due) > seen:
+            for start, ks in _by_start(cfg, index, {key: st}, due[seen:]).items():
+                starts.setdefault(start, []).extend(ks)
+    for start, due_keys in starts.items():
+        wanted = set(due_keys)
         by_key = {k: n for k, n in zip(keys, nodes, strict=True) if k in wanted}
-        trigger(cfg, by_key, tag_names(cfg, by_key), None)
+        trigger(cfg, by_key, tag_names(cfg, by_key), None, None, start)
     if pending:
         rt = runtime.current()
         names = tag_names(cfg, {k: nodes[where[0]] for k, where in pending.items()})

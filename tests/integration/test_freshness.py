@@ -231,6 +231,38 @@ async def test_stale_while_revalidate(backend: Backend, clock: Clock) -> None:
     assert source.calls == [1, 1]
 
 
+async def test_stale_while_revalidate_reads_a_later_remote_tier_before_loading(
+    backend: Backend, clock: Clock, tmp_path: Path
+) -> None:
+    """[remote 100 ms, SQLite 1 h]: the remote entry expired (within the grace) is served, and
+    the background reload takes SQLite's fresh copy instead of loading (review 48)."""
+    from cacheme import schemas
+
+    url = f"sqlite:///{tmp_path / 'later.db'}"
+    await schemas.create(url)
+    await cacheme.register_storage("later", cacheme.Storage(url=url))
+    source = Source()
+    source.data[1] = "v1"
+    Item = make(
+        source,
+        (),
+        caches=[
+            cacheme.Cache(storage="remote", ttl=timedelta(milliseconds=100)),
+            cacheme.Cache(storage="later", ttl=timedelta(hours=1)),
+        ],
+        stale_while_revalidate=timedelta(seconds=30),
+    )
+    assert await cacheme.get(Item(1)) == "v1"
+    source.data[1] = "v2"
+    clock.advance(0.15)
+    assert await cacheme.get(Item(1)) == "v1"
+    await settle()
+    assert source.calls == [1]
+    assert cacheme.stats(Item).refresh_count() == 1
+    assert await cacheme.get(Item(1)) == "v1"  # the remote tier's copy is fresh again
+    assert cacheme.stats(Item).tier_hits["remote"] >= 1
+
+
 async def test_stale_if_error_after_a_restart(backend: Backend, clock: Clock) -> None:
     source = Source()
     source.data[1] = "kept"

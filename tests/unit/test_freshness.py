@@ -298,6 +298,48 @@ async def test_not_found_exception_is_cached(local: Any, clock: Clock) -> None:
     assert calls == [1, 1]
 
 
+@pytest.mark.parametrize("call", ["get", "get_all"])
+async def test_stale_while_revalidate_reads_a_later_tier_before_loading(
+    local: Any, clock: Clock, call: str
+) -> None:
+    """[local 100 ms, local2 1 h] with stale_while_revalidate: once the first tier's entry
+    expires, the stale value is served and the background reload takes the later tier's
+    fresh copy instead of loading; it loads only once the later tier's entry expires too.
+    It loaded every time the first tier expired (review 48)."""
+    await cacheme.register_storage("local2", cacheme.Storage(url="local://lru", size=100))
+    source = Source()
+    source.data[1] = "v1"
+    Item = make(
+        source,
+        caches=[
+            cacheme.Cache(storage="local", ttl=timedelta(milliseconds=100)),
+            cacheme.Cache(storage="local2", ttl=timedelta(hours=1)),
+        ],
+        stale_while_revalidate=timedelta(seconds=10),
+    )
+
+    async def get() -> Any:
+        if call == "get":
+            return await cacheme.get(Item(1))
+        return (await cacheme.get_all([Item(1)]))[0]
+
+    assert await get() == "v1"
+    source.data[1] = "v2"
+    clock.advance(0.15)  # the first tier's entry expired; the second one's is fresh
+    assert await get() == "v1"  # the stale copy, at once
+    await settle()
+    assert source.calls == [1]  # no load: the second tier had it
+    assert cacheme.stats(Item).refresh_count() == 1
+    before = cacheme.stats(Item).tier_hits["local"]
+    assert await get() == "v1"
+    assert cacheme.stats(Item).tier_hits["local"] == before + 1  # fresh in the first again
+    clock.advance(3600)  # now both expired, within the grace: the reload loads
+    assert await get() == "v1"
+    await settle()
+    assert source.calls == [1, 1]
+    assert await get() == "v2"
+
+
 async def test_tags_local(local: Any, clock: Clock) -> None:
     source = Source()
     Item = make(source, tagged=True, negative_ttl=timedelta(seconds=1))
