@@ -84,11 +84,25 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
         name, eq, value = item.partition("=")
         if not eq or not name:
             raise _Exit(EXIT_USAGE, f"--option takes NAME=VALUE, got {item!r}")
-        options[name.strip()] = _option_value(value)
+        name = name.strip()
+        if name == "url":
+            raise _Exit(
+                EXIT_USAGE,
+                f"--option {item!r}: 'url' is not a storage option; give the storage URL "
+                f"as the URL argument",
+            )
+        options[name] = _option_value(value)
     for name in ("table", "database", "collection"):
         value = getattr(args, name, None)
-        if value is not None:
-            options[name] = value
+        if value is None:
+            continue
+        if name in options and options[name] != value:
+            raise _Exit(
+                EXIT_USAGE,
+                f"--{name} {value!r} and --option {name}={options[name]!r} disagree; "
+                f"give one of them",
+            )
+        options[name] = value
     return options
 
 
@@ -106,14 +120,16 @@ def _add_storage_arguments(parser: argparse.ArgumentParser) -> None:
         "--option",
         action="append",
         metavar="NAME=VALUE",
-        help="any other storage option, e.g. -o cluster=true (repeatable)",
+        help="any other storage option, e.g. -o cluster=true or -o timeout=5 (the storage's "
+        "own timeout, per operation) (repeatable)",
     )
     parser.add_argument(
         "--timeout",
         type=float,
         default=10.0,
         metavar="SECONDS",
-        help="give up on a server that does not answer within this (default 10)",
+        help="give up on a server that does not answer within this, per step of the command "
+        "(default 10)",
     )
 
 
@@ -126,7 +142,9 @@ def _cmd_schema_create(args: argparse.Namespace) -> int:
     # MySQL notes "table already exists" for CREATE ... IF NOT EXISTS: expected here.
     logging.getLogger("asyncmy").setLevel(logging.ERROR)
     options = _storage_options(args)
-    for line in asyncio.run(schemas.create(args.url, timeout=args.timeout, **options)):
+    for line in asyncio.run(
+        schemas.create(args.url, timeout=args.timeout, storage_options=options)
+    ):
         print(line)
     return EXIT_OK
 
@@ -163,13 +181,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
         # app setting: the URL and the options given are still validated (a stand-in size
         # when none is given), so a typo exits 2.
         options.setdefault("size", 1)
-        asyncio.run(schemas.check(args.url, timeout=args.timeout, **options))
+        asyncio.run(schemas.check(args.url, timeout=args.timeout, storage_options=options))
         print(
             f"{args.url}: ok: local storages live in the memory of each process that "
             "registers them; there is nothing to check"
         )
         return EXIT_OK
-    report = asyncio.run(schemas.check(args.url, timeout=args.timeout, **options))
+    report = asyncio.run(schemas.check(args.url, timeout=args.timeout, storage_options=options))
     for line in report.ok:
         print(f"ok: {line}")
     for line in report.problems:
