@@ -13,7 +13,8 @@ Exit codes (for scripts):
 - 0: done; for ``check``, the storage is reachable and its schema is right (a ``local://``
   URL has nothing to check: it exits 0 once the URL and options are valid).
 - 1: the operation failed: the server is unreachable or refused, the schema is missing or
-  wrong (``check``), the module raised while importing, or FUNCTION raised.
+  wrong (``check``), the module raised while importing, or FUNCTION raised; also when
+  standard output is closed before all was written (piped into ``head``), quietly.
 - 2: usage error: bad arguments, an unknown scheme, a bad URL or option, a missing driver
   (``pip install "cacheme[...]"``), a module that does not exist.
 - 130: interrupted (Ctrl-C).
@@ -30,6 +31,7 @@ import importlib
 import inspect
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -212,7 +214,7 @@ def _import(module_name: str) -> Any:
         if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
             raise _Exit(EXIT_USAGE, f"no module named {module_name!r}") from exc
         raise _Exit(EXIT_FAILED, f"importing {module_name!r} failed: {exc}") from exc
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, BrokenPipeError):
         raise
     except BaseException as exc:
         raise _Exit(
@@ -398,7 +400,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             raise _Exit(EXIT_USAGE, f"{module_name} has no function {function_name!r}")
         try:
             asyncio.run(_run_watching(function, args.watch, args.json))
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit, BrokenPipeError):
             raise
         except BaseException as exc:
             _print_stats(args.json)
@@ -508,7 +510,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.handler(args)
+        sys.stdout.flush()  # output still buffered meets a closed pipe here, not at exit
         return code
+    except BrokenPipeError:
+        return _output_closed()
     except _Exit as exc:
         print(f"cacheme: {exc}", file=sys.stderr)
         return exc.code
@@ -521,6 +526,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cacheme: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _output_closed() -> int:
+    """Standard output's reader went away (``cacheme stats ... | head``): stop quietly, with
+    no traceback. Python flushes standard output once more at exit, which would fail again
+    and print "Exception ignored": what is left goes to the null device instead."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, sys.stdout.fileno())
+        finally:
+            os.close(null)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a test's capture)
+        pass
+    return EXIT_FAILED
 
 
 def run() -> NoReturn:

@@ -448,3 +448,46 @@ def test_stats_function_that_raises_exits_1(app: Path) -> None:
     result = cli("stats", f"{app.name}:broken", cwd=app.parent)
     assert result.returncode == 1
     assert "raised RuntimeError: the workload failed" in result.stderr
+
+
+# -- a reader that goes away (``| head``) ---------------------------------------------------
+
+
+def cli_output_closed(*args: str, cwd: Path) -> tuple[int, str]:
+    """``python -m cacheme ARGS`` whose standard output is closed before it writes anything
+    (what ``| head -1`` does once it has its line): the exit code and standard error."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(cwd)])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cacheme", *args],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    try:
+        err = proc.stderr.read()
+        return proc.wait(timeout=60), err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["stats", "{app}:main", "--watch", "0.05", "--json"],
+        ["stats", "{app}:main", "--watch", "0.05"],
+        ["stats", "{app}"],
+        ["nodes", "{app}"],
+        ["nodes", "{app}", "--json"],
+        ["schema", "show", "postgresql"],
+        ["schema", "show", "mysql", "--table", "t"],
+        ["schema", "create", "sqlite:///{tmp}/cache.db"],
+        ["check", "local://tlfu"],
+    ],
+)
+def test_closed_output_exits_quietly(args: list[str], app: Path) -> None:
+    # `cacheme stats ... --json --watch 1 | head -3` printed two BrokenPipeError tracebacks.
+    args = [a.format(app=app.name, tmp=app.parent) for a in args]
+    code, err = cli_output_closed(*args, cwd=app.parent)
+    assert err == "", err
+    assert code == 1
