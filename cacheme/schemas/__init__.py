@@ -203,6 +203,7 @@ async def _create(kind: str, url: str, backend: Any) -> list[str]:
         from ..storages.sqlite import database_of
 
         path = database_of(url)
+        await _sqlite_path_ok(url, path)
         try:
             await asyncio.to_thread(_run_sqlite, path, statements)
         except sqlite3.Error as exc:
@@ -212,6 +213,16 @@ async def _create(kind: str, url: str, backend: Any) -> list[str]:
         for statement in statements:
             await run(statement, ())
     return done
+
+
+async def _sqlite_path_ok(url: str, path: str) -> None:
+    """``StorageMisconfiguredError`` when ``path`` cannot be the database file of a SQLite
+    tier (a missing directory, say), as ``register_storage`` refuses it."""
+    from ..storages.sqlite import path_problem
+
+    problem = await asyncio.to_thread(path_problem, path)
+    if problem is not None:
+        raise StorageMisconfiguredError(f"{shown(url)}: SQLite database {path}: {problem}")
 
 
 def _run_sqlite(path: str, statements: list[str]) -> None:
@@ -376,6 +387,7 @@ async def _check_schema(kind: str, url: str, backend: Any, report: CheckReport) 
         from ..storages.sqlite import database_of
 
         path = database_of(url)
+        await _sqlite_path_ok(url, path)
         if not await asyncio.to_thread(os.path.exists, path):
             report.problems.append(
                 f"SQLite database file {path} does not exist; create it and the table with: "

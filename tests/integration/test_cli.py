@@ -176,6 +176,16 @@ async def test_schemas_take_storage_options_as_a_mapping(tmp_path: Path) -> None
         await schemas.create(url, storage_options={"url": url})
 
 
+def test_sqlite_missing_directory_is_a_bad_url(tmp_path: Path) -> None:
+    # check reported "does not exist; create it with cacheme schema create", which failed.
+    url = f"sqlite:///{tmp_path}/nodir/cache.db"
+    for args in (["check", url], ["schema", "create", url]):
+        result = cli(*args)
+        assert result.returncode == 2, (result.stdout, result.stderr)
+        assert f"the directory {tmp_path}/nodir does not exist" in result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+
+
 def test_sqlite_check_finds_a_wrong_table(tmp_path: Path) -> None:
     path = tmp_path / "cache.db"
     with sqlite3.connect(path) as db:
