@@ -65,22 +65,22 @@ def utc_text(moment: datetime) -> str:
     return moment.strftime(_TIME_FORMAT)
 
 
-def database_of(url: str) -> str:
-    """The file that a ``sqlite://`` URL names."""
+def database_of(url: str, name: str | None = None) -> str:
+    """The file that a ``sqlite://`` URL names (errors name the storage ``name`` if given)."""
     parts = urlsplit(url)
+    where = f"SQLite URL {redact(url)!r}" if name is None else f"storage {name!r} ({redact(url)})"
     if parts.netloc:
         raise ConfigurationError(
-            f"SQLite URL {redact(url)!r} names a host; use sqlite:///relative/path.db or "
-            f"sqlite:////absolute/path.db"
+            f"{where} names a host; use sqlite:///relative/path.db or sqlite:////absolute/path.db"
         )
     if parts.query or parts.fragment:
-        raise StorageMisconfiguredError(f"SQLite URL {redact(url)!r}: no query or fragment allowed")
+        raise StorageMisconfiguredError(f"{where}: no URL query parameter or fragment is accepted")
     path = unquote(parts.path)
     if path.startswith("/"):
         path = path[1:]  # sqlite:///rel -> "rel"; sqlite:////abs -> "/abs"
     if not path or path == ":memory:" or path.startswith("file:"):
         raise ConfigurationError(
-            f"SQLite URL {redact(url)!r} must name a database file, like "
+            f"{where} must name a database file, like "
             f"sqlite:///relative/path.db or sqlite:////absolute/path.db (an in-memory "
             f"database would have no table; use a local:// tier for an in-process cache)"
         )
@@ -244,7 +244,7 @@ class SQLiteStorage(SQLStorage[SQLiteOptions]):
         super().__init__(name, url, options)
         # Resolved once, here (registration): every event loop's driver opens this file,
         # whatever the working directory is when that loop first uses the storage.
-        self.database = os.path.abspath(database_of(url))
+        self.database = os.path.abspath(database_of(url, name))
         self._db: aiosqlite.Connection | None = None
         t = f'"{self.table}"'
         self._select = f'SELECT "key", "value" FROM {t} WHERE ("expire" IS NULL OR "expire" > ?)'
