@@ -13,7 +13,8 @@ Exit codes (for scripts):
 - 0: done; for ``check``, the storage is reachable and its schema is right (a ``local://``
   URL has nothing to check: it exits 0 once the URL and options are valid).
 - 1: the operation failed: the server is unreachable or refused, the schema is missing or
-  wrong (``check``), the module raised while importing, or FUNCTION raised.
+  wrong (``check``), the module raised while importing, or FUNCTION raised; also when
+  standard output is closed before all was written (piped into ``head``), quietly.
 - 2: usage error: bad arguments, an unknown scheme, a bad URL or option, a missing driver
   (``pip install "cacheme[...]"``), a module that does not exist.
 - 130: interrupted (Ctrl-C).
@@ -30,6 +31,7 @@ import importlib
 import inspect
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -84,11 +86,25 @@ def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
         name, eq, value = item.partition("=")
         if not eq or not name:
             raise _Exit(EXIT_USAGE, f"--option takes NAME=VALUE, got {item!r}")
-        options[name.strip()] = _option_value(value)
+        name = name.strip()
+        if name == "url":
+            raise _Exit(
+                EXIT_USAGE,
+                f"--option {item!r}: 'url' is not a storage option; give the storage URL "
+                f"as the URL argument",
+            )
+        options[name] = _option_value(value)
     for name in ("table", "database", "collection"):
         value = getattr(args, name, None)
-        if value is not None:
-            options[name] = value
+        if value is None:
+            continue
+        if name in options and options[name] != value:
+            raise _Exit(
+                EXIT_USAGE,
+                f"--{name} {value!r} and --option {name}={options[name]!r} disagree; "
+                f"give one of them",
+            )
+        options[name] = value
     return options
 
 
@@ -106,14 +122,16 @@ def _add_storage_arguments(parser: argparse.ArgumentParser) -> None:
         "--option",
         action="append",
         metavar="NAME=VALUE",
-        help="any other storage option, e.g. -o cluster=true (repeatable)",
+        help="any other storage option, e.g. -o cluster=true or -o timeout=5 (the storage's "
+        "own timeout, per operation) (repeatable)",
     )
     parser.add_argument(
         "--timeout",
         type=float,
         default=10.0,
         metavar="SECONDS",
-        help="give up on a server that does not answer within this (default 10)",
+        help="give up on a server that does not answer within this, per step of the command "
+        "(default 10)",
     )
 
 
@@ -126,7 +144,9 @@ def _cmd_schema_create(args: argparse.Namespace) -> int:
     # MySQL notes "table already exists" for CREATE ... IF NOT EXISTS: expected here.
     logging.getLogger("asyncmy").setLevel(logging.ERROR)
     options = _storage_options(args)
-    for line in asyncio.run(schemas.create(args.url, timeout=args.timeout, **options)):
+    for line in asyncio.run(
+        schemas.create(args.url, timeout=args.timeout, storage_options=options)
+    ):
         print(line)
     return EXIT_OK
 
@@ -163,13 +183,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
         # app setting: the URL and the options given are still validated (a stand-in size
         # when none is given), so a typo exits 2.
         options.setdefault("size", 1)
-        asyncio.run(schemas.check(args.url, timeout=args.timeout, **options))
+        asyncio.run(schemas.check(args.url, timeout=args.timeout, storage_options=options))
         print(
             f"{args.url}: ok: local storages live in the memory of each process that "
             "registers them; there is nothing to check"
         )
         return EXIT_OK
-    report = asyncio.run(schemas.check(args.url, timeout=args.timeout, **options))
+    report = asyncio.run(schemas.check(args.url, timeout=args.timeout, storage_options=options))
     for line in report.ok:
         print(f"ok: {line}")
     for line in report.problems:
@@ -194,7 +214,7 @@ def _import(module_name: str) -> Any:
         if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
             raise _Exit(EXIT_USAGE, f"no module named {module_name!r}") from exc
         raise _Exit(EXIT_FAILED, f"importing {module_name!r} failed: {exc}") from exc
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit, BrokenPipeError):
         raise
     except BaseException as exc:
         raise _Exit(
@@ -380,7 +400,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
             raise _Exit(EXIT_USAGE, f"{module_name} has no function {function_name!r}")
         try:
             asyncio.run(_run_watching(function, args.watch, args.json))
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit, BrokenPipeError):
             raise
         except BaseException as exc:
             _print_stats(args.json)
@@ -490,7 +510,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code: int = args.handler(args)
+        sys.stdout.flush()  # output still buffered meets a closed pipe here, not at exit
         return code
+    except BrokenPipeError:
+        return _output_closed()
     except _Exit as exc:
         print(f"cacheme: {exc}", file=sys.stderr)
         return exc.code
@@ -503,6 +526,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cacheme: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _output_closed() -> int:
+    """Standard output's reader went away (``cacheme stats ... | head``): stop quietly, with
+    no traceback. Python flushes standard output once more at exit, which would fail again
+    and print "Exception ignored": what is left goes to the null device instead."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, sys.stdout.fileno())
+        finally:
+            os.close(null)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a test's capture)
+        pass
+    return EXIT_FAILED
 
 
 def run() -> NoReturn:

@@ -62,7 +62,9 @@ class StorageUnavailableError(StorageError):
 
 class StorageMisconfiguredError(StorageError, ConfigurationError):
     """The server answered, and refused the storage's settings: an unknown database, role or
-    password, a database number out of range, a missing cache table. Raised by
+    password, a database number out of range, a missing cache table; or a setting found
+    wrong without asking a server (a URL query option the driver does not take, a SQLite
+    path that cannot be the database file: its directory is missing, say). Raised by
     ``register_storage`` even when the storage fails open (waiting would not help)."""
 
 

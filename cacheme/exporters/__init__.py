@@ -16,8 +16,10 @@ trips and has no breaker).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ..errors import MissingDriverError
 from ..metrics import StatsSnapshot, StorageSnapshot, negative_hits, tier_hits
 from ..stats import NodeStats
 
@@ -32,8 +34,27 @@ __all__ = [
     "NodeMetric",
     "StorageMetric",
     "hits_by_tier",
+    "needs_extra",
     "remote_storages",
 ]
+
+
+@contextmanager
+def needs_extra(exporter: str, extra: str) -> Iterator[None]:
+    """``with needs_extra(__name__, "prometheus"): import ...``: an exporter's driver that is
+    not installed is a ``MissingDriverError`` naming the exporter, the missing package and
+    the pip command, as a storage's driver is (a bare ``ModuleNotFoundError`` said none of
+    that)."""
+    try:
+        yield
+    except ImportError as exc:
+        if exc.name is None or exc.name.split(".")[0] == "cacheme":
+            raise
+        raise MissingDriverError(
+            f"{exporter} needs the package {exc.name!r}, which is not installed: "
+            f'pip install "cacheme[{extra}]"'
+        ) from exc
+
 
 # The tier label of hits a core without per-tier counts cannot attribute to a tier.
 UNKNOWN_TIER = "unknown"

@@ -42,14 +42,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from opentelemetry.metrics import (
-    CallbackOptions,
-    Meter,
-    MeterProvider,
-    Observation,
-    get_meter,
-)
-
 from ..metrics import snapshot
 from . import (
     HITS_DESCRIPTION,
@@ -60,8 +52,18 @@ from . import (
     NodeMetric,
     StorageMetric,
     hits_by_tier,
+    needs_extra,
     remote_storages,
 )
+
+with needs_extra(__name__, "otel"):
+    from opentelemetry.metrics import (
+        CallbackOptions,
+        Meter,
+        MeterProvider,
+        Observation,
+        get_meter,
+    )
 
 __all__ = ["METER_NAME", "Registration", "register"]
 

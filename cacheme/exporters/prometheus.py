@@ -43,10 +43,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import REGISTRY, CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
 from ..metrics import StatsSnapshot, snapshot
 from . import (
     HITS_DESCRIPTION,
@@ -54,8 +50,14 @@ from . import (
     NODE_METRICS,
     STORAGE_METRICS,
     hits_by_tier,
+    needs_extra,
     remote_storages,
 )
+
+with needs_extra(__name__, "prometheus"):
+    from prometheus_client import REGISTRY, CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+    from prometheus_client.registry import Collector
 
 __all__ = ["CachemeCollector", "register"]
 

@@ -21,14 +21,16 @@ the async context manager it returns. Nothing here imports FastAPI or Starlette.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar
 
-from ..errors import ConfigurationError, StorageError
+from ..errors import ConfigurationError, StorageError, StorageMisconfiguredError
 from ..storages.base import RemoteOptions
 from ..storages.registry import Storage, close_storages, register_storage
+from ..storages.url import redact
 
 __all__ = ["Lifespan", "cacheme_lifespan"]
 
@@ -58,9 +60,12 @@ def cacheme_lifespan(
     app registered itself.
 
     Raises ``ConfigurationError`` at once if ``storages`` is not a mapping of non-empty
-    names to ``cacheme.Storage``; at start-up, whatever ``register_storage`` raises
-    (``ConfigurationError``, ``MissingDriverError``, ``StorageError``) makes the app fail to
-    start.
+    names to ``cacheme.Storage``, or ``app_lifespan`` is not callable or is a bare
+    (async) generator function; at start-up, errors of the schema step name the storage as
+    ``register_storage``'s do (a setting the server or the file system refuses,
+    ``StorageMisconfiguredError``, stops the start-up even failing open), and whatever
+    ``register_storage`` raises (``ConfigurationError``, ``MissingDriverError``,
+    ``StorageError``) makes the app fail to start.
     """
     if not isinstance(storages, Mapping):
         raise ConfigurationError(
@@ -72,6 +77,7 @@ def cacheme_lifespan(
                 f"cacheme_lifespan: {name!r}: {storage!r} must be a non-empty name and a "
                 f"cacheme.Storage"
             )
+    _check_app_lifespan(app_lifespan)
     wanted = dict(storages)
 
     @asynccontextmanager
@@ -85,12 +91,35 @@ def cacheme_lifespan(
             if app_lifespan is None:
                 yield None
             else:
-                async with app_lifespan(app) as state:
+                entered = app_lifespan(app)
+                if not (hasattr(entered, "__aenter__") and hasattr(entered, "__aexit__")):
+                    raise ConfigurationError(
+                        f"cacheme_lifespan: app_lifespan {app_lifespan!r} returned "
+                        f"{entered!r}, not an async context manager"
+                    )
+                async with entered as state:
                     yield state
         finally:
             await close_storages()
 
     return lifespan
+
+
+def _check_app_lifespan(app_lifespan: object) -> None:
+    """``ConfigurationError`` for an ``app_lifespan`` that cannot be a lifespan, when the app
+    is built rather than when it starts."""
+    if app_lifespan is None:
+        return
+    if not callable(app_lifespan):
+        raise ConfigurationError(
+            f"cacheme_lifespan: app_lifespan must be a lifespan (a callable that takes the app "
+            f"and returns an async context manager), got {app_lifespan!r}"
+        )
+    if inspect.isasyncgenfunction(app_lifespan) or inspect.isgeneratorfunction(app_lifespan):
+        raise ConfigurationError(
+            f"cacheme_lifespan: app_lifespan {app_lifespan!r} is a generator function; "
+            f"decorate it with @contextlib.asynccontextmanager"
+        )
 
 
 async def _create_schema(name: str, storage: Storage) -> None:
@@ -102,14 +131,21 @@ async def _create_schema(name: str, storage: Storage) -> None:
 
     if schemas.schema_kind(storage.url) is None:
         return
+    # Every option checked first, under the storage's own name (schemas.create names none).
+    storage.build(name)
     options = storage.options
     where = {k: v for k, v in options.items() if k in ("table", "database", "collection")}
     timeout = options.get("timeout", RemoteOptions.model_fields["timeout"].default)
     try:
         await schemas.create(storage.url, timeout=timeout, **where)
     except StorageError as exc:
-        if options.get("fail_open", True) is False:
-            raise
+        misconfigured = isinstance(exc, StorageMisconfiguredError)
+        if misconfigured or options.get("fail_open", True) is False:
+            # The storage's name, as register_storage's errors give it.
+            text = str(exc).removeprefix(f"{schemas.shown(storage.url)}: ")
+            raise type(exc)(
+                f"storage {name!r} ({redact(storage.url)}): could not create its schema: {text}"
+            ) from exc
         logger.warning(
             "cacheme: storage %r: could not create its schema (%s); starting without it "
             "(fail_open): create it with `cacheme schema create` once the server answers",

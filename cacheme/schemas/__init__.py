@@ -25,6 +25,7 @@ import json
 import os
 import re
 import sqlite3
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -134,6 +135,26 @@ def _backend(url: str, options: dict[str, Any]) -> BaseStorage[Any]:
     return Storage(url, **options).build("cacheme-cli")
 
 
+def _merged(mapping: Mapping[str, Any] | None, options: dict[str, Any]) -> dict[str, Any]:
+    """The storage options given as a mapping and as keywords; a name given both ways is a
+    ``ConfigurationError`` (which of the two was meant cannot be told)."""
+    if mapping is None:
+        return options
+    if not isinstance(mapping, Mapping):
+        raise ConfigurationError(f"storage_options must be a mapping, got {mapping!r}")
+    if "url" in mapping:
+        raise ConfigurationError(
+            "storage_options: 'url' is not a storage option; the URL is the first argument"
+        )
+    both = sorted(set(mapping) & set(options))
+    if both:
+        raise ConfigurationError(
+            f"storage option(s) {', '.join(map(repr, both))} given both in storage_options "
+            f"and as keywords"
+        )
+    return {**mapping, **options}
+
+
 def _unreachable(url: str, exc: BaseException) -> StorageError:
     text = scrub(f"{type(exc).__name__}: {exc}", url)
     return StorageError(f"{shown(url)}: cannot connect: {text}")
@@ -142,13 +163,21 @@ def _unreachable(url: str, exc: BaseException) -> StorageError:
 # -- create -------------------------------------------------------------------------------
 
 
-async def create(url: str, *, timeout: float = 10.0, **options: Any) -> list[str]:
+async def create(
+    url: str,
+    *,
+    timeout: float = 10.0,
+    storage_options: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> list[str]:
     """Create the table (or collection) and indexes that the storage at ``url`` needs.
 
     ``options`` are the storage's (``table=`` for SQL, ``database=`` / ``collection=`` for
-    MongoDB) and are validated as ``cacheme.Storage`` does. ``timeout`` bounds the whole
-    operation, in seconds. Returns one line per step done. Raises ``ConfigurationError``
-    for a URL without a schema (``redis://``, ``local://``) or a bad option,
+    MongoDB) and are validated as ``cacheme.Storage`` does; ``storage_options`` takes them
+    as a mapping too, for a name that is also a parameter here (the storage's own
+    ``timeout``). ``timeout`` bounds the whole operation, in seconds. Returns one line per
+    step done. Raises ``ConfigurationError`` for a URL without a schema (``redis://``,
+    ``local://``) or a bad option,
     ``MissingDriverError``, or ``StorageError`` (unreachable, timed out, statement refused).
     """
     kind = schema_kind(url)
@@ -157,7 +186,7 @@ async def create(url: str, *, timeout: float = 10.0, **options: Any) -> list[str
             f"{shown(url)}: {scheme_of(url)}:// storages need no schema; "
             f"schemas exist for {', '.join(SCHEMA_FILES)}"
         )
-    backend = _backend(url, options)
+    backend = _backend(url, _merged(storage_options, options))
     try:
         return await asyncio.wait_for(_create(kind, url, backend), timeout)
     except (asyncio.TimeoutError, TimeoutError) as exc:
@@ -174,6 +203,7 @@ async def _create(kind: str, url: str, backend: Any) -> list[str]:
         from ..storages.sqlite import database_of
 
         path = database_of(url)
+        await _sqlite_path_ok(url, path)
         try:
             await asyncio.to_thread(_run_sqlite, path, statements)
         except sqlite3.Error as exc:
@@ -183,6 +213,16 @@ async def _create(kind: str, url: str, backend: Any) -> list[str]:
         for statement in statements:
             await run(statement, ())
     return done
+
+
+async def _sqlite_path_ok(url: str, path: str) -> None:
+    """``StorageMisconfiguredError`` when ``path`` cannot be the database file of a SQLite
+    tier (a missing directory, say), as ``register_storage`` refuses it."""
+    from ..storages.sqlite import path_problem
+
+    problem = await asyncio.to_thread(path_problem, path)
+    if problem is not None:
+        raise StorageMisconfiguredError(f"{shown(url)}: SQLite database {path}: {problem}")
 
 
 def _run_sqlite(path: str, statements: list[str]) -> None:
@@ -281,7 +321,13 @@ async def _create_mongo(url: str, backend: Any) -> list[str]:
 # -- check --------------------------------------------------------------------------------
 
 
-async def check(url: str, *, timeout: float = 10.0, **options: Any) -> CheckReport:
+async def check(
+    url: str,
+    *,
+    timeout: float = 10.0,
+    storage_options: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> CheckReport:
     """Whether the storage at ``url`` is reachable and has the schema its tier needs.
 
     For SQL: the table exists with the columns ``key``, ``value``, ``expire``, ``key`` is
@@ -289,11 +335,15 @@ async def check(url: str, *, timeout: float = 10.0, **options: Any) -> CheckRepo
     a unique index on ``key`` and a TTL index on ``expire``. Then, for every remote storage
     (Redis too), a cacheme storage connects and reads one key. A ``local://`` URL passes
     with nothing to check. ``timeout`` bounds each of the two steps, in seconds.
+    ``options`` are the storage's, as for ``create``; ``storage_options`` takes them as a
+    mapping too (the storage's own ``timeout``, for one, bounds each operation of the
+    cacheme storage that connects).
 
     Returns a ``CheckReport``; raises ``ConfigurationError`` or ``MissingDriverError`` for a
     bad URL, option or missing driver, and ``StorageError`` when the server cannot be
     reached (or does not answer within ``timeout``).
     """
+    options = _merged(storage_options, options)
     backend = _backend(url, options)
     report = CheckReport(url=shown(url))
     if not isinstance(backend, RemoteStorage):
@@ -337,6 +387,7 @@ async def _check_schema(kind: str, url: str, backend: Any, report: CheckReport) 
         from ..storages.sqlite import database_of
 
         path = database_of(url)
+        await _sqlite_path_ok(url, path)
         if not await asyncio.to_thread(os.path.exists, path):
             report.problems.append(
                 f"SQLite database file {path} does not exist; create it and the table with: "

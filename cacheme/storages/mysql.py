@@ -97,14 +97,14 @@ class MySQLOptions(SQLOptions):
     """Options of ``mysql://`` storages."""
 
 
-def connect_args(url: str) -> dict[str, Any]:
-    """asyncmy's connection arguments for ``url`` (``ConfigurationError`` if it is wrong)."""
+def connect_args(url: str, name: str | None = None) -> dict[str, Any]:
+    """asyncmy's connection arguments for ``url`` (``ConfigurationError`` if it is wrong,
+    naming the storage ``name`` when given)."""
     parts = urlsplit(url)
+    where = f"MySQL URL {redact(url)!r}" if name is None else f"storage {name!r} ({redact(url)})"
     database = unquote(parts.path.lstrip("/"))
     if not database or "/" in database:
-        raise ConfigurationError(
-            f"MySQL URL {redact(url)!r} must name one database: mysql://user:pw@host:3306/db"
-        )
+        raise ConfigurationError(f"{where} must name one database: mysql://user:pw@host:3306/db")
     args: dict[str, Any] = {
         "host": parts.hostname or "127.0.0.1",
         "port": parts.port or 3306,
@@ -112,13 +112,12 @@ def connect_args(url: str) -> dict[str, Any]:
         "password": unquote(parts.password or ""),
         "database": database,
     }
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name == "unix_socket":
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "unix_socket":
             args["unix_socket"] = value
         else:
             raise StorageMisconfiguredError(
-                f"MySQL URL {redact(url)!r}: unknown query parameter {name!r} "
-                f"(supported: unix_socket)"
+                f"{where}: unknown URL query parameter {key!r} (accepted: unix_socket)"
             )
     return args
 
@@ -192,7 +191,7 @@ class MySQLStorage(SQLStorage[MySQLOptions]):
 
     def __init__(self, name: str, url: str, options: MySQLOptions) -> None:
         super().__init__(name, url, options)
-        self._connect_args = connect_args(url)
+        self._connect_args = connect_args(url, name)
         self._pool: Any = None  # asyncmy.Pool
         self.max_packet = 16 * 1024 * 1024  # replaced by the server's value at connect
         self.server_version = ""

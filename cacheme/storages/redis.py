@@ -13,7 +13,11 @@ instead of failing with redis-py's ``MaxConnectionsError``.
 
 Values stay bytes (``decode_responses`` is forced off, whatever the URL says); TTLs are whole
 milliseconds (``PX``). Query parameters of the URL reach redis-py (e.g. ``?protocol=2`` for a
-server older than Redis 6, which cannot speak RESP3).
+server older than Redis 6, which cannot speak RESP3); one it does not take from a URL, or
+that the client does not accept (``accepted_query``), is a ``StorageMisconfiguredError`` at
+registration, before connecting, as are ``?max_connections`` and ``?timeout`` (the storage's
+``pool_size`` and ``timeout``), ``?socket_timeout`` and ``?socket_connect_timeout`` (set
+from the storage's ``timeout``).
 
 A standalone write cut short by the storage timeout has its connection closed on the server
 (``CLIENT KILL ID``, see ``stops``) before it counts as failed: bytes of it still on their
@@ -25,18 +29,20 @@ gets no stops.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import re
 from collections.abc import Sequence
 from contextvars import ContextVar
 from functools import cache
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio
 from pydantic import Field
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import (
+    URL_QUERY_ARGUMENT_PARSERS,
     AbstractConnection,
     BlockingConnectionPool,
     Connection,
@@ -47,7 +53,7 @@ from redis.asyncio.connection import (
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, StorageMisconfiguredError
 from .base import MAX_POOL_SIZE, Entry, RemoteOptions, RemoteStorage, describe
 from .stops import CutStops
 from .url import redact
@@ -112,6 +118,74 @@ return #KEYS
 """
 
 
+# Query parameters redis-py passes on as text (it converts those of
+# URL_QUERY_ARGUMENT_PARSERS): those that a text can set.
+_TEXT_PARAMS = frozenset(
+    {
+        "client_name",
+        "lib_name",
+        "lib_version",
+        "username",
+        "password",
+        "encoding",
+        "encoding_errors",
+        "ssl_keyfile",
+        "ssl_certfile",
+        "ssl_cert_reqs",
+        "ssl_ca_certs",
+        "ssl_ca_data",
+        "ssl_ca_path",
+        "ssl_ciphers",
+        "ssl_password",
+    }
+)
+# Settings of redis-py that this storage sets from its options (``decode_responses``, set
+# off whatever the URL says, stays accepted: URLs shared with other clients carry it).
+_STORAGE_OPTION_OF = {
+    "max_connections": "pool_size",
+    "timeout": "timeout",
+    "socket_timeout": "timeout",
+    "socket_connect_timeout": "timeout",
+}
+
+
+def accepted_query(connection_class: type[Any], cluster: bool) -> frozenset[str]:
+    """The URL query parameters a storage of this kind takes: those redis-py reads from a
+    URL (``URL_QUERY_ARGUMENT_PARSERS``) or takes as text, that the client it makes accepts
+    (the connection class of the URL, or ``RedisCluster``), less the storage's own."""
+    if cluster:
+        takes = set(inspect.signature(RedisCluster.__init__).parameters)
+    else:
+        takes = set()
+        for cls in connection_class.__mro__:
+            if "__init__" in vars(cls):
+                takes |= set(inspect.signature(vars(cls)["__init__"]).parameters)
+    known = set(URL_QUERY_ARGUMENT_PARSERS) | _TEXT_PARAMS | {"decode_responses"}
+    return frozenset((known & takes) - set(_STORAGE_OPTION_OF) - {"self"})
+
+
+def _check_query(name: str, url: str, params: dict[str, Any], cluster: bool) -> None:
+    """``StorageMisconfiguredError`` for a URL query parameter the storage does not take,
+    at registration: redis-py hands any name on to the connection, which refused it only
+    when connecting (as a server that is down, for some)."""
+    given = [key for key, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True)]
+    where = f"storage {name!r} ({redact(url)})"
+    for key in given:
+        if key in _STORAGE_OPTION_OF:
+            raise StorageMisconfiguredError(
+                f"{where}: the URL query parameter {key!r} is set by the storage option "
+                f"{_STORAGE_OPTION_OF[key]!r}: give Storage(..., {_STORAGE_OPTION_OF[key]}=...)"
+            )
+    accepted = accepted_query(params.get("connection_class", Connection), cluster)
+    unknown = [key for key in dict.fromkeys(given) if key not in accepted]
+    if unknown:
+        kind = "a Redis Cluster" if cluster else urlsplit(url).scheme + "://"
+        raise StorageMisconfiguredError(
+            f"{where}: unknown URL query parameter(s) {', '.join(map(repr, unknown))} for "
+            f"{kind}; accepted: {', '.join(sorted(accepted))}"
+        )
+
+
 class RedisOptions(RemoteOptions):
     """Options of a Redis storage (on top of ``RemoteOptions``)."""
 
@@ -159,6 +233,7 @@ class RedisStorage(RemoteStorage[RedisOptions]):
                 f"storage {name!r} ({redact(url)}): bad Redis URL: the path names the "
                 f"database, a number from 0 (/0, /1...), got {path!r}"
             )
+        _check_query(name, url, params, options.cluster)
         if options.cluster and params.get("db", 0) != 0:
             raise ConfigurationError(
                 f"storage {name!r} ({redact(url)}): a Redis Cluster has only database 0"

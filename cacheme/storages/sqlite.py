@@ -35,10 +35,12 @@ Expiry
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import re
 import sqlite3
+import stat
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any, ClassVar
@@ -63,25 +65,85 @@ def utc_text(moment: datetime) -> str:
     return moment.strftime(_TIME_FORMAT)
 
 
-def database_of(url: str) -> str:
-    """The file that a ``sqlite://`` URL names."""
+def database_of(url: str, name: str | None = None) -> str:
+    """The file that a ``sqlite://`` URL names (errors name the storage ``name`` if given)."""
     parts = urlsplit(url)
+    where = f"SQLite URL {redact(url)!r}" if name is None else f"storage {name!r} ({redact(url)})"
     if parts.netloc:
         raise ConfigurationError(
-            f"SQLite URL {redact(url)!r} names a host; use sqlite:///relative/path.db or "
-            f"sqlite:////absolute/path.db"
+            f"{where} names a host; use sqlite:///relative/path.db or sqlite:////absolute/path.db"
         )
     if parts.query or parts.fragment:
-        raise StorageMisconfiguredError(f"SQLite URL {redact(url)!r}: no query or fragment allowed")
+        raise StorageMisconfiguredError(f"{where}: no URL query parameter or fragment is accepted")
     path = unquote(parts.path)
     if path.startswith("/"):
         path = path[1:]  # sqlite:///rel -> "rel"; sqlite:////abs -> "/abs"
     if not path or path == ":memory:" or path.startswith("file:"):
         raise ConfigurationError(
-            f"SQLite URL {redact(url)!r} must name a database file, like "
+            f"{where} must name a database file, like "
             f"sqlite:///relative/path.db or sqlite:////absolute/path.db (an in-memory "
             f"database would have no table; use a local:// tier for an in-process cache)"
         )
+    return path
+
+
+_HEADER = b"SQLite format 3\x00"
+
+
+def path_problem(path: str) -> str | None:
+    """What makes ``path`` unusable as the database file of a SQLite tier, read from the file
+    system (``None`` when nothing is found): a missing directory, a directory or a file
+    that is not an SQLite database where the file should be, or no permission to create
+    or write it. These are settings to fix, not a server that is down: SQLite would say
+    only "unable to open database file" or "file is not a database". Blocking: run it on a
+    thread."""
+    full = os.path.abspath(path)
+    parent = os.path.dirname(full)
+    try:
+        if stat.S_ISDIR(os.stat(full).st_mode):
+            return "it is a directory, not a database file"
+        exists = True
+    except FileNotFoundError:
+        exists = False
+    except NotADirectoryError:
+        return f"{_first_file(parent)} is a file, not a directory"
+    except OSError as exc:
+        return f"cannot reach it: {exc.strerror or exc}"
+    if not exists:
+        try:
+            if not stat.S_ISDIR(os.stat(parent).st_mode):  # pragma: no cover - NotADirectory
+                return f"{parent} is not a directory"
+        except FileNotFoundError:
+            return (
+                f"the directory {parent} does not exist; create it (cacheme creates the "
+                f"database file, with `cacheme schema create URL`, not its directory)"
+            )
+        except OSError as exc:
+            return f"cannot reach the directory {parent}: {exc.strerror or exc}"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        what = "" if exists else "the database file and "
+        return f"no permission to create {what}SQLite's -wal and -shm files in {parent}"
+    if not exists:
+        return None
+    if not os.access(full, os.R_OK | os.W_OK):
+        return "no permission to read and write it"
+    try:
+        with open(full, "rb") as file:
+            head = file.read(len(_HEADER))
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror or exc}"
+    if head and head != _HEADER:  # an empty file is a new, empty database
+        return "it is not a SQLite database file (it does not start with the SQLite header)"
+    return None
+
+
+def _first_file(path: str) -> str:
+    """The first component of ``path`` that exists and is not a directory."""
+    parts = path.split(os.sep)
+    for i in range(2, len(parts) + 1):
+        head = os.sep.join(parts[:i]) or os.sep
+        if os.path.exists(head) and not os.path.isdir(head):
+            return head
     return path
 
 
@@ -182,7 +244,7 @@ class SQLiteStorage(SQLStorage[SQLiteOptions]):
         super().__init__(name, url, options)
         # Resolved once, here (registration): every event loop's driver opens this file,
         # whatever the working directory is when that loop first uses the storage.
-        self.database = os.path.abspath(database_of(url))
+        self.database = os.path.abspath(database_of(url, name))
         self._db: aiosqlite.Connection | None = None
         t = f'"{self.table}"'
         self._select = f'SELECT "key", "value" FROM {t} WHERE ("expire" IS NULL OR "expire" > ?)'
@@ -211,6 +273,12 @@ class SQLiteStorage(SQLStorage[SQLiteOptions]):
         return self._db
 
     async def _open(self) -> None:
+        problem = await asyncio.to_thread(path_problem, self.database)
+        if problem is not None:
+            raise StorageMisconfiguredError(
+                f"storage {self.name!r} ({redact(self.url)}): SQLite database {self.database}: "
+                f"{problem}"
+            )
         pending = aiosqlite.connect(
             self.database, isolation_level=None, timeout=self.options.timeout
         )

@@ -97,6 +97,14 @@ def test_version_and_console_script() -> None:
         (["stats", "json:no_such_function"], "no function 'no_such_function'"),
         (["check", "sqlite:///x.db", "--timeout", "0"], "--timeout takes a positive"),
         (["schema", "create", "sqlite:///x.db", "--timeout", "-1"], "--timeout takes a positive"),
+        # -o url=... was a TypeError traceback (url is the argument, not an option)
+        (["check", "sqlite:///x.db", "-o", "url=x"], "'url' is not a storage option"),
+        (["schema", "create", "sqlite:///x.db", "-o", "url=x"], "'url' is not a storage option"),
+        # -o timeout=... is the storage's own option, validated as such
+        (["check", "sqlite:///x.db", "-o", "timeout=-1"], "timeout: Input should be greater"),
+        (["schema", "create", "sqlite:///x.db", "-o", "timeout=0"], "timeout"),
+        (["check", "local://tlfu", "-o", "timeout=5"], "timeout"),
+        (["check", "sqlite:///x.db", "-o", "table=a", "--table", "b"], "disagree"),
     ],
 )
 def test_usage_errors_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
@@ -141,6 +149,41 @@ def test_sqlite_create_then_check(tmp_path: Path) -> None:
     other = cli("check", url)  # the default table was not created
     assert other.returncode == 1
     assert "table 'cacheme_data' does not exist" in other.stderr
+
+
+def test_storage_timeout_option_is_taken(tmp_path: Path) -> None:
+    # -o timeout=5 crashed both commands with "got multiple values for keyword argument
+    # 'timeout'": it is the storage's own timeout, --timeout the command's bound per step.
+    url = f"sqlite:///{tmp_path}/cache.db"
+    created = cli("schema", "create", url, "-o", "timeout=5", "--timeout", "20")
+    assert created.returncode == 0, created.stderr
+    checked = cli("check", url, "-o", "timeout=5", "-o", "table=cacheme_data")
+    assert checked.returncode == 0, checked.stderr
+    assert "Traceback" not in checked.stderr and checked.stdout.rstrip().endswith(": ok")
+
+
+async def test_schemas_take_storage_options_as_a_mapping(tmp_path: Path) -> None:
+    from cacheme import schemas
+    from cacheme.errors import ConfigurationError
+
+    url = f"sqlite:///{tmp_path}/cache.db"
+    await schemas.create(url, timeout=10, storage_options={"timeout": 5, "table": "t1"})
+    report = await schemas.check(url, timeout=10, storage_options={"timeout": 5}, table="t1")
+    assert report.passed, report.problems
+    with pytest.raises(ConfigurationError, match="'table' given both"):
+        await schemas.check(url, storage_options={"table": "a"}, table="b")
+    with pytest.raises(ConfigurationError, match="'url' is not a storage option"):
+        await schemas.create(url, storage_options={"url": url})
+
+
+def test_sqlite_missing_directory_is_a_bad_url(tmp_path: Path) -> None:
+    # check reported "does not exist; create it with cacheme schema create", which failed.
+    url = f"sqlite:///{tmp_path}/nodir/cache.db"
+    for args in (["check", url], ["schema", "create", url]):
+        result = cli(*args)
+        assert result.returncode == 2, (result.stdout, result.stderr)
+        assert f"the directory {tmp_path}/nodir does not exist" in result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
 
 
 def test_sqlite_check_finds_a_wrong_table(tmp_path: Path) -> None:
@@ -415,3 +458,46 @@ def test_stats_function_that_raises_exits_1(app: Path) -> None:
     result = cli("stats", f"{app.name}:broken", cwd=app.parent)
     assert result.returncode == 1
     assert "raised RuntimeError: the workload failed" in result.stderr
+
+
+# -- a reader that goes away (``| head``) ---------------------------------------------------
+
+
+def cli_output_closed(*args: str, cwd: Path) -> tuple[int, str]:
+    """``python -m cacheme ARGS`` whose standard output is closed before it writes anything
+    (what ``| head -1`` does once it has its line): the exit code and standard error."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(cwd)])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cacheme", *args],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    try:
+        err = proc.stderr.read()
+        return proc.wait(timeout=60), err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["stats", "{app}:main", "--watch", "0.05", "--json"],
+        ["stats", "{app}:main", "--watch", "0.05"],
+        ["stats", "{app}"],
+        ["nodes", "{app}"],
+        ["nodes", "{app}", "--json"],
+        ["schema", "show", "postgresql"],
+        ["schema", "show", "mysql", "--table", "t"],
+        ["schema", "create", "sqlite:///{tmp}/cache.db"],
+        ["check", "local://tlfu"],
+    ],
+)
+def test_closed_output_exits_quietly(args: list[str], app: Path) -> None:
+    # `cacheme stats ... --json --watch 1 | head -3` printed two BrokenPipeError tracebacks.
+    args = [a.format(app=app.name, tmp=app.parent) for a in args]
+    code, err = cli_output_closed(*args, cwd=app.parent)
+    assert err == "", err
+    assert code == 1

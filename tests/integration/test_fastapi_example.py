@@ -188,6 +188,57 @@ async def test_lifespan_creating_schemas_of_an_unreachable_server(
     strict = cacheme_lifespan(
         {"down": cacheme.Storage(url, timeout=0.3, fail_open=False)}, create_schemas=True
     )
-    with pytest.raises(cacheme.StorageError):
+    with pytest.raises(cacheme.StorageError) as info:
         await asyncio.wait_for(start(strict), 10)
+    # The storage's name, as register_storage gives it (the error named the URL only).
+    assert str(info.value).startswith(f"storage 'down' ({url}): could not create its schema: ")
+    assert cacheme.storages() == {}
+
+
+async def test_lifespan_creating_schemas_names_the_storage_of_a_bad_setting(
+    tmp_path: Path,
+) -> None:
+    # A bad table name was reported for a storage named 'cacheme-cli'; a SQLite directory
+    # that does not exist stops the start-up even failing open, as register_storage does.
+    bad_table = cacheme_lifespan(
+        {"db": cacheme.Storage(f"sqlite:///{tmp_path}/c.db", table="no;drop")},
+        create_schemas=True,
+    )
+    with pytest.raises(cacheme.ConfigurationError, match=r"storage 'db' .*table"):
+        async with bad_table(object()):
+            pytest.fail("the app must not start")
+    no_dir = cacheme_lifespan(
+        {"db": cacheme.Storage(f"sqlite:///{tmp_path}/nodir/c.db")}, create_schemas=True
+    )
+    with pytest.raises(cacheme.StorageMisconfiguredError, match=r"storage 'db' .*does not exist"):
+        async with no_dir(object()):
+            pytest.fail("the app must not start")
+    assert cacheme.storages() == {}
+
+
+async def _plain_generator(app: object) -> AsyncIterator[None]:
+    yield
+
+
+@pytest.mark.parametrize(
+    ("app_lifespan", "message"),
+    [
+        (5, "app_lifespan must be a lifespan"),
+        ("lifespan", "app_lifespan must be a lifespan"),
+        (_plain_generator, "asynccontextmanager"),
+    ],
+)
+def test_lifespan_rejects_a_bad_app_lifespan_when_called(app_lifespan: Any, message: str) -> None:
+    # app_lifespan=5 was taken, and failed only when the app started.
+    with pytest.raises(cacheme.ConfigurationError, match=message):
+        cacheme_lifespan({}, app_lifespan)
+
+
+async def test_lifespan_whose_app_lifespan_returns_no_context_manager() -> None:
+    lifespan = cacheme_lifespan(
+        {"local": cacheme.Storage(url="local://lru", size=10)}, lambda app: None
+    )
+    with pytest.raises(cacheme.ConfigurationError, match="not an async context manager"):
+        async with lifespan(object()):
+            pytest.fail("the app must not start")
     assert cacheme.storages() == {}

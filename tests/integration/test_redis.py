@@ -177,6 +177,19 @@ async def test_values_stay_bytes_even_if_the_url_asks_to_decode() -> None:
         assert await storage.get("cacheme:text:v1") == b"plain"
 
 
+@redis_only
+async def test_url_query_parameters_redis_takes_reach_the_server() -> None:
+    # The check of query names (an unknown one is refused at registration) keeps those
+    # redis-py takes: the connection carries the client name the URL gives.
+    url = redis_url() + ("&" if "?" in redis_url() else "?") + "client_name=fix53-query"
+    async with open_redis("query", url=url) as storage:
+        await storage.set_many([Entry("cacheme:query:v1", b"x", None)])
+        assert await storage.get("cacheme:query:v1") == b"x"
+        client = storage.here()._standalone()
+        names = [c["name"] for c in await client.client_list()]
+        assert "fix53-query" in names
+
+
 # -- the password stays secret ---------------------------------------------------------------
 
 

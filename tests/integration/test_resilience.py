@@ -39,7 +39,14 @@ from cacheme import runtime
 from cacheme.node import get_prefix
 from cacheme.serializer import JSONSerializer, MsgPackSerializer, PickleSerializer, Serializer
 from cacheme.storages.base import RemoteStorage
-from tests.services import MONGO_URL, MYSQL_URL, POSTGRES_URL, REDIS_URL, unavailable
+from tests.services import (
+    MONGO_URL,
+    MYSQL_URL,
+    POSTGRES_URL,
+    REDIS_CLUSTER_URL,
+    REDIS_URL,
+    unavailable,
+)
 
 from .backend_redis import redis_url
 from .backend_sql import sql_table
@@ -1904,7 +1911,6 @@ MISCONFIGURED = {
     "postgres: no such role": (POSTGRES_URL, _variant(POSTGRES_URL, user="cacheme_no_role")),
     "mysql: no such database": (MYSQL_URL, _variant(MYSQL_URL, path="/cacheme_none")),
     "mysql: wrong password": (MYSQL_URL, _variant(MYSQL_URL, user="cacheme:wrong")),
-    "redis: unknown URL option": (REDIS_URL, REDIS_URL + "?socket_timeot=1"),
     "postgres: unknown URL setting": (POSTGRES_URL, POSTGRES_URL + "?statment_timeout=1000"),
 }
 
@@ -1937,7 +1943,10 @@ REFUSED_URL_OPTIONS = {
     "mongo: bad value": (f"{MONGO_URL}?maxPoolSize=many", "'maxPoolSize'"),
     "mongo: one bad of two": (f"{MONGO_URL}?maxPoolSize=5&retryWirtes=true", "'retryWirtes'"),
     "mysql: misspelt option": (f"{MYSQL_URL}?conect_timeout=1", "'conect_timeout'"),
-    "sqlite: any option": ("sqlite:///cacheme-refused.db?journal=wal", "no query"),
+    "sqlite: any option": ("sqlite:///cacheme-refused.db?journal=wal", "no URL query"),
+    # redis-py handed it to the connection, which refused it only when connecting
+    "redis: misspelt option": (REDIS_URL + "?socket_timeot=1", "'socket_timeot'"),
+    "redis cluster: unknown option": (REDIS_CLUSTER_URL + "?foo=1", "'foo' for a Redis Cluster"),
 }
 
 
@@ -1945,8 +1954,9 @@ REFUSED_URL_OPTIONS = {
 async def test_a_url_query_option_the_driver_refuses_is_not_registered(case: str) -> None:
     """Found by a review: a misspelt MongoDB option was registered silently."""
     url, named = REFUSED_URL_OPTIONS[case]
+    cluster = {"cluster": True} if case.startswith("redis cluster") else {}
     with pytest.raises(cacheme.StorageMisconfiguredError, match=named):
-        await cacheme.register_storage("refused", cacheme.Storage(url))
+        await cacheme.register_storage("refused", cacheme.Storage(url, **cluster))
     assert "refused" not in cacheme.storages()
     assert not Path("cacheme-refused.db").exists()  # noqa: ASYNC240 - no file was made
 

@@ -259,6 +259,54 @@ def test_sqlite_urls() -> None:
         Storage("sqlite://").build("memory")
 
 
+def _sqlite_paths(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """SQLite URLs that name no usable database file: the path and what the error says."""
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "text.txt").write_text("not a database, and longer than the header\n")
+    return {
+        "missing directory": (tmp_path / "no" / "such" / "dir" / "c.db", "does not exist"),
+        "a directory": (tmp_path / "a_dir", "is a directory"),
+        "not a database": (tmp_path / "text.txt", "not a SQLite database file"),
+        "under a file": (tmp_path / "text.txt" / "c.db", "text.txt is a file, not a directory"),
+    }
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize(
+    "case", ["missing directory", "a directory", "not a database", "under a file"]
+)
+async def test_sqlite_path_that_cannot_be_a_database(case: str, tmp_path: Path) -> None:
+    # A missing directory was taken for a server that is down: registered, breaker open,
+    # the tier skipped for good. It is a setting: refused at registration, fail_open or not.
+    import cacheme
+    from cacheme import schemas
+    from cacheme.errors import StorageMisconfiguredError
+
+    path, says = _sqlite_paths(tmp_path)[case]
+    url = f"sqlite:///{path}"
+    for fail_open in (True, False):
+        with pytest.raises(StorageMisconfiguredError) as info:
+            await cacheme.register_storage("db", Storage(url, fail_open=fail_open))
+        assert "storage 'db'" in str(info.value) and str(path) in str(info.value)
+        assert says in str(info.value)
+        assert "db" not in cacheme.storages()
+    for run in (schemas.check(url), schemas.create(url)):
+        with pytest.raises(StorageMisconfiguredError, match=says):
+            await run
+    assert not (tmp_path / "no").exists()
+    assert (tmp_path / "text.txt").read_text().startswith("not a database")
+
+
+@pytest.mark.sqlite
+async def test_sqlite_empty_file_is_a_new_database(tmp_path: Path) -> None:
+    from cacheme import schemas
+
+    path = tmp_path / "empty.db"
+    path.touch()  # SQLite takes an empty file for an empty database
+    await schemas.create(f"sqlite:///{path}")
+    assert (await schemas.check(f"sqlite:///{path}")).passed
+
+
 @pytest.mark.sqlite
 async def test_sqlite_uses_wal(tmp_path: Path) -> None:
     async with sql_storage("sqlite", tmp_path, "wal") as (_, table):

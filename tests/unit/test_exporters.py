@@ -70,6 +70,48 @@ def test_importing_cacheme_imports_no_exporter_driver() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+# A finder first on sys.meta_path that refuses the driver's top-level package (and its
+# submodules), as if its extra were not installed; the module under test is then imported.
+_WITHOUT = """
+import sys
+
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == {driver!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+sys.meta_path.insert(0, Refuse())
+try:
+    import {module}
+except Exception as exc:
+    print(type(exc).__name__, "|", isinstance(exc, ImportError), "|", exc)
+else:
+    print("imported")
+"""
+
+
+@pytest.mark.parametrize(
+    ("module", "driver", "extra"),
+    [
+        ("cacheme.exporters.prometheus", "prometheus_client", "prometheus"),
+        ("cacheme.exporters.opentelemetry", "opentelemetry", "otel"),
+    ],
+)
+def test_exporter_without_its_extra_says_what_to_install(
+    module: str, driver: str, extra: str
+) -> None:
+    # Was a bare ModuleNotFoundError; storages' drivers were MissingDriverError already.
+    code = _WITHOUT.format(module=module, driver=driver)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    kind, is_import_error, message = result.stdout.strip().split(" | ")
+    assert (kind, is_import_error) == ("MissingDriverError", "True"), result.stdout
+    assert message.startswith(f"{module} needs the package {driver!r}")
+    assert message.endswith(f'pip install "cacheme[{extra}]"')
+
+
 # -- Prometheus ----------------------------------------------------------------------------
 
 

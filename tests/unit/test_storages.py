@@ -423,3 +423,52 @@ def test_binary_takes_bytes_and_marks_anything_else_unreadable() -> None:
             with pytest.raises(DecodeError):
                 serializer.loads(marker)
         assert copy.copy(marker) == b""
+
+
+# -- URL query parameters, refused at build (registration), before any connection ----------
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "says"),
+    [
+        # redis-py handed any name on to the connection: a TypeError when connecting
+        ("redis://127.0.0.1:6379/11?foo=bar", {}, "unknown URL query parameter(s) 'foo'"),
+        ("redis://127.0.0.1:1/0?foo=bar", {"cluster": True}, "'foo' for a Redis Cluster"),
+        ("redis://h:1/0?ssl_ca_path=x", {"cluster": True}, "'ssl_ca_path' for a Redis Cluster"),
+        ("redis://h:1/0?ssl_certfile=x", {}, "'ssl_certfile' for redis://"),
+        ("redis://h:1/0?retry=3", {}, "'retry'"),
+        # these were registered as a server that is down (a TypeError on connect)
+        ("redis://h:1/0?max_connections=3", {}, "storage option 'pool_size'"),
+        ("redis://h:1/0?max_connections=3", {"cluster": True}, "storage option 'pool_size'"),
+        ("redis://h:1/0?timeout=3", {}, "storage option 'timeout'"),
+        ("redis://h:1/0?socket_timeout=3", {}, "storage option 'timeout'"),
+        # these named the URL but not the storage
+        ("mysql://u:secret@h:3306/db?foo=bar", {}, "unknown URL query parameter 'foo'"),
+        ("sqlite:///cache.db?foo=bar", {}, "no URL query parameter or fragment"),
+        ("mongodb://h:27017/db?foo=bar", {}, "'foo'"),
+    ],
+)
+def test_unknown_url_query_parameter_names_the_storage(
+    url: str, options: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(cacheme.StorageMisconfiguredError) as info:
+        cacheme.Storage(url, **options).build("shop")
+    assert isinstance(info.value, cacheme.ConfigurationError)
+    message = str(info.value)
+    assert message.startswith("storage 'shop' (") and says in message
+    assert "secret" not in message
+    if url.startswith("redis") and "storage option" not in says:
+        assert "accepted: client_name, db," in message
+
+
+@pytest.mark.parametrize(
+    ("url", "options"),
+    [
+        ("redis://h:1/0?client_name=app&protocol=2&health_check_interval=5", {}),
+        ("redis://h:1/0?decode_responses=True&socket_keepalive=true", {}),
+        ("rediss://h:1/0?ssl_cert_reqs=none&ssl_ca_certs=/ca.pem", {}),
+        ("redis://h:1/0?ssl_ca_certs=/ca.pem&client_name=app", {"cluster": True}),
+    ],
+)
+def test_url_query_parameters_redis_takes_still_build(url: str, options: dict[str, Any]) -> None:
+    cacheme.Storage(url, **options).build("shop")
