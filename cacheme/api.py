@@ -17,7 +17,7 @@ from typing import Any, TypeVar, overload
 from . import backplane, freshness, landing, runtime, tags
 from . import node as _node
 from .errors import ConfigurationError, StorageError
-from .flight import STALE, Call, Outcome, Reload, forgettable, join_all, propagates
+from .flight import LOADED, STALE, Call, Outcome, Reload, forgettable, join_all, propagates
 from .metrics import StatsSnapshot, snapshot
 from .node import Config, Node
 from .stats import NodeStats, Recorder
@@ -336,13 +336,11 @@ async def _remove_noted(cfg: Config, key: str, writes: list[landing.Write]) -> N
             pending = raised(exc)
         if pending is not None:
             removals.append((tier, pending))
-    if not removals:
-        backplane.publish((key,), kind="i", since=since)
-        return
-    failed = await failures(cfg, removals)
+    failed = await failures(cfg, removals) if removals else []
     # Once the remote removals landed, drop the key from the local tiers again: a loop of
-    # another thread may have read the old remote value before they landed and put it back
-    # (and a walk begun before this point writes nothing: see backplane.changed_since).
+    # another thread may have read the old remote value before they landed and put it back,
+    # or copied it from a later local tier before its removal (and a walk begun before this
+    # point writes nothing: see backplane.changed_since).
     with backplane.write_guard:  # see its comment
         backplane.note_invalidated((key,))
         for tier in cfg.tiers:
@@ -470,7 +468,8 @@ async def reload(node: Node, cfg: Config, loader: Loader | None) -> Any:
         rt.spawn(reload_after_writes())
     else:
         Walk(cfg, rt, {key: node}, {key: call}, loader).reload()
-    (value, source), final = await latest(rt, call, await waiter, node, cfg, loader)
+    outcome = await own_outcome(call, waiter)
+    (value, source), final = await latest(rt, call, outcome, node, cfg, loader)
     if source == STALE:
         cfg.stats.stale += 1
     # For the other processes' repairs: a write of theirs that landed before this refresh
@@ -505,8 +504,9 @@ async def latest(
 
     A later ``refresh`` or an ``invalidate`` of the key makes a refresh's call stale: it
     writes nothing, so its own value may be older than what a ``get`` sees next. Such a
-    refresh returns the outcome of the refresh of this loop that overtook it (waiting for
-    it, or as it ended: its value, or its error raised); else of the key's newer flight;
+    refresh returns the outcome of the last of the refreshes of this loop that overtook it
+    one after another (waiting for it, or as it ended: its value, or its error raised),
+    even when its own load failed; else of the key's newer flight;
     else of a new read of every tier once the remote writes of the key under way in any
     loop have landed (the later refresh's value, or a new load after an invalidation). It
     raises what that flight raises (its own value, written nowhere, would be newer than
@@ -519,17 +519,25 @@ async def latest(
     for _ in range(3):  # each round waits for a flight begun after the previous one
         if not (call.stale or (call.detached and not _wrote(call))):
             break
-        successor = call.overtaken_by if isinstance(call, Reload) else None
-        if successor is not None:
-            result = successor.result
-            if result is None:  # under way: wait for it
-                call, outcome = successor, await successor.join(rt.loop)
+        last = _last_refresh(call)
+        if last is not None:
+            call = last
+            result = last.result
+            if result is None:  # under way: its outcome, unless a refresh overtakes it too
+                try:
+                    outcome = await last.join(rt.loop)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    if not last.stale:
+                        raise
                 continue
-            if not isinstance(result, asyncio.CancelledError):
-                if isinstance(result, BaseException):
-                    raise result
-                call, outcome = successor, result
+            if not isinstance(result, BaseException):
+                outcome = result
                 continue
+            if not (last.stale or isinstance(result, asyncio.CancelledError)):
+                raise result
+            # It failed, and an invalidate overtook it since (or it was cancelled): read.
         newer = rt.flights.get(call.key)
         if newer is None or newer.detached:
             # What overtook it may be a refresh in another thread's loop: read after its
@@ -539,6 +547,26 @@ async def latest(
         call, waiter = _read_flight(rt, call.key, node, cfg, loader)
         outcome = await waiter
     return outcome, call
+
+
+async def own_outcome(call: Call, waiter: Awaitable[Outcome]) -> Outcome:
+    """What ``refresh``'s own call settled with; for one that a later refresh overtook, a
+    placeholder instead of its load's error (``latest`` then gives the later one's)."""
+    try:
+        return await waiter
+    except Exception:
+        if isinstance(call, Reload) and call.overtaken_by is not None:
+            return (None, LOADED)
+        raise
+
+
+def _last_refresh(call: Call) -> Reload | None:
+    """The last of the refreshes that overtook ``call`` one after another (this loop's),
+    if any did."""
+    last = call.overtaken_by if isinstance(call, Reload) else None
+    while last is not None and last.overtaken_by is not None:
+        last = last.overtaken_by
+    return last
 
 
 def _wrote(call: Call) -> bool:

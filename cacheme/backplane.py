@@ -899,6 +899,7 @@ def _after_fork_in_child() -> None:
     _counters = _Counters()
     _sync_clients.clear()
     _changed.clear()
+    _removing.clear()  # the parent's invalidations: none of them runs here
     _seq = _floor = _forgotten = 0
     bp = _active
     if bp is not None:

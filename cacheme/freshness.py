@@ -839,6 +839,7 @@ async def _refresh(
             walk.reload(announce=False)
         else:  # read the later tiers first; load what they do not have fresh
             walk.index = revalidate_from
+            walk.admit = False  # as reload's: no doorkeeper, no lease
             walk.start()
         outcomes = await asyncio.gather(*waiters, return_exceptions=True)
         failed = [o for o in outcomes if isinstance(o, BaseException)]
@@ -997,6 +998,7 @@ async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> An
         _written_at,
         latest,
         note_changed,
+        own_outcome,
         raise_missed_write,
         start_refresh,
         wait_bound,
@@ -1027,7 +1029,8 @@ async def reload(node: Node, cfg: Config, loader: Loader | None, key: str) -> An
                 raise
 
     rt.spawn(versions_then_reload())
-    (st, source), final = await latest(rt, call, await waiter, node, cfg, loader)
+    outcome = await own_outcome(call, waiter)
+    (st, source), final = await latest(rt, call, outcome, node, cfg, loader)
     if source == STALE:
         cfg.stats.stale += 1
     backplane.publish((key,), kind="i", since=_written_at(call, began))

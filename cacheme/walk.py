@@ -339,6 +339,7 @@ class Walk:
     """Fetch ``nodes`` (by full key) for ``calls``; every call is settled, always."""
 
     __slots__ = (
+        "admit",
         "backfill",
         "calls",
         "cfg",
@@ -378,6 +379,9 @@ class Walk:
         # A stamped node's reads and writes (freshness.Pass); None: the tiers' own.
         self.fresh: Any = None
         self.context = outside_loads()  # see KeyWalk.context
+        # What it loads passes the doorkeeper and takes the lease (a get's walk); not so a
+        # background reload's (freshness.trigger), which replaces a value already stored.
+        self.admit = True
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -445,7 +449,7 @@ class Walk:
             else:
                 self.fresh.read(tiers[self.index], self.missing, self._arrived)
         elif self.missing:
-            coro = self._load_and_finish(admit=True)
+            coro = self._load_and_finish(admit=self.admit)
             spawn_load(self.rt, coro, self.context, self.calls.values())
         else:
             self._write_then_settle()

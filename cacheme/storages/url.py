@@ -89,9 +89,11 @@ _SHORT_SECRET = 6
 def scrub(text: str, url: str) -> str:
     """``text`` with every credential of ``url`` replaced by ``***``: the URL itself where
     it appears whole (as ``redact`` prints it); each secret where it stands as a credential
-    (``:secret@``, ``=secret``); and a secret of 6 characters or more wherever it stands on
-    its own, not inside a longer run of letters and digits. A password such as ``e`` or
-    ``Error`` is never cut out of the words around it ("ConnectionError" stays whole)."""
+    (``:secret@``, ``=secret``, or quoted alone, as in the repr of a driver's keyword
+    arguments: ``'password': 'secret'``); and a secret of 6 characters or more wherever it
+    stands on its own, not inside a longer run of letters and digits. A password such as
+    ``e`` or ``Error`` is never cut out of the words around it ("ConnectionError" stays
+    whole)."""
     if url in text:
         text = text.replace(url, redact(url))
     for secret in sorted(secrets_of(url), key=len, reverse=True):
@@ -99,5 +101,10 @@ def scrub(text: str, url: str) -> str:
         if len(secret) >= _SHORT_SECRET:
             text = re.sub(rf"(?<![^\W_]){quoted}(?![^\W_])", "***", text)
         else:
-            text = re.sub(rf"(?<=:){quoted}(?=@)|(?<==){quoted}(?![^\W_])", "***", text)
+            text = re.sub(
+                rf"(?<=:){quoted}(?=@)|(?<==){quoted}(?![^\W_])|(?<=')"
+                rf"{quoted}(?=')|(?<=\"){quoted}(?=\")",
+                "***",
+                text,
+            )
     return text

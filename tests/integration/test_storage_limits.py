@@ -188,8 +188,9 @@ async def test_direct_paths_respect_batch_size(backend: str, tmp_path: Path) -> 
 @pytest.mark.mysql
 async def test_mysql_read_beyond_max_allowed_packet_is_split(tmp_path: Path) -> None:
     """Keys of 250 four-byte characters, more of them than one packet holds: one batch
-    (``batch_size`` allows it), several statements."""
-    async with FACTORIES["mysql"](tmp_path, "packet", batch_size=100_000) as s:
+    (``batch_size`` allows it), several statements. (A long timeout: the round trips of 19k
+    long keys took over 3 s on a busy 2-core machine.)"""
+    async with FACTORIES["mysql"](tmp_path, "packet", batch_size=100_000, timeout=60.0) as s:
         assert isinstance(s, MySQLStorage)
         body = "\U0001f642" * 230  # keys stay under 255 characters: stored as they are
         count = s.max_packet // (len(body) * 4) + 1000

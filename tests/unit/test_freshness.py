@@ -340,6 +340,38 @@ async def test_stale_while_revalidate_reads_a_later_tier_before_loading(
     assert await get() == "v2"
 
 
+async def test_a_revalidating_reload_that_loads_is_not_held_back_by_the_doorkeeper(
+    local: Any, clock: Clock
+) -> None:
+    """Both tiers expired (within the grace): the background reload reads the second, finds
+    it expired too, and loads; it writes what it loaded as any background reload does,
+    whatever the doorkeeper says (it held the new value back: the stale one stayed, and the
+    source was loaded again at each get; review 51)."""
+    from cacheme.doorkeeper import BloomFilter
+
+    await cacheme.register_storage("local2", cacheme.Storage(url="local://lru", size=100))
+    source = Source()
+    source.data[1] = "v1"
+    Item = make(
+        source,
+        caches=[
+            cacheme.Cache(storage="local", ttl=timedelta(milliseconds=100)),
+            cacheme.Cache(storage="local2", ttl=timedelta(milliseconds=100)),
+        ],
+        stale_while_revalidate=timedelta(seconds=10),
+        doorkeeper=BloomFilter(2, 0.01),
+    )
+    assert await cacheme.get(Item(1)) == "v1"  # first seen: not stored
+    assert await cacheme.get(Item(1)) == "v1"  # seen again: stored
+    source.data[1] = "v2"
+    clock.advance(0.2)
+    assert await cacheme.get(Item(1)) == "v1"  # stale, served; the reload loads
+    await settle()
+    assert len(source.calls) == 3
+    assert await cacheme.get(Item(1)) == "v2"
+    assert len(source.calls) == 3
+
+
 async def test_tags_local(local: Any, clock: Clock) -> None:
     source = Source()
     Item = make(source, tagged=True, negative_ttl=timedelta(seconds=1))

@@ -323,6 +323,41 @@ async def test_a_refresh_overtaken_by_one_that_failed_first_raises_its_error() -
     assert stored("l1", "cacheme:queued:") == ("old", True)  # nothing was written
 
 
+async def test_refreshes_overtaken_one_after_another_return_the_last_ones_outcome() -> None:
+    """R1 (slowest) is overtaken by R2, R2 by R3 (fastest). Whatever ended how, each returns
+    what the last one got, as a get then serves: a middle one's error did not count once a
+    later one overtook it, nor its own (review 51)."""
+    tier("l1").set("cacheme:queued:", "old", None)
+    g1, g2, g3 = gates("first", RuntimeError("the middle one failed"), "third")
+    refreshes = []
+    for _ in range(3):
+        refreshes.append(asyncio.ensure_future(cacheme.refresh(Queued())))
+        await asyncio.sleep(0)
+    g3.set()
+    await asyncio.sleep(0.01)
+    g2.set()
+    await asyncio.sleep(0.01)
+    g1.set()
+    assert await asyncio.gather(*refreshes) == ["third"] * 3
+    assert await cacheme.get(Queued()) == "third"
+
+
+async def test_a_chain_of_five_refreshes_returns_the_last_value() -> None:
+    """Five refreshes, each overtaking the one before and ending first: each returns the
+    last one's value (with three rounds of one hop each, the first returned the fourth's)."""
+    tier("l1").set("cacheme:queued:", "old", None)
+    held = gates("A", "B", "C", "D", "E")
+    refreshes = []
+    for _ in range(5):
+        refreshes.append(asyncio.ensure_future(cacheme.refresh(Queued())))
+        await asyncio.sleep(0)
+    for gate in reversed(held):
+        gate.set()
+        await asyncio.sleep(0.01)
+    assert await asyncio.gather(*refreshes) == ["E"] * 5
+    assert await cacheme.get(Queued()) == "E"
+
+
 async def test_overlapping_refreshes_of_a_node_without_tiers() -> None:
     """A node with ``Meta.caches = []`` caches nothing, but ``refresh`` works, and one
     refresh overtaken by another does too (no tier to wait for: no error)."""

@@ -323,13 +323,18 @@ async def test_quiesce_returns_when_what_is_left_is_done() -> None:
         rt.tasks.discard(finished)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("begun", ["before", "after"])
 @pytest.mark.parametrize("stamped", [False, True], ids=["plain", "stamped"])
 @pytest.mark.parametrize("call", ["get", "get_all"])
-def test_a_copy_between_local_tiers_never_undoes_an_invalidate(stamped: bool, call: str) -> None:
+def test_a_copy_between_local_tiers_never_undoes_an_invalidate(
+    stamped: bool, call: str, begun: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Chain [small local, local]: thread B's get misses the first tier, finds the key in the
     second and copies it forward. Thread A's invalidate between that read and the copy was
     undone: the old value went back into the first tier, served after invalidate returned
-    (review 47). B is paused right after the second tier answered (a GIL switch there)."""
+    (review 47). B is paused right after the second tier answered (a GIL switch there).
+    ``begun``: B's get begins before A's invalidate, or after A noted the change but before
+    it removed anything (review 51: then B's mark follows the note)."""
 
     async def setup() -> None:
         await cacheme.register_storage("front", cacheme.Storage(url="local://lru", size=2))
@@ -379,22 +384,63 @@ def test_a_copy_between_local_tiers_never_undoes_an_invalidate(stamped: bool, ca
         return value
 
     back.get = paused_get  # type: ignore[attr-defined]
+    noted = threading.Event()
+    if begun == "after":
+        from cacheme import api
+
+        real_note = api.note_changed
+
+        def note_then_wait(key: str) -> Any:
+            writes = real_note(key)
+            noted.set()
+            read.wait(5)  # B reads the second tier now, before anything is removed
+            return writes
+
+        monkeypatch.setattr(api, "note_changed", note_then_wait)
+    else:
+        noted.set()
     try:
 
         def thread_b() -> None:
+            noted.wait(5)
             if call == "get":
                 asyncio.run(cacheme.get(Item(0)))
             else:
                 asyncio.run(cacheme.get_all([Item(0)]))
 
+        def thread_a() -> None:
+            source["v"] = 1
+            asyncio.run(cacheme.invalidate(Item(0)))
+            invalidated.set()
+
         b = threading.Thread(target=thread_b, name="B", daemon=True)
+        a = threading.Thread(target=thread_a, name="A", daemon=True)
         b.start()
-        assert read.wait(5)
-        source["v"] = 1
-        asyncio.run(cacheme.invalidate(Item(0)))
-        invalidated.set()
+        if begun == "before":
+            assert read.wait(5)
+        a.start()
+        a.join(5)
         b.join(5)
-        assert not b.is_alive()
+        assert not a.is_alive() and not b.is_alive()
     finally:
         del back.get  # type: ignore[attr-defined]
     assert asyncio.run(cacheme.get(Item(0))) == 1
+
+
+def test_a_forked_child_has_no_invalidation_of_its_parent_under_way() -> None:
+    """A process forked while an invalidate of a key was under way in the parent kept the
+    parent's note of it: no walk of the child wrote that key back for up to 1 + 6 x the
+    storage timeout (review 51)."""
+    if not hasattr(os, "fork"):
+        pytest.skip("no os.fork on this platform")
+    note = backplane.begin_removal("cacheme:forked:", 60.0)
+    try:
+        assert backplane.removing("cacheme:forked:")
+        pid = os.fork()
+        if pid == 0:  # the child: exit code 0 when the note is gone
+            os._exit(1 if backplane.removing("cacheme:forked:") else 0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        backplane.end_removal("cacheme:forked:", note)
+    assert not backplane.removing("cacheme:forked:")

@@ -88,6 +88,13 @@ def test_a_password_found_inside_words_leaves_them_whole(password: str) -> None:
     )
 
 
+def test_a_short_password_quoted_alone_is_scrubbed() -> None:
+    # As in the repr of a driver's keyword arguments (review 51).
+    url = "redis://app:pw12@127.0.0.1:6379/11"
+    text = "kwargs {'password': 'pw12'} and \"pw12\"; 'pw12x' and pw12 are others"
+    assert scrub(text, url) == "kwargs {'password': '***'} and \"***\"; 'pw12x' and pw12 are others"
+
+
 def test_a_long_password_is_scrubbed_wherever_it_stands_alone() -> None:
     url = "postgresql://app:hunter22@db/app"
     assert scrub("auth hunter22 refused; hunter222 and xhunter22 are others", url) == (
