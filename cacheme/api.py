@@ -506,11 +506,11 @@ async def latest(
     writes nothing, so its own value may be older than what a ``get`` sees next. Such a
     refresh returns the outcome of the last of the refreshes of this loop that overtook it
     one after another (waiting for it, or as it ended: its value, or its error raised),
-    even when its own load failed; else of the key's newer flight;
-    else of a new read of every tier once the remote writes of the key under way in any
-    loop have landed (the later refresh's value, or a new load after an invalidation). It
-    raises what that flight raises (its own value, written nowhere, would be newer than
-    what a ``get`` then serves). After three rounds, the third flight's outcome stands.
+    even when its own load failed; else that of the key's newer flight; else that of a new
+    read of every tier once the remote writes of the key under way in any loop have landed
+    (the later refresh's value, or a new load after an invalidation). It raises what that
+    flight raises (its own value, written nowhere, would be newer than what a ``get`` then
+    serves). After three rounds, the third flight's outcome stands.
 
     A refresh only detached (``invalidate_tag``, ``invalidate_node``: no new get joins it)
     wrote its value all the same, and returns it, unless it wrote it nowhere (another
