@@ -510,17 +510,18 @@ async def latest(
     read of every tier once the remote writes of the key under way in any loop have landed
     (the later refresh's value, or a new load after an invalidation). It raises what that
     flight raises (its own value, written nowhere, would be newer than what a ``get`` then
-    serves). After three rounds, the third flight's outcome stands.
+    serves). The refreshes that overtook it are followed to the last; of the other flights,
+    after three rounds, the third one's outcome stands.
 
     A refresh only detached (``invalidate_tag``, ``invalidate_node``: no new get joins it)
     wrote its value all the same, and returns it, unless it wrote it nowhere (another
     process changed the key meanwhile).
     """
-    for _ in range(3):  # each round waits for a flight begun after the previous one
-        if not (call.stale or (call.detached and not _wrote(call))):
-            break
-        last = _last_refresh(call)
-        if last is not None:
+    rounds = hops = 0
+    while call.stale or (call.detached and not _wrote(call)):
+        last = _last_refresh(call) if hops < _MOST_HOPS else None
+        if last is not None:  # no round used: the refreshes that overtook it are finite
+            hops += 1
             call = last
             result = last.result
             if result is None:  # under way: its outcome, unless a refresh overtakes it too
@@ -538,6 +539,9 @@ async def latest(
             if not (last.stale or isinstance(result, asyncio.CancelledError)):
                 raise result
             # It failed, and an invalidate overtook it since (or it was cancelled): read.
+        if rounds == 3:
+            break
+        rounds += 1  # each round waits for a flight begun after the previous one
         newer = rt.flights.get(call.key)
         if newer is None or newer.detached:
             # What overtook it may be a refresh in another thread's loop: read after its
@@ -549,13 +553,17 @@ async def latest(
     return outcome, call
 
 
+_MOST_HOPS = 1000  # refreshes of one key followed one after another by an overtaken one
+
+
 async def own_outcome(call: Call, waiter: Awaitable[Outcome]) -> Outcome:
-    """What ``refresh``'s own call settled with; for one that a later refresh overtook, a
-    placeholder instead of its load's error (``latest`` then gives the later one's)."""
+    """What ``refresh``'s own call settled with; for one that a later refresh or an
+    invalidate overtook, a placeholder instead of its load's error (``latest`` then gives
+    the outcome that stands)."""
     try:
         return await waiter
     except Exception:
-        if isinstance(call, Reload) and call.overtaken_by is not None:
+        if call.stale:
             return (None, LOADED)
         raise
 

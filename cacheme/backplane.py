@@ -265,6 +265,9 @@ _seq = 0  # changes noted so far (messages applied, this process's invalidations
 _floor = 0  # every key counts as changed at or below... this sequence number
 _forgotten = 0  # ...of which the last time the table of changes overflowed (not a clear)
 _changed: dict[str, int] = {}
+# The keys of _changed that another process invalidated (a backplane message, a repair):
+# what a refresh asks before it writes (see invalidated_elsewhere_since).
+_remote: dict[str, int] = {}
 
 
 def sequence() -> int:
@@ -282,13 +285,21 @@ def changed_since(key: str, mark: int) -> bool:
     return _floor > mark or _changed.get(key, 0) > mark
 
 
-def invalidated_since(key: str, mark: int) -> bool:
-    """Whether ``key`` itself was reported invalidated after ``mark`` (or may have been: the
-    table of changes overflowed), not counting the clears of every key after a new
-    subscription: what a ``refresh`` asks before writing a shared tier. Such a clear says
-    that messages may have been missed, and a refresh that wrote nothing then would leave
-    the shared tier with the value it was refreshing."""
-    return _forgotten > mark or _changed.get(key, 0) > mark
+def invalidated_elsewhere_since(key: str, mark: int) -> bool:
+    """Whether another process reported ``key`` itself invalidated after ``mark`` (or may
+    have: the table of changes overflowed), not counting the clears of every key after a
+    new subscription: what a ``refresh`` asks before it writes. This process's own
+    invalidations and refreshes detach the refreshes they overtake (their calls turn stale)
+    and need no asking: counting them here kept a refresh from writing because of an older
+    refresh's late note, or of the closing note of an invalidate it began after. A clear
+    says that messages may have been missed, and a refresh that wrote nothing then would
+    leave the shared tier with the value it was refreshing."""
+    return _forgotten > mark or _remote.get(key, 0) > mark
+
+
+def cleared_since(mark: int) -> bool:
+    """Whether every key counts as changed since ``mark`` (a clear, or an overflow)."""
+    return _floor > mark
 
 
 # full key -> the deadlines (time.monotonic()) of this process's invalidations of it under
@@ -335,19 +346,23 @@ _changes_lock = threading.Lock()
 write_guard = threading.Lock()
 
 
-def _record_changes(keys: Sequence[str] | None) -> None:
-    """Note a change of ``keys`` (``None``: of everything), from any thread."""
+def _record_changes(keys: Sequence[str] | None, remote: bool = False) -> None:
+    """Note a change of ``keys`` (``None``: of everything), from any thread; ``remote``:
+    another process invalidated them."""
     global _seq, _floor, _forgotten
     with _changes_lock:
         seq = _seq + 1
-        if keys is None:  # kept: invalidated_since still tells the keys changed before
+        if keys is None:  # kept: invalidated_elsewhere_since still tells the keys before
             _floor = seq
         elif len(_changed) + len(keys) > _CHANGED_MAX:
             _changed.clear()
+            _remote.clear()
             _floor = _forgotten = seq
         else:
             for key in keys:
                 _changed[key] = seq
+                if remote:
+                    _remote[key] = seq
         _seq = seq
 
 
@@ -365,7 +380,7 @@ def _local_storages() -> list[Any]:
 
 
 def _drop_local(keys: Sequence[str]) -> None:
-    _record_changes(keys)
+    _record_changes(keys, remote=True)
     for storage in _local_storages():
         discard = getattr(storage, "discard_threadsafe", None)
         if discard is not None:
@@ -373,7 +388,8 @@ def _drop_local(keys: Sequence[str]) -> None:
 
 
 def drop_local(keys: Sequence[str]) -> None:
-    """Drop ``keys`` from this process's local tiers and note them as changed (any thread)."""
+    """Drop ``keys`` from this process's local tiers and note them as changed by another
+    process (any thread; ``repair`` removes what another process's invalidation missed)."""
     _drop_local(keys)
 
 
@@ -899,6 +915,7 @@ def _after_fork_in_child() -> None:
     _counters = _Counters()
     _sync_clients.clear()
     _changed.clear()
+    _remote.clear()
     _removing.clear()  # the parent's invalidations: none of them runs here
     _seq = _floor = _forgotten = 0
     bp = _active

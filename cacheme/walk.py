@@ -495,16 +495,18 @@ class Walk:
 
     def _current(self, key: str, local: bool = True) -> bool:
         """Whether nothing detached ``key``'s call or changed the key since ``mark``, and no
-        ``invalidate`` of it is under way (``backplane.removing``); for a ``refresh``'s write
-        to a shared tier (``local`` false), whether nothing invalidated the key itself (see
-        ``backplane.invalidated_since``)."""
+        ``invalidate`` of it is under way (``backplane.removing``). For a ``refresh``,
+        whether it is not detached and no other process invalidated the key since
+        (``backplane.invalidated_elsewhere_since``), nor, for a local tier (``local``), a
+        clear of every key came: this process's later invalidations and refreshes detached
+        it already, and the notes of earlier ones must not stop it."""
         call = self.calls[key]
         if call.stale:
             return False
-        if type(call) is Reload:  # a refresh begun during an invalidate writes all the same
-            if not local:
-                return not backplane.invalidated_since(key, self.mark)
-            return not backplane.changed_since(key, self.mark)
+        if type(call) is Reload:
+            if backplane.invalidated_elsewhere_since(key, self.mark):
+                return False
+            return not (local and backplane.cleared_since(self.mark))
         return not (backplane.changed_since(key, self.mark) or backplane.removing(key))
 
     def _note_own(self, keys: list[str]) -> None:

@@ -875,3 +875,42 @@ async def test_an_invalidate_of_two_remote_tiers_survives_another_threads_get(
             assert await cacheme.get(node_cls(k)) == 1
         finally:
             await cacheme.close_storages()
+
+
+@pytest.mark.parametrize("stamped", [False, True], ids=["plain", "stamped"])
+@pytest.mark.parametrize("chain", ["remote", "local,remote"])
+async def test_a_refresh_begun_during_an_invalidate_writes_its_value(
+    remote: RemoteStorage[Any], chain: str, stamped: bool
+) -> None:
+    """The invalidate's closing note came after the refresh's mark: the refresh wrote
+    nothing, returned its value, and the next get loaded again (review 52)."""
+    loads: list[int] = []
+
+    class Counted(Item):
+        _cacheme_abstract = True
+
+        async def load(self) -> int:
+            loads.append(1)
+            await asyncio.sleep(0.02)
+            return len(loads)  # each load a new value (a version, a timestamp)
+
+    extra: dict[str, Any] = {"negative_ttl": timedelta(seconds=5)} if stamped else {}
+    meta = type(
+        "Meta",
+        (Node.Meta,),
+        {
+            "caches": [Cache(storage=s, ttl=timedelta(seconds=30)) for s in chain.split(",")],
+            "serializer": MsgPackSerializer(),
+            **extra,
+        },
+    )
+    node_cls = type("DuringInvalidate", (Counted,), {"Meta": meta, "__module__": __name__})
+    k = f"during-{uuid.uuid4().hex[:8]}"
+    assert await cacheme.get(node_cls(k)) == 1
+    invalidating = asyncio.ensure_future(cacheme.invalidate(node_cls(k)))
+    await asyncio.sleep(0)  # its remote removal is under way
+    refreshing = asyncio.ensure_future(cacheme.refresh(node_cls(k)))
+    await invalidating
+    value = await refreshing
+    assert await cacheme.get(node_cls(k)) == value
+    assert len(loads) == 2

@@ -358,6 +358,44 @@ async def test_a_chain_of_five_refreshes_returns_the_last_value() -> None:
     assert await cacheme.get(Queued()) == "E"
 
 
+async def test_a_refresh_overtaken_by_refreshes_arriving_one_after_another() -> None:
+    """Each refresh is overtaken by the next one after its own load ended: the first still
+    returns the last one's value, not that of the fourth (which wrote nothing), whatever
+    the number of hops (review 52: three rounds, one hop each)."""
+    tier("l1").set("cacheme:queued:", "old", None)
+    held = gates("A", "B", "C", "D", "E")
+    refreshes = [asyncio.ensure_future(cacheme.refresh(Queued()))]
+    await asyncio.sleep(0)
+    for gate in held[:-1]:
+        refreshes.append(asyncio.ensure_future(cacheme.refresh(Queued())))
+        await asyncio.sleep(0)
+        gate.set()  # the one just overtaken ends
+        await asyncio.sleep(0.01)
+    assert not refreshes[0].done()  # it waits for the last one
+    held[-1].set()
+    assert await asyncio.gather(*refreshes) == ["E"] * 5
+    assert await cacheme.get(Queued()) == "E"
+
+
+async def test_a_failed_refresh_overtaken_by_an_invalidate_returns_the_newer_flights_value() -> (
+    None
+):
+    """Its own load failed after an invalidate overtook it: it returns what the get begun
+    after the invalidate gets, as it would have had its load succeeded (review 52: it
+    raised its own error)."""
+    failing, after = gates(RuntimeError("the source is down"), "after")
+    refreshing = asyncio.ensure_future(cacheme.refresh(Queued()))
+    await asyncio.sleep(0)
+    await cacheme.invalidate(Queued())
+    getting = asyncio.ensure_future(cacheme.get(Queued()))
+    await asyncio.sleep(0)
+    failing.set()
+    await asyncio.sleep(0.01)
+    after.set()
+    assert await refreshing == "after"
+    assert await getting == "after"
+
+
 async def test_overlapping_refreshes_of_a_node_without_tiers() -> None:
     """A node with ``Meta.caches = []`` caches nothing, but ``refresh`` works, and one
     refresh overtaken by another does too (no tier to wait for: no error)."""

@@ -59,11 +59,16 @@ async def test_a_refresh_during_a_clear_of_every_key_writes_the_shared_tier(
 
 
 def test_a_clear_keeps_what_was_invalidated_before_it() -> None:
-    """A key invalidated after a mark, then a clear of every key: the key still counts as
-    invalidated (the clear must not hide it from a refresh's write to a shared tier)."""
+    """A key another process invalidated after a mark, then a clear of every key: the key
+    still counts as invalidated (the clear must not hide it from a refresh's write to a
+    shared tier). This process's own notes do not count for a refresh (they detach the
+    refreshes they overtake)."""
     mark = backplane.sequence()
-    backplane.note_invalidated(["k1"])
+    backplane._drop_local(["k1"])  # what a backplane message does
+    backplane.note_invalidated(["k3"])  # this process's own
     backplane._clear_local()
-    assert backplane.invalidated_since("k1", mark)
-    assert not backplane.invalidated_since("k2", mark)
+    assert backplane.invalidated_elsewhere_since("k1", mark)
+    assert not backplane.invalidated_elsewhere_since("k2", mark)
+    assert not backplane.invalidated_elsewhere_since("k3", mark)
+    assert backplane.cleared_since(mark)
     assert backplane.changed_since("k2", mark)  # the local tiers' view: everything changed

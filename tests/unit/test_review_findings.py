@@ -444,3 +444,77 @@ def test_a_forked_child_has_no_invalidation_of_its_parent_under_way() -> None:
     finally:
         backplane.end_removal("cacheme:forked:", note)
     assert not backplane.removing("cacheme:forked:")
+
+
+@pytest.mark.parametrize("stamped", [False, True], ids=["plain", "stamped"])
+def test_two_threads_refreshing_one_key_leave_the_newer_value(
+    stamped: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thread A's refresh registers first but notes the change after thread B's refresh
+    began its walk: B, the newer one, wrote nothing (A's late note counted as a change
+    since its mark), yet returned its value, and the old value stayed (review 52). A refresh
+    no longer counts this process's notes: the refreshes it overtakes are detached anyway."""
+    from cacheme import api
+
+    async def setup() -> None:
+        await cacheme.register_storage("l", cacheme.Storage(url="local://tlfu", size=100))
+
+    asyncio.run(setup())
+    source = {"v": 0}
+    extra: dict[str, Any] = {"negative_ttl": timedelta(seconds=5)} if stamped else {}
+
+    class Item(Node):
+        def key(self) -> str:
+            return "two-threads"
+
+        async def load(self) -> int:
+            value = source["v"]
+            await asyncio.sleep(0.03)
+            return value
+
+        Meta = type(
+            "Meta",
+            (Node.Meta,),
+            {"caches": [Cache(storage="l", ttl=timedelta(minutes=1))], **extra},
+        )
+
+    assert asyncio.run(cacheme.get(Item())) == 0
+    in_window, b_began = threading.Event(), threading.Event()
+    real_note = api.note_changed
+
+    def late_note(key: str) -> Any:
+        if threading.current_thread().name == "A":
+            in_window.set()
+            b_began.wait(5)
+            time.sleep(0.01)  # B's walk took its mark
+        return real_note(key)
+
+    monkeypatch.setattr(api, "note_changed", late_note)
+    out: dict[str, Any] = {}
+
+    def thread_a() -> None:
+        source["v"] = 1
+        out["a"] = asyncio.run(cacheme.refresh(Item()))
+
+    def thread_b() -> None:
+        async def run() -> Any:
+            in_window.wait(5)
+            source["v"] = 2
+            refreshing = asyncio.ensure_future(cacheme.refresh(Item()))
+            await asyncio.sleep(0.005)
+            b_began.set()
+            return await refreshing
+
+        out["b"] = asyncio.run(run())
+
+    threads = [
+        threading.Thread(target=thread_a, name="A", daemon=True),
+        threading.Thread(target=thread_b, name="B", daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert out["b"] == 2
+    assert asyncio.run(cacheme.get(Item())) == 2
