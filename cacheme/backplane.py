@@ -380,11 +380,14 @@ def _local_storages() -> list[Any]:
 
 
 def _drop_local(keys: Sequence[str]) -> None:
-    _record_changes(keys, remote=True)
-    for storage in _local_storages():
-        discard = getattr(storage, "discard_threadsafe", None)
-        if discard is not None:
-            discard(keys)
+    # Under the write guard: a walk that checked "changed since?" writes back before this
+    # notes the change (and the drop then removes what it wrote), or sees the change.
+    with write_guard:
+        _record_changes(keys, remote=True)
+        for storage in _local_storages():
+            discard = getattr(storage, "discard_threadsafe", None)
+            if discard is not None:
+                discard(keys)
 
 
 def drop_local(keys: Sequence[str]) -> None:
@@ -402,11 +405,12 @@ def count_repair(ok: bool) -> None:
 
 
 def _clear_local() -> None:
-    _record_changes(None)
-    for storage in _local_storages():
-        clear = getattr(storage, "clear_threadsafe", None)
-        if clear is not None:
-            clear()
+    with write_guard:  # see _drop_local
+        _record_changes(None)
+        for storage in _local_storages():
+            clear = getattr(storage, "clear_threadsafe", None)
+            if clear is not None:
+                clear()
 
 
 def _notify(kind: str, keys: Sequence[str], remote: bool, since: float | None) -> None:
@@ -917,7 +921,11 @@ def _after_fork_in_child() -> None:
     _changed.clear()
     _remote.clear()
     _removing.clear()  # the parent's invalidations: none of them runs here
-    _seq = _floor = _forgotten = 0
+    # The sequence goes on from the parent's, and every key counts as changed up to here:
+    # marks taken in the parent (kept for stale-if-error, walks under way) must not
+    # compare as older than the child's first changes, and the parent's table is gone.
+    _seq += 1
+    _floor = _forgotten = _seq
     bp = _active
     if bp is not None:
         bp.after_fork()

@@ -518,3 +518,78 @@ def test_two_threads_refreshing_one_key_leave_the_newer_value(
     assert not any(t.is_alive() for t in threads)
     assert out["b"] == 2
     assert asyncio.run(cacheme.get(Item())) == 2
+
+
+def test_a_forked_child_counts_what_its_parent_kept_as_changed() -> None:
+    """Marks taken in the parent (a value kept for stale-if-error carries one) compared as
+    newer than the child's first changes, since the child's count started again from 0: a
+    child that heard a key's invalidation still served the parent's kept value when its load
+    failed (review 53)."""
+    if not hasattr(os, "fork"):
+        pytest.skip("no os.fork on this platform")
+    for _ in range(5):
+        backplane.note_invalidated(["cacheme:elsewhere:"])
+    mark = backplane.sequence()  # what the parent's kept value carries
+    pid = os.fork()
+    if pid == 0:
+        fresh = backplane.sequence()
+        backplane._drop_local(["cacheme:kept:"])  # the message of another's invalidate
+        ok = (
+            backplane.changed_since("cacheme:kept:", mark)
+            and backplane.changed_since("cacheme:kept:", fresh)
+            and not backplane.changed_since("cacheme:other:", fresh)
+        )
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_backplane_drop_waits_for_a_write_back_under_way() -> None:
+    """A walk checked that the key had not changed, then wrote it to the local tier; the
+    backplane's thread noted another process's invalidation and dropped the key between the
+    two: the old value was written after the drop, and served for the local TTL (review 53).
+    The drop now waits for the write guard: it comes after the write, and removes it."""
+
+    async def setup() -> None:
+        await cacheme.register_storage("l", cacheme.Storage(url="local://lru", size=100))
+
+    asyncio.run(setup())
+    source = {"v": 1}
+
+    class Item(Node):
+        def key(self) -> str:
+            return "guarded"
+
+        async def load(self) -> int:
+            return source["v"]
+
+        class Meta(Node.Meta):
+            caches = [Cache(storage="l", ttl=timedelta(minutes=1))]
+
+    storage = cacheme.storages()["l"]
+    writing, dropped = threading.Event(), threading.Event()
+    real_set = storage.set  # type: ignore[attr-defined]
+
+    def slow_set(key: str, value: Any, ttl: Any) -> None:
+        if key == "cacheme:guarded:" and not writing.is_set():
+            writing.set()
+            time.sleep(0.2)  # a thread switch between the check and the write
+        real_set(key, value, ttl)
+
+    storage.set = slow_set  # type: ignore[attr-defined]
+
+    def message() -> None:
+        writing.wait(5)
+        source["v"] = 2
+        backplane._drop_local(["cacheme:guarded:"])  # what the subscriber's thread does
+        dropped.set()
+
+    thread = threading.Thread(target=message, daemon=True)
+    thread.start()
+    try:
+        assert asyncio.run(cacheme.get(Item())) == 1  # began before the invalidation
+        thread.join(5)
+        assert dropped.is_set()
+    finally:
+        del storage.set  # type: ignore[attr-defined]
+    assert asyncio.run(cacheme.get(Item())) == 2
