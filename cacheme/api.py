@@ -17,7 +17,17 @@ from typing import Any, TypeVar, overload
 from . import backplane, freshness, landing, runtime, tags
 from . import node as _node
 from .errors import ConfigurationError, StorageError
-from .flight import LOADED, STALE, Call, Outcome, Reload, forgettable, join_all, propagates
+from .flight import (
+    LOADED,
+    STALE,
+    Call,
+    Outcome,
+    Reload,
+    forgettable,
+    join_all,
+    propagates,
+    refreshes_ended,
+)
 from .metrics import StatsSnapshot, snapshot
 from .node import Config, Node
 from .stats import NodeStats, Recorder
@@ -542,6 +552,12 @@ async def latest(
         if rounds == 3:
             break
         rounds += 1  # each round waits for a flight begun after the previous one
+        if isinstance(call, Reload):
+            # Overtaken by a refresh of another loop (thread), still loading: what a read
+            # gives now is the value from before both. Wait for it to end, then read.
+            ended = refreshes_ended(call.key, call.ticket)
+            if ended is not None:
+                await ended
         newer = rt.flights.get(call.key)
         if newer is None or newer.detached:
             # What overtook it may be a refresh in another thread's loop: read after its

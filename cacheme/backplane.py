@@ -907,8 +907,7 @@ def add_listener(listener: Listener) -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _instance, _own_prefix, _counters, _seq, _floor, _forgotten, _sync_lock, _changes_lock
-    global write_guard
+    global _instance, _own_prefix, _counters, _sync_lock, _changes_lock, write_guard
     _instance = uuid.uuid4().hex
     _own_prefix = f"{_VERSION}|{_instance}|".encode()
     # A lock another thread of the parent held at the fork stays held in the child forever
@@ -918,14 +917,10 @@ def _after_fork_in_child() -> None:
     write_guard = threading.Lock()
     _counters = _Counters()
     _sync_clients.clear()
-    _changed.clear()
-    _remote.clear()
-    _removing.clear()  # the parent's invalidations: none of them runs here
-    # The sequence goes on from the parent's, and every key counts as changed up to here:
-    # marks taken in the parent (kept for stale-if-error, walks under way) must not
-    # compare as older than the child's first changes, and the parent's table is gone.
-    _seq += 1
-    _floor = _forgotten = _seq
+    # The table of changes and its sequence go on from the parent's: marks taken in the
+    # parent (values kept for stale-if-error, a walk under way in a loop that runs on in
+    # the child) compare with the child's changes as in the parent.
+    _removing.clear()  # the parent's invalidations under way: they end in the parent
     bp = _active
     if bp is not None:
         bp.after_fork()

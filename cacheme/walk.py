@@ -37,6 +37,7 @@ from .flight import (
     Reload,
     done_loading,
     loading,
+    newer_refresh,
     outside_loads,
     propagates,
 )
@@ -496,15 +497,18 @@ class Walk:
     def _current(self, key: str, local: bool = True) -> bool:
         """Whether nothing detached ``key``'s call or changed the key since ``mark``, and no
         ``invalidate`` of it is under way (``backplane.removing``). For a ``refresh``,
-        whether it is not detached and no other process invalidated the key since
+        whether it is not detached, no later refresh of the key began in this process
+        (``flight.newer_refresh``), no other process invalidated the key since
         (``backplane.invalidated_elsewhere_since``), nor, for a local tier (``local``), a
-        clear of every key came: this process's later invalidations and refreshes detached
-        it already, and the notes of earlier ones must not stop it."""
+        clear of every key came: this process's later invalidations detached it already,
+        and the notes of earlier ones must not stop it."""
         call = self.calls[key]
         if call.stale:
             return False
         if type(call) is Reload:
-            if backplane.invalidated_elsewhere_since(key, self.mark):
+            if newer_refresh(key, call.ticket) or backplane.invalidated_elsewhere_since(
+                key, self.mark
+            ):
                 return False
             return not (local and backplane.cleared_since(self.mark))
         return not (backplane.changed_since(key, self.mark) or backplane.removing(key))

@@ -708,6 +708,27 @@ async def test_a_refresh_detached_by_invalidate_tag_of_another_tag_returns_its_v
     assert source.calls == [1, 1]
 
 
+async def test_a_refresh_detached_by_invalidate_tag_never_writes_over_a_later_refresh(
+    local: Any, clock: Clock
+) -> None:
+    """Refresh A, detached by ``invalidate_tag`` of a tag its node does not carry (out of
+    the table of flights), then refresh B, which ends first: A, ending last, wrote its older
+    value over B's, served from then on (review 54). A refresh that is not the latest one
+    begun in the process writes nothing, and returns the newer one's value."""
+    source = Gated(1)
+    source.data[1] = "A"
+    Item = make(source, tagged=True)
+    assert await cacheme.get(Item(1, tag="a")) is not None
+    first = asyncio.ensure_future(cacheme.refresh(Item(1, tag="a")))
+    await settle()
+    await cacheme.invalidate_tag(Item, "b")
+    source.data[1] = "B"
+    assert await cacheme.refresh(Item(1, tag="a")) == "B"
+    source.gates[1].set()
+    assert await first == "B"
+    assert await cacheme.get(Item(1, tag="a")) == "B"
+
+
 @pytest.mark.parametrize("info", [5, "x", [None, 1], []])
 def test_a_stamp_with_bad_not_found_info_is_a_decode_error(info: Any) -> None:
     import msgpack

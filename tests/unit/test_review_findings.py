@@ -593,3 +593,95 @@ def test_a_backplane_drop_waits_for_a_write_back_under_way() -> None:
     finally:
         del storage.set  # type: ignore[attr-defined]
     assert asyncio.run(cacheme.get(Item())) == 2
+
+
+def test_a_refresh_overtaken_by_one_in_another_thread_returns_its_value() -> None:
+    """Thread A's refresh (slow) is overtaken by thread B's (slower), still loading when A's
+    ends: A read the tiers at once and returned the value from before both (review 54). It
+    now waits for B to end (through its loop's call_soon_threadsafe), then reads."""
+
+    async def setup() -> None:
+        await cacheme.register_storage("l", cacheme.Storage(url="local://tlfu", size=100))
+
+    asyncio.run(setup())
+    source = {"v": 0}
+    delay = {"A": 0.2, "B": 0.4}
+
+    class Item(Node):
+        def key(self) -> str:
+            return "across-threads"
+
+        async def load(self) -> int:
+            value = source["v"]
+            await asyncio.sleep(delay.get(threading.current_thread().name, 0.0))
+            return value
+
+        class Meta(Node.Meta):
+            caches = [Cache(storage="l", ttl=None)]
+
+    assert asyncio.run(cacheme.get(Item())) == 0
+    out: dict[str, Any] = {}
+
+    def thread_a() -> None:
+        source["v"] = 1
+        out["a"] = asyncio.run(cacheme.refresh(Item()))
+
+    def thread_b() -> None:
+        time.sleep(0.05)
+        source["v"] = 2
+        out["b"] = asyncio.run(cacheme.refresh(Item()))
+
+    threads = [
+        threading.Thread(target=thread_a, name="A", daemon=True),
+        threading.Thread(target=thread_b, name="B", daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert out == {"a": 2, "b": 2}
+    assert asyncio.run(cacheme.get(Item())) == 2
+
+
+def test_a_refresh_under_way_when_its_loop_forks_writes_in_the_child() -> None:
+    """``os.fork()`` inside a running loop, a refresh under way: in the child it wrote
+    nothing (every change before the fork counted as newer than its mark) and the child
+    kept serving the old value (review 54)."""
+    if not hasattr(os, "fork"):
+        pytest.skip("no os.fork on this platform")
+
+    async def setup() -> None:
+        await cacheme.register_storage("l", cacheme.Storage(url="local://tlfu", size=100))
+
+    asyncio.run(setup())
+    source = {"v": 1}
+
+    class Item(Node):
+        def key(self) -> str:
+            return "forked-refresh"
+
+        async def load(self) -> int:
+            value = source["v"]
+            await asyncio.sleep(0.05)
+            return value
+
+        class Meta(Node.Meta):
+            caches = [Cache(storage="l", ttl=None)]
+
+    async def run() -> int:
+        assert await cacheme.get(Item()) == 1
+        source["v"] = 2
+        refreshing = asyncio.ensure_future(cacheme.refresh(Item()))
+        await asyncio.sleep(0.01)  # its load is under way
+        pid = os.fork()
+        value = await refreshing
+        served = await cacheme.get(Item())
+        if pid == 0:
+            os._exit(0 if (value, served) == (2, 2) else 1)
+        assert (value, served) == (2, 2)
+        return pid
+
+    pid = asyncio.run(run())
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
