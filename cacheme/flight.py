@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import os
 import threading
+import weakref
 from collections.abc import Iterable
 from contextvars import Context, ContextVar, copy_context
 from typing import Any, Union
@@ -299,7 +300,8 @@ class Reload(Call):
     error once settled, kept for a refresh it overtook that ends later."""
 
     __slots__ = (
-        "ended",
+        "__weakref__",
+        "_held",
         "overtaken_by",
         "result",
         "tag_versions",
@@ -311,15 +313,11 @@ class Reload(Call):
 
     def __init__(self, key: str, owner: str = "", first: Waiter | None = None) -> None:
         super().__init__(key, owner, first)
-        self.ended = False
-        with _tickets_lock:  # see newer_refresh
-            self.ticket = next(_tickets)
-            entry = _latest_refresh.get(key)
-            if entry is None:
-                _latest_refresh[key] = _Refreshes(self.ticket)
-            else:
-                entry.latest = self.ticket
-                entry.running += 1
+        self._held = _Ticket(key)
+        self.ticket = self._held.number
+        # Also when it is dropped unsettled (its load's task cancelled before it began):
+        # the refreshes it overtook must not wait for it for good (see refreshes_ended).
+        weakref.finalize(self, self._held.end)
         self.written_at = 0.0
         self.write_error: BaseException | None = None
         self.wrote = False
@@ -338,6 +336,28 @@ class Reload(Call):
         super().reject(error)
 
     def _ended(self) -> None:
+        self._held.end()
+
+
+class _Ticket:
+    """A refresh's place in ``_latest_refresh``: taken when it begins, given back once
+    (``end``) when it is settled or dropped."""
+
+    __slots__ = ("ended", "key", "number")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.ended = False
+        with _tickets_lock:  # see newer_refresh
+            self.number = next(_tickets)
+            entry = _latest_refresh.get(key)
+            if entry is None:
+                _latest_refresh[key] = _Refreshes(self.number)
+            else:
+                entry.latest = self.number
+                entry.running += 1
+
+    def end(self) -> None:
         with _tickets_lock:
             if self.ended:
                 return

@@ -685,3 +685,27 @@ def test_a_refresh_under_way_when_its_loop_forks_writes_in_the_child() -> None:
     pid = asyncio.run(run())
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_refresh_dropped_unsettled_keeps_no_one_waiting() -> None:
+    """A refresh's call dropped without being settled (its load's task cancelled before its
+    first step) gave its place back only when settled: a refresh it had overtaken in
+    another loop would have waited for it for good."""
+    import gc
+
+    from cacheme import flight
+
+    held = [flight.Reload("cacheme:dropped:", "owner")]
+    older_ticket = held[0].ticket - 1
+    assert flight.newer_refresh("cacheme:dropped:", older_ticket)
+
+    async def waiting() -> bool:
+        ended = flight.refreshes_ended("cacheme:dropped:", older_ticket)
+        assert ended is not None
+        held.clear()  # dropped, never settled
+        gc.collect()
+        await asyncio.wait_for(ended, 2)
+        return True
+
+    assert asyncio.run(waiting())
+    assert "cacheme:dropped:" not in flight._latest_refresh
