@@ -448,6 +448,7 @@ def test_binary_takes_bytes_and_marks_anything_else_unreadable() -> None:
         ("mongodb://h:27017/db?foo=bar", {}, "'foo'"),
     ],
 )
+@pytest.mark.needs_dev  # the drivers
 def test_unknown_url_query_parameter_names_the_storage(
     url: str, options: dict[str, Any], says: str
 ) -> None:
@@ -470,5 +471,6 @@ def test_unknown_url_query_parameter_names_the_storage(
         ("redis://h:1/0?ssl_ca_certs=/ca.pem&client_name=app", {"cluster": True}),
     ],
 )
+@pytest.mark.needs_dev  # redis-py
 def test_url_query_parameters_redis_takes_still_build(url: str, options: dict[str, Any]) -> None:
     cacheme.Storage(url, **options).build("shop")
