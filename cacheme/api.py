@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar, overload
 
-from . import backplane, freshness, landing, runtime, tags
+from . import backplane, freshness, landing, refreshes, runtime, tags
 from . import node as _node
 from .errors import ConfigurationError, StorageError
 from .flight import (
@@ -26,7 +26,6 @@ from .flight import (
     forgettable,
     join_all,
     propagates,
-    refreshes_ended,
 )
 from .metrics import StatsSnapshot, snapshot
 from .node import Config, Node
@@ -554,9 +553,15 @@ async def latest(
         rounds += 1  # each round waits for a flight begun after the previous one
         if isinstance(call, Reload):
             # Overtaken by a refresh of another loop (thread), still loading: what a read
-            # gives now is the value from before both. Wait for it to end, then read.
-            ended = refreshes_ended(call.key, call.ticket)
-            if ended is not None:
+            # gives now is the value from before both. Wait for the refreshes begun so far
+            # to end, and again for those begun meanwhile (the one waited for may have been
+            # overtaken too, and written nothing), three times at most: refreshes that
+            # keep overtaking each other write nothing until the last, and must not keep
+            # this one waiting for good. Then read.
+            for _ in range(3):
+                ended = refreshes.ended(call.key, call.ticket)
+                if ended is None:
+                    break
                 await ended
         newer = rt.flights.get(call.key)
         if newer is None or newer.detached:

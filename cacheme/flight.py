@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import os
-import threading
 import weakref
 from collections.abc import Iterable
 from contextvars import Context, ContextVar, copy_context
 from typing import Any, Union
 
+from . import refreshes
 from .errors import LoadError
 
 # Where a value came from: the index of the tier that held it, or one of these.
@@ -227,67 +225,6 @@ class Call:
                     waiter.set_exception(error)
 
 
-# full key -> its refreshes under way in this process (any loop): the ticket of the latest
-# one begun, their number, and the futures (with their loops) of the overtaken refreshes
-# waiting for them to end (see newer_refresh, refreshes_ended). The entry goes when none
-# is under way.
-_latest_refresh: dict[str, _Refreshes] = {}
-
-
-class _Refreshes:
-    __slots__ = ("latest", "running", "waiters")
-
-    def __init__(self, ticket: int) -> None:
-        self.latest = ticket
-        self.running = 1
-        self.waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-
-
-_tickets = itertools.count(1)
-_tickets_lock = threading.Lock()
-
-
-def _after_fork_in_child() -> None:
-    global _tickets_lock
-    _tickets_lock = threading.Lock()  # one held by a thread of the parent stays held
-    # The parent's refreshes under way end in the parent (or, in the forking thread's loop
-    # that runs on here, find no entry): none may keep a refresh of the child waiting.
-    _latest_refresh.clear()
-
-
-if hasattr(os, "register_at_fork"):  # not on Windows
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def newer_refresh(key: str, ticket: int) -> bool:
-    """Whether a refresh of ``key`` began in this process, in any loop, after the one that
-    holds ``ticket``: what that one loaded may be older, so it writes nothing. (A refresh
-    detached by a class-wide invalidation is out of the table of flights, so the later
-    refresh cannot detach it.)"""
-    entry = _latest_refresh.get(key)
-    return entry is not None and entry.latest > ticket
-
-
-def refreshes_ended(key: str, ticket: int) -> asyncio.Future[None] | None:
-    """For a refresh overtaken by one of another loop (thread): a future of the running
-    loop done once every refresh of ``key`` under way in the process has ended, or
-    ``None`` when no refresh newer than ``ticket`` is under way. It is set through the
-    loop's ``call_soon_threadsafe``."""
-    loop = asyncio.get_running_loop()
-    with _tickets_lock:
-        entry = _latest_refresh.get(key)
-        if entry is None or entry.latest <= ticket:
-            return None
-        fut: asyncio.Future[None] = loop.create_future()
-        entry.waiters.append((loop, fut))
-    return fut
-
-
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
 class Reload(Call):
     """The call of a ``refresh``: it loads without reading any tier, so no removal under way
     when it began can have been read by it (``Flights.forget``'s ``readers_only``).
@@ -313,11 +250,11 @@ class Reload(Call):
 
     def __init__(self, key: str, owner: str = "", first: Waiter | None = None) -> None:
         super().__init__(key, owner, first)
-        self._held = _Ticket(key)
+        self._held = refreshes.Ticket(key)
         self.ticket = self._held.number
         # Also when it is dropped unsettled (its load's task cancelled before it began):
-        # the refreshes it overtook must not wait for it for good (see refreshes_ended).
-        weakref.finalize(self, self._held.end)
+        # the refreshes it overtook must not wait for it for good (see refreshes.ended).
+        weakref.finalize(self, self._held.end, True)
         self.written_at = 0.0
         self.write_error: BaseException | None = None
         self.wrote = False
@@ -337,41 +274,6 @@ class Reload(Call):
 
     def _ended(self) -> None:
         self._held.end()
-
-
-class _Ticket:
-    """A refresh's place in ``_latest_refresh``: taken when it begins, given back once
-    (``end``) when it is settled or dropped."""
-
-    __slots__ = ("ended", "key", "number")
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-        self.ended = False
-        with _tickets_lock:  # see newer_refresh
-            self.number = next(_tickets)
-            entry = _latest_refresh.get(key)
-            if entry is None:
-                _latest_refresh[key] = _Refreshes(self.number)
-            else:
-                entry.latest = self.number
-                entry.running += 1
-
-    def end(self) -> None:
-        with _tickets_lock:
-            if self.ended:
-                return
-            self.ended = True
-            entry = _latest_refresh.get(self.key)
-            if entry is None:
-                return
-            entry.running -= 1
-            if entry.running > 0:
-                return
-            del _latest_refresh[self.key]
-        for loop, fut in entry.waiters:
-            with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
-                loop.call_soon_threadsafe(_wake, fut)
 
 
 class Flights:

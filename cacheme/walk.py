@@ -27,7 +27,7 @@ from contextvars import Context
 from types import CoroutineType
 from typing import Any
 
-from . import backplane, lease
+from . import backplane, lease, refreshes
 from .errors import LoadError, LoadTimeoutError, StorageError
 from .flight import (
     LOADED,
@@ -37,7 +37,6 @@ from .flight import (
     Reload,
     done_loading,
     loading,
-    newer_refresh,
     outside_loads,
     propagates,
 )
@@ -498,7 +497,7 @@ class Walk:
         """Whether nothing detached ``key``'s call or changed the key since ``mark``, and no
         ``invalidate`` of it is under way (``backplane.removing``). For a ``refresh``,
         whether it is not detached, no later refresh of the key began in this process
-        (``flight.newer_refresh``), no other process invalidated the key since
+        (``refreshes.newer``), no other process invalidated the key since
         (``backplane.invalidated_elsewhere_since``), nor, for a local tier (``local``), a
         clear of every key came: this process's later invalidations detached it already,
         and the notes of earlier ones must not stop it."""
@@ -506,7 +505,7 @@ class Walk:
         if call.stale:
             return False
         if type(call) is Reload:
-            if newer_refresh(key, call.ticket) or backplane.invalidated_elsewhere_since(
+            if refreshes.newer(key, call.ticket) or backplane.invalidated_elsewhere_since(
                 key, self.mark
             ):
                 return False

@@ -693,14 +693,14 @@ def test_a_refresh_dropped_unsettled_keeps_no_one_waiting() -> None:
     another loop would have waited for it for good."""
     import gc
 
-    from cacheme import flight
+    from cacheme import flight, refreshes
 
     held = [flight.Reload("cacheme:dropped:", "owner")]
     older_ticket = held[0].ticket - 1
-    assert flight.newer_refresh("cacheme:dropped:", older_ticket)
+    assert refreshes.newer("cacheme:dropped:", older_ticket)
 
     async def waiting() -> bool:
-        ended = flight.refreshes_ended("cacheme:dropped:", older_ticket)
+        ended = refreshes.ended("cacheme:dropped:", older_ticket)
         assert ended is not None
         held.clear()  # dropped, never settled
         gc.collect()
@@ -708,4 +708,149 @@ def test_a_refresh_dropped_unsettled_keeps_no_one_waiting() -> None:
         return True
 
     assert asyncio.run(waiting())
-    assert "cacheme:dropped:" not in flight._latest_refresh
+    assert "cacheme:dropped:" not in refreshes._by_key
+
+
+def test_a_ticket_given_back_by_the_collector_under_the_lock_waits_for_nobody() -> None:
+    """A refresh's call dropped in a reference cycle (a failed refresh keeps its traceback)
+    is collected wherever Python allocates, also while its thread holds the table's lock:
+    its finalizer waited for that lock, held by its own thread, for good (review 55). It
+    now queues the ticket, given back once the lock is free."""
+    import gc
+
+    from cacheme import flight, refreshes
+
+    def run() -> None:
+        call = flight.Reload("cacheme:collected:", "owner")
+        call.result = RuntimeError("failed"), call  # type: ignore[assignment]  # a cycle
+        del call
+        with refreshes._lock:
+            gc.collect()  # the finalizer runs here, the lock held by this thread
+        refreshes._drain()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert "cacheme:collected:" not in refreshes._by_key
+
+
+def test_an_overtaken_refresh_follows_the_refreshes_of_another_loop_to_the_last() -> None:
+    """Refresh A (thread 1) is overtaken by B1 (thread 2); while A waits, B2 overtakes B1,
+    which then writes nothing: A waits for B2 too, and returns its value."""
+    from cacheme import flight  # noqa: F401  # the Reload calls below are flight's
+
+    async def setup() -> None:
+        await cacheme.register_storage("l", cacheme.Storage(url="local://tlfu", size=100))
+
+    asyncio.run(setup())
+    gates = {v: threading.Event() for v in (1, 2, 3)}
+    source = {"v": 0}
+
+    class Item(Node):
+        def key(self) -> str:
+            return "overlapping"
+
+        async def load(self) -> int:
+            value = source["v"]
+            gate = gates.get(value)
+            if gate is not None:
+                await asyncio.get_running_loop().run_in_executor(None, gate.wait, 5)
+            return value
+
+        class Meta(Node.Meta):
+            caches = [Cache(storage="l", ttl=None)]
+
+    assert asyncio.run(cacheme.get(Item())) == 0
+    loop_b = asyncio.new_event_loop()
+    thread_b = threading.Thread(target=loop_b.run_forever, daemon=True)
+    thread_b.start()
+    out: dict[str, Any] = {}
+
+    def thread_a() -> None:
+        source["v"] = 1
+        out["a"] = asyncio.run(cacheme.refresh(Item()))
+
+    a = threading.Thread(target=thread_a, daemon=True)
+    try:
+        a.start()
+        time.sleep(0.1)  # A loads, held
+        source["v"] = 2
+        b1 = asyncio.run_coroutine_threadsafe(cacheme.refresh(Item()), loop_b)
+        time.sleep(0.1)  # B1 loads, held
+        gates[1].set()  # A's load ends: overtaken, it waits for B1
+        time.sleep(0.1)
+        source["v"] = 3
+        b2 = asyncio.run_coroutine_threadsafe(cacheme.refresh(Item()), loop_b)
+        time.sleep(0.1)  # B2 loads, held
+        gates[2].set()  # B1 ends, overtaken: it wrote nothing, A waits on
+        a.join(0.2)
+        assert a.is_alive()
+        gates[3].set()  # B2 ends and writes
+        a.join(5)
+        assert not a.is_alive()
+        assert out["a"] == 3
+        assert b1.result(5) == 3
+        assert b2.result(5) == 3
+        assert asyncio.run(cacheme.get(Item())) == 3
+    finally:
+        for gate in gates.values():
+            gate.set()
+        loop_b.call_soon_threadsafe(loop_b.stop)
+        thread_b.join(5)
+        loop_b.close()
+
+
+def test_an_overtaken_refresh_returns_while_another_loop_keeps_refreshing() -> None:
+    """Thread B starts a refresh of the key every 20 ms, each overtaking the last (none of
+    them writes until they stop): refresh A of thread 1, overtaken, waited until no refresh
+    of the key was under way, that is for good (review 55). It waits three generations at
+    most, then reads."""
+
+    async def setup() -> None:
+        await cacheme.register_storage("l", cacheme.Storage(url="local://tlfu", size=100))
+
+    asyncio.run(setup())
+    stop = threading.Event()
+
+    class Item(Node):
+        def key(self) -> str:
+            return "storm"
+
+        async def load(self) -> float:
+            await asyncio.sleep(0.05)
+            return time.monotonic()
+
+        class Meta(Node.Meta):
+            caches = [Cache(storage="l", ttl=None)]
+
+    asyncio.run(cacheme.get(Item()))
+
+    def storm() -> None:
+        async def run() -> None:
+            tasks = []
+            while not stop.is_set():
+                tasks.append(asyncio.ensure_future(cacheme.refresh(Item())))
+                await asyncio.sleep(0.02)
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run(run())
+
+    out: dict[str, Any] = {}
+
+    def thread_a() -> None:
+        out["a"] = asyncio.run(cacheme.refresh(Item()))
+
+    b = threading.Thread(target=storm, daemon=True)
+    a = threading.Thread(target=thread_a, daemon=True)
+    try:
+        b.start()
+        time.sleep(0.05)
+        a.start()
+        a.join(3)
+        assert not a.is_alive()
+        assert isinstance(out["a"], float)
+    finally:
+        stop.set()
+        b.join(5)
+    assert not b.is_alive()
