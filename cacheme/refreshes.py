@@ -30,7 +30,8 @@ from collections import deque
 __all__ = ["Ticket", "ended", "newer"]
 
 
-_Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]", int]
+# (loop, future, lowest ticket not waited for, newest ticket waited for): see ended
+_Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]", int, int]
 
 
 class _Key:
@@ -41,12 +42,11 @@ class _Key:
     def __init__(self, number: int) -> None:
         self.latest = number
         self.running = {number}
-        # (loop, future, newest ticket it waits for): see ended
         self.waiters: list[_Waiter] = []
 
-    def waits(self, upto: int) -> bool:
-        """Whether a refresh with a ticket up to ``upto`` is under way."""
-        return any(number <= upto for number in self.running)
+    def waits(self, after: int, upto: int) -> bool:
+        """Whether a refresh with a ticket above ``after``, up to ``upto``, is under way."""
+        return any(after < number <= upto for number in self.running)
 
 
 _by_key: dict[str, _Key] = {}
@@ -92,13 +92,13 @@ class Ticket:
                 entry.running.discard(self.number)
                 still: list[_Waiter] = []
                 for waiter in entry.waiters:
-                    (still if entry.waits(waiter[2]) else woken).append(waiter)
+                    (still if entry.waits(waiter[2], waiter[3]) else woken).append(waiter)
                 entry.waiters = still
                 if not entry.running:
                     del _by_key[self.key]
         finally:
             _lock.release()
-        for loop, fut, _ in woken:
+        for loop, fut, _, _ in woken:
             with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
                 loop.call_soon_threadsafe(_wake, fut)
         _drain()
@@ -112,17 +112,17 @@ def newer(key: str, number: int) -> bool:
 
 
 def ended(key: str, number: int) -> asyncio.Future[None] | None:
-    """A future of the running loop, done once every refresh of ``key`` begun up to the
-    newest one so far has ended; ``None`` when no refresh newer than ticket ``number`` is
-    under way (nothing to wait for)."""
+    """A future of the running loop, done once every refresh of ``key`` begun after ticket
+    ``number``, up to the newest one so far, has ended; ``None`` when none is under way
+    (nothing to wait for)."""
     loop = asyncio.get_running_loop()
     with _lock:
         entry = _by_key.get(key)
-        if entry is None or entry.latest <= number or not entry.waits(entry.latest):
+        if entry is None or not entry.waits(number, entry.latest):
             fut = None
         else:
             fut = loop.create_future()
-            entry.waiters.append((loop, fut, entry.latest))
+            entry.waiters.append((loop, fut, number, entry.latest))
     _drain()
     return fut
 

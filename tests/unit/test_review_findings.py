@@ -854,3 +854,61 @@ def test_an_overtaken_refresh_returns_while_another_loop_keeps_refreshing() -> N
         stop.set()
         b.join(5)
     assert not b.is_alive()
+
+
+def test_an_overtaken_refresh_does_not_wait_for_an_older_one() -> None:
+    """Refreshes R, then A, then B of one key, each in a thread of its own: B ends first
+    and writes. A, overtaken by B, returns B's value at once, not after R (older, slow and
+    overtaken too) has ended."""
+
+    async def setup() -> None:
+        await cacheme.register_storage("l", cacheme.Storage(url="local://tlfu", size=100))
+
+    asyncio.run(setup())
+    gates = {name: threading.Event() for name in ("R", "A")}
+    source = {"v": "old"}
+
+    class Item(Node):
+        def key(self) -> str:
+            return "older-one"
+
+        async def load(self) -> str:
+            value = source["v"]
+            gate = gates.get(threading.current_thread().name)
+            if gate is not None:
+                await asyncio.get_running_loop().run_in_executor(None, gate.wait, 5)
+            return value
+
+        class Meta(Node.Meta):
+            caches = [Cache(storage="l", ttl=None)]
+
+    assert asyncio.run(cacheme.get(Item())) == "old"
+    out: dict[str, Any] = {}
+
+    def refresh_in(name: str, value: str) -> threading.Thread:
+        def run() -> None:
+            source["v"] = value
+            out[name] = asyncio.run(cacheme.refresh(Item()))
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        thread.start()
+        time.sleep(0.1)  # its load is under way
+        return thread
+
+    try:
+        r = refresh_in("R", "r")
+        a = refresh_in("A", "a")
+        b = refresh_in("B", "b")
+        b.join(5)
+        assert out.get("B") == "b"
+        gates["A"].set()
+        a.join(2)
+        assert not a.is_alive()  # R still loading
+        assert out["A"] == "b"
+        gates["R"].set()
+        r.join(5)
+        assert out["R"] == "b"
+        assert asyncio.run(cacheme.get(Item())) == "b"
+    finally:
+        for gate in gates.values():
+            gate.set()
