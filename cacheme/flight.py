@@ -264,16 +264,13 @@ class Reload(Call):
 
     def resolve(self, outcome: Outcome) -> None:
         self.result = outcome
-        self._ended()
+        self._held.end()
         super().resolve(outcome)
 
     def reject(self, error: BaseException) -> None:
         self.result = error
-        self._ended()
-        super().reject(error)
-
-    def _ended(self) -> None:
         self._held.end()
+        super().reject(error)
 
 
 class Flights:

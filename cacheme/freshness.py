@@ -768,9 +768,14 @@ def _by_start(
     (``trigger``'s ``revalidate_from``)."""
     out: dict[int | None, list[str]] = {}
     for key in due:
-        start = index + 1 if found[key].stale and index + 1 < len(cfg.tiers) else None
-        out.setdefault(start, []).append(key)
+        out.setdefault(_revalidate_from(cfg, index, found[key]), []).append(key)
     return out
+
+
+def _revalidate_from(cfg: Config, index: int, st: Stamp) -> int | None:
+    """Where the background reload of ``st`` (found due in tier ``index``) starts reading:
+    the next tier when ``st`` is expired and tiers follow; ``None``: it loads."""
+    return index + 1 if st.stale and index + 1 < len(cfg.tiers) else None
 
 
 def trigger(
@@ -910,7 +915,7 @@ async def fetch(node: Node, cfg: Config, loader: Loader | None, key: str) -> Any
         if st.negative:
             rec.negative_hits += 1
         if due:
-            start = index + 1 if st.stale and index + 1 < len(cfg.tiers) else None
+            start = _revalidate_from(cfg, index, st)
             trigger(cfg, {key: node}, tag_names(cfg, {key: node}), loader, None, start)
         return unwrap(cfg, st)
     rt = runtime.current()

@@ -24,6 +24,12 @@ from cacheme.node import Cache, Node
 from .helpers import stored
 
 
+def register_local(name: str, policy: str = "tlfu", size: int = 100) -> None:
+    """Register a local tier ``name`` from outside any loop (for the tests that run loops
+    of their own, in threads)."""
+    asyncio.run(cacheme.register_storage(name, cacheme.Storage(url=f"local://{policy}", size=size)))
+
+
 def slow_node(timeout: float, swallow: bool) -> type[Node]:
     class Slow(Node):
         def key(self) -> str:
@@ -336,11 +342,8 @@ def test_a_copy_between_local_tiers_never_undoes_an_invalidate(
     ``begun``: B's get begins before A's invalidate, or after A noted the change but before
     it removed anything (review 51: then B's mark follows the note)."""
 
-    async def setup() -> None:
-        await cacheme.register_storage("front", cacheme.Storage(url="local://lru", size=2))
-        await cacheme.register_storage("back", cacheme.Storage(url="local://lru", size=100))
-
-    asyncio.run(setup())
+    register_local("front", "lru", size=2)
+    register_local("back", "lru")
     source = {"v": 0}
     extra: dict[str, Any] = {"negative_ttl": timedelta(seconds=5)} if stamped else {}
 
@@ -456,10 +459,7 @@ def test_two_threads_refreshing_one_key_leave_the_newer_value(
     no longer counts this process's notes: the refreshes it overtakes are detached anyway."""
     from cacheme import api
 
-    async def setup() -> None:
-        await cacheme.register_storage("l", cacheme.Storage(url="local://tlfu", size=100))
-
-    asyncio.run(setup())
+    register_local("l", "tlfu")
     source = {"v": 0}
     extra: dict[str, Any] = {"negative_ttl": timedelta(seconds=5)} if stamped else {}
 
@@ -550,10 +550,7 @@ def test_a_backplane_drop_waits_for_a_write_back_under_way() -> None:
     two: the old value was written after the drop, and served for the local TTL (review 53).
     The drop now waits for the write guard: it comes after the write, and removes it."""
 
-    async def setup() -> None:
-        await cacheme.register_storage("l", cacheme.Storage(url="local://lru", size=100))
-
-    asyncio.run(setup())
+    register_local("l", "lru")
     source = {"v": 1}
 
     class Item(Node):
@@ -600,10 +597,7 @@ def test_a_refresh_overtaken_by_one_in_another_thread_returns_its_value() -> Non
     ends: A read the tiers at once and returned the value from before both (review 54). It
     now waits for B to end (through its loop's call_soon_threadsafe), then reads."""
 
-    async def setup() -> None:
-        await cacheme.register_storage("l", cacheme.Storage(url="local://tlfu", size=100))
-
-    asyncio.run(setup())
+    register_local("l", "tlfu")
     source = {"v": 0}
     delay = {"A": 0.2, "B": 0.4}
 
@@ -651,10 +645,7 @@ def test_a_refresh_under_way_when_its_loop_forks_writes_in_the_child() -> None:
     if not hasattr(os, "fork"):
         pytest.skip("no os.fork on this platform")
 
-    async def setup() -> None:
-        await cacheme.register_storage("l", cacheme.Storage(url="local://tlfu", size=100))
-
-    asyncio.run(setup())
+    register_local("l", "tlfu")
     source = {"v": 1}
 
     class Item(Node):
@@ -740,10 +731,7 @@ def test_an_overtaken_refresh_follows_the_refreshes_of_another_loop_to_the_last(
     which then writes nothing: A waits for B2 too, and returns its value."""
     from cacheme import flight  # noqa: F401  # the Reload calls below are flight's
 
-    async def setup() -> None:
-        await cacheme.register_storage("l", cacheme.Storage(url="local://tlfu", size=100))
-
-    asyncio.run(setup())
+    register_local("l", "tlfu")
     gates = {v: threading.Event() for v in (1, 2, 3)}
     source = {"v": 0}
 
@@ -807,10 +795,7 @@ def test_an_overtaken_refresh_returns_while_another_loop_keeps_refreshing() -> N
     of the key was under way, that is for good (review 55). It waits three generations at
     most, then reads."""
 
-    async def setup() -> None:
-        await cacheme.register_storage("l", cacheme.Storage(url="local://tlfu", size=100))
-
-    asyncio.run(setup())
+    register_local("l", "tlfu")
     stop = threading.Event()
 
     class Item(Node):
@@ -861,10 +846,7 @@ def test_an_overtaken_refresh_does_not_wait_for_an_older_one() -> None:
     and writes. A, overtaken by B, returns B's value at once, not after R (older, slow and
     overtaken too) has ended."""
 
-    async def setup() -> None:
-        await cacheme.register_storage("l", cacheme.Storage(url="local://tlfu", size=100))
-
-    asyncio.run(setup())
+    register_local("l", "tlfu")
     gates = {name: threading.Event() for name in ("R", "A")}
     source = {"v": "old"}
 
